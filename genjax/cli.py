@@ -1,0 +1,110 @@
+"""The `genjax` command: train | sample | eval | convert | data | demo.
+
+Each subcommand has `--help`. User errors (`genjax.errors.UserError`: a missing file, an unknown
+config key, a bad value, an unknown dataset) print one line to stderr and exit with status 2,
+without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from genjax.errors import UserError
+
+
+def _not_available(feature: str, issue: str):
+    def run(args: argparse.Namespace) -> int:
+        raise UserError(f"genjax {feature}: not available yet ({issue} has not landed)")
+    return run
+
+
+def _lazy(module: str, func: str = "main"):
+    """Run `module.func(args)` importing the module only when the subcommand runs."""
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), func)(args) or 0
+    return run
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True,
+                   help="config file and argument, e.g. configs/dit_mnist.py:smoke=True; "
+                        "override fields with --config.section.field=value")
+    p.add_argument("--workdir", required=True, help="folder for checkpoints, metrics and samples")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="genjax",
+        description="genjax: the Sora stack in JAX. Train, sample, evaluate, convert weights, "
+                    "look at data, run the demo.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model from a config",
+                       description="Train a model: genjax train --config configs/X.py:ARGS "
+                                   "--workdir DIR [--config.section.field=value ...]")
+    _add_config_args(p)
+    p.set_defaults(run=_not_available("train", "the training-system issue"))
+
+    p = sub.add_parser("sample", help="sample from a trained model",
+                       description="Generate samples from the model trained in --workdir.")
+    p.add_argument("--workdir", required=True)
+    p.set_defaults(run=_not_available("sample", "the main-job issue"))
+
+    p = sub.add_parser("eval", help="evaluate samples or a trained model",
+                       description="Evaluate a trained model in --workdir.")
+    p.add_argument("--workdir", required=True)
+    p.set_defaults(run=_not_available("eval", "the main-job issue"))
+
+    p = sub.add_parser("convert", help="convert reference weights (diffusers) to genjax",
+                       description="genjax convert --from diffusers --model dit|vae|unet SRC --out DIR")
+    p.add_argument("--from", dest="src_format", default="diffusers", choices=["diffusers"])
+    p.add_argument("--model", required=True, choices=["dit", "vae", "unet"])
+    p.add_argument("src")
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=_not_available("convert", "the image-model issue"))
+
+    p = sub.add_parser("data", help="look at a dataset",
+                       description="genjax data show NAME --out preview.gif: write a GIF (videos) or "
+                                   "PNG grid (images) of real examples with their captions.")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    show = data_sub.add_parser("show", help="write a preview GIF / PNG grid of a dataset")
+    show.add_argument("name", help="moving_mnist, mnist_embedded, video_folder:PATH, "
+                                   "image_folder:PATH, or any TFDS name (mnist, cifar10, ucf101, ...)")
+    show.add_argument("--out", required=True, help="output .gif or .png")
+    show.add_argument("--num", type=int, default=16, help="number of examples (default 16)")
+    show.add_argument("--split", default="train")
+    show.add_argument("--data-dir", default=None, help="TFDS data_dir")
+    show.add_argument("--seed", type=int, default=0)
+    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="source option, e.g. --set num_frames=20 --set num_digits=2")
+    show.set_defaults(run=_lazy("genjax.data.preview"))
+
+    p = sub.add_parser("demo", help="run the main end-to-end job",
+                       description="Run the main end-to-end job into --workdir (default runs/demo).")
+    p.add_argument("--workdir", default="runs/demo")
+    p.set_defaults(run=_lazy("genjax.demo"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # `--config.a.b=value` overrides are not argparse options: split them off first.
+    overrides = [a for a in argv if a.startswith("--config.")]
+    args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
+    args.overrides = overrides
+    try:
+        return int(args.run(args) or 0)
+    except UserError as e:
+        print(f"genjax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"genjax {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Config loading, big_vision style.
+
+A config is a Python file `configs/NAME.py` defining `get_config(arg=None)` that returns a locked
+`ml_collections.ConfigDict`. It is selected as `--config configs/NAME.py:key=value,...` and
+overridden field by field with `--config.section.field=value`; both are parsed by
+`ml_collections.config_flags`, which checks every override against the config's keys and types.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Sequence
+
+import ml_collections
+
+from genjax.errors import UserError
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """Parse a config argument `"key=value,key2=value2"` into a ConfigDict.
+
+    Every key must appear in `defaults`; values are converted to the type of the default
+    (bools accept true/false/1/0, case-insensitive). Example:
+    `parse_arg("variant=B/2,smoke=True", variant="S/2", smoke=False)`.
+
+    Raises:
+      UserError: unknown key, missing `=`, or a value that does not convert.
+    """
+    out = ml_collections.ConfigDict(dict(defaults))
+    if not arg:
+        return out
+    for item in arg.split(","):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise UserError(f"config arg {item!r}: must be key=value (known keys: {', '.join(defaults)})")
+        key, value = (s.strip() for s in item.split("=", 1))
+        if key not in defaults:
+            raise UserError(f"config arg {key}={value!r}: unknown key (known keys: {', '.join(defaults)})")
+        default = defaults[key]
+        try:
+            if isinstance(default, bool):
+                lowered = value.lower()
+                if lowered not in ("true", "false", "1", "0"):
+                    raise ValueError
+                converted: Any = lowered in ("true", "1")
+            elif default is None:
+                converted = value
+            else:
+                converted = type(default)(value)
+        except ValueError:
+            raise UserError(
+                f"config arg {key}={value!r}: must be a {type(default).__name__}") from None
+        out[key] = converted
+    return out
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Load `spec` = `path/to/config.py[:arg]` and apply `--config.a.b=value` overrides.
+
+    Returns the locked ConfigDict. The config file's folder is put on `sys.path` so configs can
+    `import common`.
+
+    Raises:
+      UserError: missing config file, a config without `get_config`, an unknown override key or
+        an override value of the wrong type.
+    """
+    from absl import flags
+    from ml_collections import config_flags
+
+    path = spec.split(":", 1)[0]
+    if not os.path.isfile(path):
+        raise UserError(f"--config={path!r}: no such config file")
+    folder = os.path.dirname(os.path.abspath(path))
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    for o in overrides:
+        if not o.startswith("--config."):
+            raise UserError(f"override {o!r}: must look like --config.section.field=value")
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, lock_config=True)
+    try:
+        fv(["genjax", f"--config={spec}", *overrides])
+    except UserError:
+        raise
+    except flags.Error as e:  # unknown key, bad type: absl's message names the flag
+        msg = " ".join(str(e).split())
+        raise UserError(f"config override: {msg}") from None
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        msg = " ".join(str(e).split())
+        raise UserError(f"--config={spec!r}: {msg}") from None
+    return fv.config

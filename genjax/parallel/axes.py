@@ -1,0 +1,60 @@
+"""Logical axis names and the default logical -> mesh rules.
+
+Models annotate parameters (`nn.with_logical_partitioning`) and activations
+(`nn.with_logical_constraint`) with the logical names below; only this file maps them onto the
+physical mesh axes `("data", "fsdp", "tensor")`. Under `nn.logical_axis_rules(RULES)` (or
+`nn.logical_to_mesh_sharding(..., rules=RULES)`) a logical name is sharded over the listed mesh
+axis, or replicated where the rule says None.
+
+Logical names:
+  batch       examples in a batch                     -> ("data", "fsdp")
+  length      tokens / sequence positions             -> replicated
+  embed       model width D of activations/params     -> "fsdp" (params are FSDP-sharded on D)
+  mlp         MLP hidden width                        -> "tensor"
+  heads       attention heads N                       -> "tensor"
+  kv          head dim K                              -> replicated
+  vocab       text vocabulary                         -> "tensor"
+  conv_in     conv input channels                     -> replicated
+  conv_out    conv output channels                    -> "tensor"
+  height, width, frames, channels, norm, layers       -> replicated
+"""
+
+from __future__ import annotations
+
+BATCH = "batch"
+LENGTH = "length"
+EMBED = "embed"
+MLP = "mlp"
+HEADS = "heads"
+KV = "kv"
+VOCAB = "vocab"
+CONV_IN = "conv_in"
+CONV_OUT = "conv_out"
+HEIGHT = "height"
+WIDTH = "width"
+FRAMES = "frames"
+CHANNELS = "channels"
+NORM = "norm"
+LAYERS = "layers"
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# (logical name, mesh axis or tuple of axes or None). Activations' "embed" stays replicated
+# through `act_embed`; parameters' "embed" is sharded over fsdp.
+RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    (BATCH, ("data", "fsdp")),
+    (LENGTH, None),
+    (EMBED, "fsdp"),
+    (MLP, "tensor"),
+    (HEADS, "tensor"),
+    (KV, None),
+    (VOCAB, "tensor"),
+    (CONV_IN, None),
+    (CONV_OUT, "tensor"),
+    (HEIGHT, None),
+    (WIDTH, None),
+    (FRAMES, None),
+    (CHANNELS, None),
+    (NORM, None),
+    (LAYERS, None),
+)
