@@ -78,10 +78,13 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     for o in overrides:
         if not o.startswith("--config."):
             raise UserError(f"override {o!r}: must look like --config.section.field=value")
+    argv = ["genjax", f"--config={spec}", *overrides]
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, lock_config=True)
+    # sys_argv: config_flags registers the override flags it finds in this argv.
+    config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv,
+                                    lock_config=True, sys_argv=argv)
     try:
-        fv(["genjax", f"--config={spec}", *overrides])
+        fv(argv)
     except UserError:
         raise
     except flags.Error as e:  # unknown key, bad type: absl's message names the flag

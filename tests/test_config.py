@@ -1,0 +1,63 @@
+"""Config loading: big_vision-style `path:arg` plus `--config.a.b=v` overrides, one-line errors."""
+
+import textwrap
+
+import pytest
+
+from genjax.config import load_config, parse_arg
+from genjax.errors import UserError
+
+CONFIG = textwrap.dedent('''
+    import ml_collections
+    from genjax.config import parse_arg
+
+    def get_config(arg=None):
+        arg = parse_arg(arg, smoke=False, variant="S/2")
+        c = ml_collections.ConfigDict()
+        c.model = dict(variant=arg.variant, depth=2 if arg.smoke else 12)
+        c.optim = dict(lr=1e-4, warmup_steps=100)
+        return c.lock()
+''')
+
+
+@pytest.fixture
+def cfg_path(tmp_path):
+    p = tmp_path / "toy.py"
+    p.write_text(CONFIG)
+    return str(p)
+
+
+def test_parse_arg_types():
+    a = parse_arg("variant=B/2,smoke=True,steps=10,lr=0.5", variant="S/2", smoke=False, steps=1, lr=1.0)
+    assert (a.variant, a.smoke, a.steps, a.lr) == ("B/2", True, 10, 0.5)
+    assert parse_arg(None, smoke=False).smoke is False
+
+
+@pytest.mark.parametrize("arg,needle", [("nope=1", "nope"), ("smoke", "key=value"),
+                                        ("smoke=maybe", "smoke='maybe'"), ("steps=x", "steps='x'")])
+def test_parse_arg_errors_name_the_field(arg, needle):
+    with pytest.raises(UserError, match=needle):
+        parse_arg(arg, smoke=False, steps=1)
+
+
+def test_load_with_arg_and_overrides(cfg_path):
+    c = load_config(f"{cfg_path}:smoke=True,variant=B/4", ["--config.optim.lr=3e-4"])
+    assert c.model.depth == 2 and c.model.variant == "B/4"
+    assert c.optim.lr == pytest.approx(3e-4)
+    with pytest.raises(AttributeError):  # locked: no new fields
+        c.model.new_field = 1
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("--config.optim.nope=1", "nope"),
+    ("--config.optim.warmup_steps=abc", "warmup_steps"),
+])
+def test_bad_override_is_one_line_user_error(cfg_path, override, needle):
+    with pytest.raises(UserError, match=needle) as e:
+        load_config(cfg_path, [override])
+    assert "\n" not in str(e.value)
+
+
+def test_missing_config_file():
+    with pytest.raises(UserError, match="no such config file"):
+        load_config("configs/does_not_exist.py")
