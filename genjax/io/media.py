@@ -1,0 +1,477 @@
+"""Media files at the edges: mp4 / gif / png-grid writers and video / image readers.
+
+Pixels are uint8 at the edges: videos `(N, T, H, W, C)` or one video `(T, H, W, C)`, images
+`(N, H, W, C)`, with C in {1, 3} (grayscale or RGB). Nothing here converts floats: a float array
+is a user error (convert with `genjax.data.transforms.to_uint8`), so a [-1, 1] model output is
+never silently written as a black file.
+
+Decoding and encoding go through maintained tools: ffmpeg (the binary shipped by imageio-ffmpeg)
+for mp4 / webm / avi / mov and for GIF encoding, Pillow for GIF decoding, PNG and caption text.
+Every writer writes to a temporary file in the destination folder and then `os.replace`s it, so
+a crash never leaves a half-written file under the final name.
+
+Readers always return RGB (C = 3): grayscale files come back with three equal channels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from genjax.errors import UserError, check
+
+VIDEO_EXTENSIONS = (".mp4", ".gif", ".webm", ".avi", ".mov", ".mkv")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+# Tiles narrower than this are upscaled (nearest neighbour, integer factor) when captions are
+# drawn, so that ~20 characters of the PIL default font (~11 px high) fit under each tile.
+CAPTION_MIN_WIDTH = 128
+# H.264 quality: constant rate factor 18 is "visually lossless" in the x264 documentation.
+MP4_CRF = 18
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_uint8(field: str, arr: np.ndarray) -> None:
+    check(
+        arr.dtype == np.uint8,
+        f"{field}.dtype",
+        str(arr.dtype),
+        "must be uint8 (convert with genjax.data.transforms.to_uint8)",
+    )
+
+
+def _check_pixels(field: str, arr, ranks: tuple[int, ...], layout: str) -> np.ndarray:
+    """Validate a uint8 channels-last array of one of `ranks`; return it as numpy."""
+    arr = np.asarray(arr)
+    _check_uint8(field, arr)
+    check(arr.ndim in ranks, f"{field}.shape", arr.shape, f"must be {layout}")
+    check(arr.shape[-1] in (1, 3), f"{field}.shape", arr.shape, "channels (last axis) must be 1 or 3")
+    check(min(arr.shape) > 0, f"{field}.shape", arr.shape, "must have no empty axis")
+    return arr
+
+
+def _check_ext(path: str, allowed: Sequence[str]) -> str:
+    ext = os.path.splitext(path)[1].lower()
+    check(ext in allowed, "path", path, f"extension must be one of {', '.join(allowed)}")
+    return ext
+
+
+def _check_captions(captions, n: int) -> list[str] | None:
+    if captions is None:
+        return None
+    if isinstance(captions, str):
+        captions = [captions]
+    captions = [str(c) for c in captions]
+    check(len(captions) == n, "len(captions)", len(captions), f"must equal the number of tiles ({n})")
+    return captions
+
+
+@contextlib.contextmanager
+def _atomic_path(path: str) -> Iterator[str]:
+    """Yield a temporary path next to `path` (same extension); move it onto `path` on success."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    stem, ext = os.path.splitext(os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------- grids
+
+
+def make_grid(arrays, ncols: int, pad: int = 2) -> np.ndarray:
+    """Tile N images (or N videos frame by frame) into one grid, row-major.
+
+    Layout matches `torchvision.utils.make_grid` (pad_value 0): tile i sits at row `i // ncols`,
+    column `i % ncols`, with its top-left pixel at `(pad + row * (H + pad), pad + col * (W + pad))`;
+    gaps and the border are `pad` pixels of zeros.
+
+    Args:
+      arrays: uint8 `(N, ..., H, W, C)`; the middle axes (e.g. T frames) are kept.
+      ncols: tiles per row, >= 1 (clamped to N).
+      pad: gap in pixels between tiles and around the border, >= 0.
+
+    Returns:
+      uint8 `(..., nrows * (H + pad) + pad, ncols * (W + pad) + pad, C)`, nrows = ceil(N / ncols).
+
+    Raises:
+      UserError: dtype is not uint8, rank < 4, C not in {1, 3}, ncols < 1 or pad < 0.
+    """
+    arrays = _check_pixels("arrays", arrays, tuple(range(4, 9)), "(N, ..., H, W, C)")
+    check(isinstance(ncols, (int, np.integer)) and ncols >= 1, "ncols", ncols, "must be an int >= 1")
+    check(isinstance(pad, (int, np.integer)) and pad >= 0, "pad", pad, "must be an int >= 0")
+    n, h, w, c = arrays.shape[0], *arrays.shape[-3:]
+    ncols = min(int(ncols), n)
+    nrows = math.ceil(n / ncols)
+    lead = arrays.shape[1:-3]
+    out = np.zeros(lead + (nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), np.uint8)
+    for i in range(n):
+        row, col = divmod(i, ncols)
+        y, x = pad + row * (h + pad), pad + col * (w + pad)
+        out[..., y : y + h, x : x + w, :] = arrays[i]
+    return out
+
+
+def _default_ncols(n: int) -> int:
+    return math.ceil(math.sqrt(n))
+
+
+def _add_captions(tiles: np.ndarray, captions: list[str]) -> np.ndarray:
+    """(N, ..., H, W, C) -> (N, ..., k*H + strip, k*W, C): upscale by k, text strip below.
+
+    k is the smallest integer with k * W >= CAPTION_MIN_WIDTH (1 for wide tiles). Text is white
+    on black in the PIL default font, cut with ".." when it is wider than the tile.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    w = tiles.shape[-2]
+    k = max(1, math.ceil(CAPTION_MIN_WIDTH / w))
+    if k > 1:
+        tiles = tiles.repeat(k, axis=-3).repeat(k, axis=-2)
+    h, w, c = tiles.shape[-3:]
+    font = ImageFont.load_default()
+    left, top, right, bottom = font.getbbox("Ag")
+    strip_h = int(bottom) + 4
+    strips = []
+    for text in captions:
+        canvas = Image.new("L", (w, strip_h), 0)
+        draw = ImageDraw.Draw(canvas)
+        cut = text
+        while cut and draw.textlength(cut, font=font) > w - 4:
+            cut = cut[:-1]
+        if cut != text:
+            cut = cut[:-2] + ".." if len(cut) > 2 else cut
+        draw.text((2, 2), cut, fill=255, font=font)
+        strips.append(np.asarray(canvas)[..., None].repeat(c, axis=-1))
+    strips = np.stack(strips)  # (N, strip_h, w, c)
+    strips = strips.reshape((len(captions),) + (1,) * (tiles.ndim - 4) + strips.shape[1:])
+    strips = np.broadcast_to(strips, tiles.shape[:-3] + strips.shape[-3:])
+    return np.concatenate([tiles, strips], axis=-3)
+
+
+def _video_grid(videos, captions, field: str = "videos") -> np.ndarray:
+    """One video (T, H, W, C) or N videos (N, T, H, W, C) -> one (T, H', W', C) animation."""
+    videos = _check_pixels(field, videos, (4, 5), "(T, H, W, C) or (N, T, H, W, C)")
+    if videos.ndim == 4:
+        videos = videos[None]
+    captions = _check_captions(captions, videos.shape[0])
+    if captions is not None:
+        videos = _add_captions(videos, captions)
+    n = videos.shape[0]
+    return make_grid(videos, _default_ncols(n), pad=2 if n > 1 else 0)
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+def write_mp4(path, videos, *, fps: float = 8, captions: Sequence[str] | None = None) -> str:
+    """Write one video, or N videos tiled into a grid, as H.264 mp4.
+
+    Encoded by ffmpeg's libx264 (via imageio-ffmpeg) at CRF 18 in yuv420p, the pixel format every
+    player decodes. yuv420p needs even width and height, so an odd H or W is padded by one row /
+    column repeating the edge pixels (the file is then one pixel taller / wider than the input).
+    H.264 is lossy: expect ~35-45 dB PSNR on smooth content.
+
+    Args:
+      path: destination, must end in `.mp4`; its folder is created if missing.
+      videos: uint8 `(T, H, W, C)` or `(N, T, H, W, C)`, C in {1, 3}. N > 1 videos are tiled
+        ceil(sqrt(N)) per row with a 2 px black gap (see `make_grid`).
+      fps: frames per second, > 0.
+      captions: optional N strings drawn under the tiles (see `write_gif`).
+
+    Returns:
+      `path`.
+
+    Raises:
+      UserError: bad extension, dtype, rank, channels, fps or caption count.
+    """
+    import imageio_ffmpeg
+
+    path = os.fspath(path)
+    _check_ext(path, (".mp4",))
+    check(fps > 0, "fps", fps, "must be > 0")
+    grid = _video_grid(videos, captions)
+    t, h, w, c = grid.shape
+    grid = np.pad(grid, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    with _atomic_path(path) as tmp:
+        writer = imageio_ffmpeg.write_frames(
+            tmp,
+            (grid.shape[2], grid.shape[1]),
+            fps=fps,
+            codec="libx264",
+            pix_fmt_in="gray" if c == 1 else "rgb24",
+            pix_fmt_out="yuv420p",
+            quality=None,
+            macro_block_size=1,
+            output_params=["-crf", str(MP4_CRF)],
+            ffmpeg_log_level="error",
+        )
+        writer.send(None)
+        for frame in grid:
+            writer.send(np.ascontiguousarray(frame))
+        writer.close()
+    return path
+
+
+def write_gif(path, videos, *, fps: float = 8, captions: Sequence[str] | None = None) -> str:
+    """Write one video, or N videos tiled into a grid, as a looping GIF animation.
+
+    Encoded by ffmpeg with a palette per frame (`palettegen=stats_mode=single` +
+    `paletteuse=new=1:dither=none`), the standard ffmpeg GIF recipe, which keeps every frame (also
+    repeated ones) so the file reads back with T frames. Grayscale content (any C = 1 video, or
+    RGB with R = G = B) round-trips exactly; colour content is quantised to 256 colours per frame
+    (palettegen picks colours in a perceptual space, so even <= 256 colours may move by a level). GIF delays are whole centiseconds, so fps is rounded accordingly.
+
+    Captions: one string per video drawn in the PIL default font, white on black, in a strip under
+    each tile (the same on every frame). Tiles narrower than 128 px (e.g. 28 or 64 px frames) are
+    first upscaled by the smallest integer factor reaching 128 px, nearest neighbour, so the text
+    is readable; text wider than the tile is cut and ends with "..".
+
+    Args:
+      path: destination, must end in `.gif`.
+      videos: uint8 `(T, H, W, C)` or `(N, T, H, W, C)`, C in {1, 3}; N > 1 are tiled
+        ceil(sqrt(N)) per row with a 2 px black gap.
+      fps: frames per second, > 0.
+      captions: optional sequence of N strings (a single string for one video).
+
+    Returns:
+      `path`.
+
+    Raises:
+      UserError: bad extension, dtype, rank, channels, fps or caption count.
+    """
+    import imageio_ffmpeg
+
+    path = os.fspath(path)
+    _check_ext(path, (".gif",))
+    check(fps > 0, "fps", fps, "must be > 0")
+    grid = _video_grid(videos, captions)
+    if grid.shape[-1] == 1:
+        grid = grid.repeat(3, axis=-1)
+    palette = (
+        "split[a][b];[a]palettegen=max_colors=256:reserve_transparent=0:stats_mode=single[p];"
+        "[b][p]paletteuse=new=1:dither=none"
+    )
+    with _atomic_path(path) as tmp:
+        writer = imageio_ffmpeg.write_frames(
+            tmp,
+            (grid.shape[2], grid.shape[1]),
+            fps=fps,
+            codec="gif",
+            pix_fmt_in="rgb24",
+            pix_fmt_out="pal8",
+            quality=None,
+            macro_block_size=1,
+            output_params=["-filter_complex", palette, "-loop", "0"],
+            ffmpeg_log_level="error",
+        )
+        writer.send(None)
+        for frame in grid:
+            writer.send(np.ascontiguousarray(frame))
+        writer.close()
+    return path
+
+
+def write_png_grid(
+    path, images_or_videos, *, captions: Sequence[str] | None = None, ncols: int | None = None
+) -> str:
+    """Write images as one PNG grid, or videos as a contact sheet (one row of frames per video).
+
+    Images `(N, H, W, C)` are tiled `ncols` per row (default ceil(sqrt(N))) by `make_grid` with a
+    2 px black gap. Videos `(N, T, H, W, C)` become one row each: frame t of video i sits at
+    `(2 + i * (H' + 2), 2 + t * (W + 2))`, H' = H plus the caption strip. PNG is lossless; C = 1 is
+    written as an 8-bit grayscale PNG. Captions: one per image / per video row, drawn as in
+    `write_gif` (tiles narrower than 128 px are upscaled first).
+
+    Args:
+      path: destination, must end in `.png`.
+      images_or_videos: uint8 `(N, H, W, C)` or `(N, T, H, W, C)`, C in {1, 3}.
+      captions: optional N strings.
+      ncols: images per row, >= 1; only for images (a contact sheet has one video per row).
+
+    Returns:
+      `path`.
+
+    Raises:
+      UserError: bad extension, dtype, rank, channels, caption count, or ncols given for videos.
+    """
+    from PIL import Image
+
+    path = os.fspath(path)
+    _check_ext(path, (".png",))
+    arr = _check_pixels(
+        "images_or_videos", images_or_videos, (4, 5), "(N, H, W, C) images or (N, T, H, W, C) videos"
+    )
+    n, pad = arr.shape[0], 2
+    captions = _check_captions(captions, n)
+    if arr.ndim == 5:
+        check(ncols is None, "ncols", ncols, "must be None for videos (one row per video)")
+        # Each video becomes one wide tile: its frames side by side, `pad` px apart.
+        arr = np.stack([make_grid(v, arr.shape[1], pad)[pad:-pad or None, pad:-pad or None] for v in arr])
+        ncols = 1
+    ncols = _default_ncols(n) if ncols is None else ncols
+    if captions is not None:
+        arr = _add_captions(arr, captions)
+    grid = make_grid(arr, ncols, pad)
+    with _atomic_path(path) as tmp:
+        Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(tmp, format="PNG")
+    return path
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def _check_readable(path, allowed: Sequence[str]) -> tuple[str, str]:
+    path = os.fspath(path)
+    ext = _check_ext(path, allowed)
+    check(os.path.isfile(path), "path", path, "file does not exist")
+    return path, ext
+
+
+def count_frames(path) -> int:
+    """Number of frames in a video file.
+
+    GIF: Pillow's `n_frames`. Other formats: `imageio_ffmpeg.count_frames_and_secs`, which decodes
+    the first video stream with ffmpeg (exact, but about as slow as a full decode).
+
+    Raises:
+      UserError: unknown extension or missing file.
+      RuntimeError / OSError: the decoder cannot read the file (corrupt or truncated).
+    """
+    path, ext = _check_readable(path, VIDEO_EXTENSIONS)
+    if ext == ".gif":
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return int(getattr(im, "n_frames", 1))
+    import imageio_ffmpeg
+
+    nframes, _ = imageio_ffmpeg.count_frames_and_secs(path)
+    return int(nframes)
+
+
+def _ffmpeg_fps(path: str) -> float:
+    import imageio_ffmpeg
+
+    gen = imageio_ffmpeg.read_frames(path)
+    try:
+        return float(next(gen)["fps"])
+    finally:
+        gen.close()
+
+
+def _read_ffmpeg(path: str, start: int, span: int | None) -> list[np.ndarray]:
+    """Frames start .. start + span - 1 (all to the end if span is None), RGB uint8."""
+    import imageio_ffmpeg
+
+    input_params = []
+    if start > 0:
+        # Accurate input seek (ffmpeg decodes from the previous keyframe and drops frames before
+        # the target time). Frame k is shown at k / fps; half a frame earlier is a safe target.
+        fps = _ffmpeg_fps(path)
+        if fps <= 0:
+            raise RuntimeError(f"{path}: ffmpeg reports no frame rate, cannot seek")
+        input_params = ["-ss", f"{(start - 0.5) / fps:.6f}"]
+    output_params = ["-map", "0:v:0", "-fps_mode", "passthrough"]
+    if span is not None:
+        output_params += ["-frames:v", str(span)]
+    gen = imageio_ffmpeg.read_frames(path, input_params=input_params, output_params=output_params)
+    try:
+        w, h = next(gen)["size"]
+        return [np.frombuffer(b, np.uint8).reshape(h, w, 3) for b in gen]
+    finally:
+        gen.close()
+
+
+def _read_gif(path: str, start: int, span: int | None) -> list[np.ndarray]:
+    from PIL import Image, ImageSequence
+
+    frames = []
+    with Image.open(path) as im:
+        for i, frame in enumerate(ImageSequence.Iterator(im)):
+            if span is not None and i >= start + span:
+                break
+            if i >= start:
+                frames.append(np.asarray(frame.convert("RGB")))
+    return frames
+
+
+def read_video(path, *, start: int = 0, num_frames: int | None = None, frame_stride: int = 1) -> np.ndarray:
+    """Decode a video file (mp4, gif, webm, avi, mov, mkv) to RGB uint8 frames.
+
+    Returns frames `start, start + frame_stride, ...`: `num_frames` of them, or all to the end when
+    `num_frames` is None. mp4 / webm / avi / mov / mkv are decoded by ffmpeg (imageio-ffmpeg),
+    first video stream, frames passed through without rate conversion; a `start` > 0 seeks to
+    time `(start - 0.5) / fps`, exact for constant-frame-rate files (the usual case; a
+    variable-frame-rate file is indexed by time at its nominal fps). GIF is decoded by Pillow,
+    frame by frame, disposal and transparency applied.
+
+    Args:
+      path: the file.
+      start: first frame index, >= 0.
+      num_frames: number of frames to return (>= 1), or None for all.
+      frame_stride: step between returned frames, >= 1.
+
+    Returns:
+      uint8 `(T, H, W, 3)`.
+
+    Raises:
+      UserError: unknown extension, missing file, bad start / num_frames / frame_stride, or the
+        file has fewer than `start + (num_frames - 1) * frame_stride + 1` frames.
+      RuntimeError / OSError: the decoder cannot read the file.
+    """
+    path, ext = _check_readable(path, VIDEO_EXTENSIONS)
+    check(isinstance(start, (int, np.integer)) and start >= 0, "start", start, "must be an int >= 0")
+    check(
+        isinstance(frame_stride, (int, np.integer)) and frame_stride >= 1,
+        "frame_stride",
+        frame_stride,
+        "must be an int >= 1",
+    )
+    check(
+        num_frames is None or (isinstance(num_frames, (int, np.integer)) and num_frames >= 1),
+        "num_frames",
+        num_frames,
+        "must be None or an int >= 1",
+    )
+    span = None if num_frames is None else (num_frames - 1) * frame_stride + 1
+    frames = (_read_gif if ext == ".gif" else _read_ffmpeg)(path, int(start), span)
+    if span is not None and len(frames) < span:
+        raise UserError(
+            f"path={path!r}: has {len(frames)} decodable frames from frame {start}, "
+            f"needs {span} (num_frames={num_frames}, frame_stride={frame_stride})"
+        )
+    if not frames:
+        raise UserError(f"path={path!r}: no decodable frames from frame {start}")
+    return np.stack(frames[::frame_stride])
+
+
+def read_image(path) -> np.ndarray:
+    """Decode an image file (png, jpg, jpeg, bmp, gif first frame, webp) with Pillow.
+
+    Returns:
+      uint8 `(H, W, 3)` RGB; grayscale, palette and alpha images are converted by Pillow's
+      `convert("RGB")` (alpha is dropped).
+
+    Raises:
+      UserError: unknown extension or missing file.
+      OSError: Pillow cannot decode the file.
+    """
+    from PIL import Image
+
+    path, _ = _check_readable(path, IMAGE_EXTENSIONS)
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
