@@ -1,0 +1,237 @@
+"""Numpy-only example transforms: [-1, 1] scaling, crops, resize, flips, temporal crops.
+
+Array functions take images `(H, W, C)` or videos `(T, H, W, C)` (any leading axes; the spatial
+axes are always -3 and -2) and return new arrays without touching their input. Random ones take
+a `np.random.Generator`. The classes wrap them as grain `Map` / `RandomMap` transforms over
+example dicts: each applies to the pixel keys it names (default "image" and "video") that are
+present and passes every other field through. Videos get one crop / flip for all frames.
+
+Size errors (a crop larger than the input, a clip longer than the video) raise
+`genjax.errors.UserError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+from genjax.errors import check
+
+PIXEL_KEYS = ("image", "video")
+_RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+             "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
+             "box": Image.Resampling.BOX}
+
+
+def _pair(field: str, size) -> tuple[int, int]:
+    pair = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
+    check(len(pair) == 2 and all(isinstance(s, (int, np.integer)) and s >= 1 for s in pair),
+          field, size, "must be a positive int or a (height, width) pair of positive ints")
+    return int(pair[0]), int(pair[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Array functions.
+
+
+def to_float(x: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] -> float32 [-1, 1]: `x / 127.5 - 1` (0 -> -1, 255 -> 1). Any shape."""
+    return np.asarray(x, np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """float [-1, 1] -> uint8 [0, 255]: `round((x + 1) * 127.5)` clipped to [0, 255]; NaN -> 0.
+
+    The exact inverse of `to_float` on its outputs. Any shape.
+    """
+    y = np.rint((np.asarray(x, np.float32) + 1.0) * 127.5)
+    return np.clip(np.nan_to_num(y), 0, 255).astype(np.uint8)
+
+
+def _crop(x: np.ndarray, top: int, left: int, h: int, w: int) -> np.ndarray:
+    return x[..., top:top + h, left:left + w, :]
+
+
+def _check_crop(x: np.ndarray, h: int, w: int) -> tuple[int, int]:
+    check(x.ndim >= 3, "pixels.shape", x.shape, "must be (..., H, W, C)")
+    height, width = x.shape[-3], x.shape[-2]
+    check(h <= height and w <= width, "crop size", (h, w),
+          f"must fit inside the input's (H, W) = {(height, width)}")
+    return height, width
+
+
+def center_crop(x: np.ndarray, size) -> np.ndarray:
+    """Crop the central `size` = (h, w) (or int) window of (..., H, W, C); when H - h is odd the
+    extra row goes to the bottom (top = (H - h) // 2), same for columns. Raises `UserError` if
+    the window is larger than the input."""
+    h, w = _pair("size", size)
+    height, width = _check_crop(x, h, w)
+    return _crop(x, (height - h) // 2, (width - w) // 2, h, w)
+
+
+def random_crop(x: np.ndarray, size, rng: np.random.Generator) -> np.ndarray:
+    """Crop a (h, w) window of (..., H, W, C) with top / left uniform over all valid positions.
+    Raises `UserError` if the window is larger than the input."""
+    h, w = _pair("size", size)
+    height, width = _check_crop(x, h, w)
+    top, left = rng.integers(height - h + 1), rng.integers(width - w + 1)
+    return _crop(x, int(top), int(left), h, w)
+
+
+def resize(x: np.ndarray, size, resample: str = "bilinear") -> np.ndarray:
+    """Resize (..., H, W, C) to (..., h, w, C) with PIL (`Image.resize`, which antialiases when
+    downscaling). uint8 stays uint8 (PIL mode "L"); floats are resized as float32 (mode "F").
+    Each channel and frame is resized on its own, which is what PIL does inside RGB images."""
+    h, w = _pair("size", size)
+    check(resample in _RESAMPLE, "resample", resample, f"must be one of {sorted(_RESAMPLE)}")
+    x = np.asarray(x)
+    check(x.ndim >= 3, "pixels.shape", x.shape, "must be (..., H, W, C)")
+    dtype = np.uint8 if x.dtype == np.uint8 else np.float32
+    planes = x.astype(dtype, copy=False).reshape(-1, *x.shape[-3:])
+    out = np.empty((planes.shape[0], h, w, x.shape[-1]), dtype)
+    for i, plane in enumerate(planes):
+        for c in range(x.shape[-1]):
+            image = Image.fromarray(np.ascontiguousarray(plane[..., c]))
+            out[i, ..., c] = np.asarray(image.resize((w, h), _RESAMPLE[resample]))
+    return out.reshape(*x.shape[:-3], h, w, x.shape[-1])
+
+
+def horizontal_flip(x: np.ndarray) -> np.ndarray:
+    """Mirror (..., H, W, C) left-right."""
+    return x[..., ::-1, :]
+
+
+def grayscale_to_rgb(x: np.ndarray) -> np.ndarray:
+    """(..., 1) -> (..., 3) by repeating the channel; 3-channel input is returned unchanged."""
+    check(x.shape[-1] in (1, 3), "pixels.shape", x.shape, "must have 1 or 3 channels")
+    return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
+
+
+def temporal_crop(video: np.ndarray, num_frames: int, *, stride: int = 1, start: int = 0) -> np.ndarray:
+    """Frames `start, start + stride, ..., start + (num_frames - 1) * stride` of (T, ...).
+
+    Raises `UserError` if num_frames or stride < 1 or the clip runs past the last frame.
+    """
+    check(num_frames >= 1, "num_frames", num_frames, "must be >= 1")
+    check(stride >= 1, "stride", stride, "must be >= 1")
+    span = (num_frames - 1) * stride + 1
+    check(0 <= start and start + span <= video.shape[0], "clip", (start, num_frames, stride),
+          f"(start, num_frames, stride) spans {span} frames from {start}; "
+          f"the video has {video.shape[0]}")
+    return video[start:start + span:stride]
+
+
+def random_temporal_crop(video: np.ndarray, num_frames: int, rng: np.random.Generator, *,
+                         stride: int = 1) -> np.ndarray:
+    """`temporal_crop` with `start` uniform over all clips that fit. Same errors."""
+    check(num_frames >= 1 and stride >= 1, "(num_frames, stride)", (num_frames, stride),
+          "must both be >= 1")
+    span = (num_frames - 1) * stride + 1
+    check(span <= video.shape[0], "clip", (num_frames, stride),
+          f"(num_frames, stride) spans {span} frames; the video has {video.shape[0]}")
+    return temporal_crop(video, num_frames, stride=stride, start=int(rng.integers(video.shape[0] - span + 1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# grain transforms over example dicts.
+
+
+def _apply(example: dict[str, Any], keys, fn) -> dict[str, Any]:
+    return {k: fn(v) if k in keys else v for k, v in example.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class ToFloat(grain.transforms.Map):
+    """uint8 [0, 255] -> float32 [-1, 1] (`to_float`) on `keys`."""
+    keys: tuple[str, ...] = PIXEL_KEYS
+
+    def map(self, example):
+        return _apply(example, self.keys, to_float)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resize(grain.transforms.Map):
+    """`resize` to `size` (int or (h, w)) on `keys`."""
+    size: Any
+    resample: str = "bilinear"
+    keys: tuple[str, ...] = PIXEL_KEYS
+
+    def __post_init__(self):
+        _pair("size", self.size)
+        check(self.resample in _RESAMPLE, "resample", self.resample, f"must be one of {sorted(_RESAMPLE)}")
+
+    def map(self, example):
+        return _apply(example, self.keys, lambda x: resize(x, self.size, self.resample))
+
+
+@dataclasses.dataclass(frozen=True)
+class CenterCrop(grain.transforms.Map):
+    """`center_crop` to `size` (int or (h, w)) on `keys`."""
+    size: Any
+    keys: tuple[str, ...] = PIXEL_KEYS
+
+    def __post_init__(self):
+        _pair("size", self.size)
+
+    def map(self, example):
+        return _apply(example, self.keys, lambda x: center_crop(x, self.size))
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomCrop(grain.transforms.RandomMap):
+    """`random_crop` to `size` (int or (h, w)) on `keys`; one window for a whole video."""
+    size: Any
+    keys: tuple[str, ...] = PIXEL_KEYS
+
+    def __post_init__(self):
+        _pair("size", self.size)
+
+    def random_map(self, example, rng):
+        return _apply(example, self.keys, lambda x: random_crop(x, self.size, rng))
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomFlip(grain.transforms.RandomMap):
+    """`horizontal_flip` with probability `prob` on `keys` (all keys flip together)."""
+    prob: float = 0.5
+    keys: tuple[str, ...] = PIXEL_KEYS
+
+    def __post_init__(self):
+        check(0.0 <= self.prob <= 1.0, "prob", self.prob, "must be in [0, 1]")
+
+    def random_map(self, example, rng):
+        return _apply(example, self.keys, horizontal_flip) if rng.random() < self.prob else example
+
+
+@dataclasses.dataclass(frozen=True)
+class TemporalCrop(grain.transforms.RandomMap):
+    """A `num_frames` clip with `stride` from `key`: a random start (`random_temporal_crop`), or
+    the first clip when `random` is False (`temporal_crop`)."""
+    num_frames: int
+    stride: int = 1
+    random: bool = True
+    key: str = "video"
+
+    def __post_init__(self):
+        check(self.num_frames >= 1 and self.stride >= 1, "(num_frames, stride)",
+              (self.num_frames, self.stride), "must both be >= 1")
+
+    def random_map(self, example, rng):
+        if self.random:
+            fn = lambda v: random_temporal_crop(v, self.num_frames, rng, stride=self.stride)
+        else:
+            fn = lambda v: temporal_crop(v, self.num_frames, stride=self.stride)
+        return _apply(example, (self.key,), fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class GrayscaleToRGB(grain.transforms.Map):
+    """`grayscale_to_rgb` on `keys`."""
+    keys: tuple[str, ...] = PIXEL_KEYS
+
+    def map(self, example):
+        return _apply(example, self.keys, grayscale_to_rgb)
