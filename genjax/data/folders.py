@@ -64,7 +64,7 @@ def _report_skipped(owner: str, root: str, skipped: list[str], total: int) -> No
         print(f"{owner}: skipped {len(skipped)} of {total} files under {root} as unreadable: {names}{more}")
 
 
-def resize_and_crop(frames: np.ndarray, size: int, crop: str | None, rng: np.random.Generator | None = None) -> np.ndarray:
+def _resize_and_crop(frames: np.ndarray, size: int, crop: str | None, rng: np.random.Generator | None = None) -> np.ndarray:
     """Resize frames so the shorter side is `size` (Pillow bicubic, antialiased when shrinking),
     then cut a `size` x `size` square.
 
@@ -229,7 +229,7 @@ class VideoFolderSource:
             ) from err
         if self.size is not None:
             rng = np.random.default_rng([self.seed, index]) if self.crop == "random" else None
-            video = resize_and_crop(video, self.size, self.crop, rng)
+            video = _resize_and_crop(video, self.size, self.crop, rng)
         stem = os.path.splitext(os.path.basename(path))[0]
         return {"video": video, "caption": stem, "path": path}
 
@@ -318,7 +318,7 @@ class ImageFolderSource:
         except Exception as err:  # noqa: BLE001
             raise UserError(f"path={path!r}: could not decode image {index}: {_summary(err)}") from err
         if self.size is not None:
-            image = resize_and_crop(image[None], self.size, "center")[0]
+            image = _resize_and_crop(image[None], self.size, "center")[0]
         return {"image": image, "label": label, "caption": self.classes[label]}
 
     def __repr__(self) -> str:

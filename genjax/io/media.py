@@ -162,9 +162,9 @@ def _add_captions(tiles: np.ndarray, captions: list[str]) -> np.ndarray:
     return np.concatenate([tiles, strips], axis=-3)
 
 
-def _video_grid(videos, captions, field: str = "videos") -> np.ndarray:
+def _video_grid(videos, captions) -> np.ndarray:
     """One video (T, H, W, C) or N videos (N, T, H, W, C) -> one (T, H', W', C) animation."""
-    videos = _check_pixels(field, videos, (4, 5), "(T, H, W, C) or (N, T, H, W, C)")
+    videos = _check_pixels("videos", videos, (4, 5), "(T, H, W, C) or (N, T, H, W, C)")
     if videos.ndim == 4:
         videos = videos[None]
     captions = _check_captions(captions, videos.shape[0])

@@ -161,3 +161,19 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
         media.write_png_grid(path, np.zeros((1, 4, 4, 3), np.uint8), ncols=1)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["g.png"]
+
+
+def test_read_webm_written_by_ffmpeg(tmp_path):
+    import imageio_ffmpeg
+
+    v = _smooth_video(t=10, h=32, w=32)
+    path = str(tmp_path / "v.webm")
+    writer = imageio_ffmpeg.write_frames(path, (32, 32), fps=8, codec="libvpx-vp9", macro_block_size=1, ffmpeg_log_level="error")
+    writer.send(None)
+    for frame in v:
+        writer.send(frame)
+    writer.close()
+    back = media.read_video(path)
+    assert back.shape == (10, 32, 32, 3) and media.count_frames(path) == 10
+    assert _psnr(back, v) > 25
+    np.testing.assert_array_equal(media.read_video(path, start=3, num_frames=3, frame_stride=2), back[3:8:2])
