@@ -1,0 +1,128 @@
+"""VQ-VAE quantiser and model: checked against brute-force numpy and the Sonnet 2 EMA formula."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from genjax.errors import UserError
+from genjax.models.vqvae import VectorQuantizer, nearest_code, perplexity, restart_dead_codes
+
+K, D = 16, 4
+
+
+def _init(vq, z):
+    return vq.init(jax.random.PRNGKey(0), z)
+
+
+def _z(shape=(2, 3, 5, D), seed=1):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape).astype(np.float32))
+
+
+def test_quantiser_picks_argmin_code():
+    vq = VectorQuantizer(num_codes=K, code_dim=D)
+    z = _z()
+    variables = _init(vq, z)
+    z_q, idx, _ = vq.apply(variables, z)
+    codebook = np.asarray(nn.unbox(variables)["params"]["codebook"])
+    dist = ((np.asarray(z)[..., None, :] - codebook) ** 2).sum(-1)  # (..., K) brute force
+    np.testing.assert_array_equal(np.asarray(idx), dist.argmin(-1))
+    np.testing.assert_allclose(np.asarray(z_q), codebook[dist.argmin(-1)], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(vq.apply(variables, idx, method=vq.lookup)), np.asarray(z_q), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(nearest_code(z, codebook)), dist.argmin(-1))
+
+
+def test_straight_through_gradient_is_identity():
+    vq = VectorQuantizer(num_codes=K, code_dim=D)
+    z = _z((3, D))
+    variables = _init(vq, z)
+    jac = jax.jacobian(lambda z: vq.apply(variables, z)[0])(z)  # (3, D, 3, D)
+    np.testing.assert_allclose(np.asarray(jac).reshape(3 * D, 3 * D), np.eye(3 * D), atol=1e-6)
+
+
+def test_losses_match_numpy_and_route_gradients():
+    vq = VectorQuantizer(num_codes=K, code_dim=D, beta=0.25)
+    z = _z()
+    variables = nn.unbox(_init(vq, z))
+    _, idx, aux = vq.apply(variables, z)
+    e = np.asarray(variables["params"]["codebook"])[np.asarray(idx)]
+    mse = np.mean((np.asarray(z) - e) ** 2)
+    np.testing.assert_allclose(float(aux["codebook_loss"]), mse, rtol=1e-5)
+    np.testing.assert_allclose(float(aux["commitment_loss"]), mse, rtol=1e-5)
+    np.testing.assert_allclose(float(aux["loss"]), 1.25 * mse, rtol=1e-5)
+
+    def loss(params, z, name):
+        return vq.apply({"params": params}, z)[2][name]
+
+    g_cb_z = jax.grad(loss, argnums=1)(variables["params"], z, "codebook_loss")
+    g_cb_e = jax.grad(loss, argnums=0)(variables["params"], z, "codebook_loss")["codebook"]
+    g_cm_z = jax.grad(loss, argnums=1)(variables["params"], z, "commitment_loss")
+    g_cm_e = jax.grad(loss, argnums=0)(variables["params"], z, "commitment_loss")["codebook"]
+    assert float(jnp.abs(g_cb_z).max()) == 0.0 and float(jnp.abs(g_cm_e).max()) == 0.0
+    n = np.asarray(z).size
+    np.testing.assert_allclose(np.asarray(g_cm_z), 2 * (np.asarray(z) - e) / n, rtol=1e-4, atol=1e-7)
+    # codebook grad: sum over the positions assigned to each code of 2 (e - z) / n
+    expect = np.zeros((K, D), np.float32)
+    np.add.at(expect, np.asarray(idx).reshape(-1), (2 * (e - np.asarray(z)) / n).reshape(-1, D))
+    np.testing.assert_allclose(np.asarray(g_cb_e), expect, rtol=1e-4, atol=1e-7)
+
+
+def _sonnet_ema_numpy(codebook, steps, decay=0.99, eps=1e-5):
+    """Sonnet 2 VectorQuantizerEMA, transposed to (K, D): debiased EMAs, Laplace smoothing."""
+    cs_h = np.zeros(K)
+    dw_h = np.zeros((K, D))
+    for t, z in enumerate(steps, start=1):
+        flat = z.reshape(-1, D).astype(np.float64)
+        idx = ((flat[:, None] - codebook) ** 2).sum(-1).argmin(-1)
+        enc = np.eye(K)[idx]
+        cs_h -= (cs_h - enc.sum(0)) * (1 - decay)
+        dw_h -= (dw_h - enc.T @ flat) * (1 - decay)
+        cs, dw = cs_h / (1 - decay ** t), dw_h / (1 - decay ** t)
+        n = cs.sum()
+        cs = (cs + eps) / (n + K * eps) * n
+        codebook = dw / cs[:, None]
+    return codebook
+
+
+def test_ema_update_matches_sonnet_formula():
+    vq = VectorQuantizer(num_codes=K, code_dim=D, use_ema=True)
+    zs = [_z(seed=s) for s in (1, 2)]
+    variables = _init(vq, zs[0])
+    assert "params" not in variables
+    expect = _sonnet_ema_numpy(np.asarray(variables["vq_stats"]["codebook"], np.float64),
+                               [np.asarray(z) for z in zs])
+    for z in zs:
+        (_, _, aux), updates = vq.apply(variables, z, train=True, mutable=["vq_stats"])
+        variables = {**variables, **updates}
+    np.testing.assert_allclose(np.asarray(variables["vq_stats"]["codebook"]), expect, rtol=1e-5, atol=1e-6)
+    assert int(variables["vq_stats"]["counter"]) == 2
+    np.testing.assert_allclose(float(aux["loss"]), 0.25 * float(aux["commitment_loss"]), rtol=1e-6)
+    # eval mode leaves the statistics alone
+    _, updates = vq.apply(variables, zs[0], train=False, mutable=["vq_stats"])
+    np.testing.assert_array_equal(np.asarray(updates["vq_stats"]["codebook"]),
+                                  np.asarray(variables["vq_stats"]["codebook"]))
+
+
+def test_perplexity_uniform_and_single_code():
+    np.testing.assert_allclose(float(perplexity(jnp.arange(2 * K) % K, K)), K, rtol=1e-5)
+    np.testing.assert_allclose(float(perplexity(jnp.full((7,), 3), K)), 1.0, rtol=1e-6)
+
+
+def test_restart_replaces_only_dead_codes():
+    codebook = _z((K, D), seed=3)
+    counts = jnp.asarray(np.random.default_rng(0).integers(0, 3, K))
+    z = _z((5, 7, D), seed=4) + 100.0  # far from every code
+    new = np.asarray(restart_dead_codes(codebook, counts, z, jax.random.PRNGKey(0), threshold=1))
+    dead = np.asarray(counts) < 1
+    assert dead.any() and (~dead).any()
+    np.testing.assert_array_equal(new[~dead], np.asarray(codebook)[~dead])
+    rows = np.asarray(z).reshape(-1, D)
+    for code in new[dead]:
+        assert np.any(np.all(rows == code, axis=1))
+
+
+def test_wrong_code_dim_raises():
+    vq = VectorQuantizer(num_codes=K, code_dim=D)
+    with pytest.raises(UserError, match="code_dim"):
+        _init(vq, jnp.zeros((2, D + 1)))
