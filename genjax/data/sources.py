@@ -141,9 +141,9 @@ class MovingMnistSource:
     e.g. "digit {d0} moving {m0}" adds the direction.
 
     Raises `UserError` for: a split other than "train" / "test"; num_examples, num_frames or
-    num_digits < 1; image_size < 28 (the canvas must hold a digit); a speed that is not
-    (low, high) with 0 <= low <= high; a caption_template that lacks a `{dK}` placeholder for
-    some digit or names a field other than `dK` / `mK` (K < num_digits).
+    num_digits < 1; a negative seed; image_size < 28 (the canvas must hold a digit); a speed
+    that is not (low, high) with 0 <= low <= high; a caption_template that lacks a `{dK}`
+    placeholder for some digit or names a field other than `dK` / `mK` (K < num_digits).
     """
 
     name = "moving_mnist"
@@ -157,6 +157,7 @@ class MovingMnistSource:
                              ("num_digits", num_digits)):
             check(isinstance(value, (int, np.integer)) and value >= 1, field, value,
                   "must be an integer >= 1")
+        check(isinstance(seed, (int, np.integer)) and seed >= 0, "seed", seed, "must be an integer >= 0")
         check(isinstance(image_size, (int, np.integer)) and image_size >= DIGIT_SIZE,
               "image_size", image_size, f"must be an integer >= {DIGIT_SIZE} (an MNIST digit)")
         ok = (isinstance(speed, (tuple, list)) and len(speed) == 2
@@ -176,7 +177,8 @@ class MovingMnistSource:
     def trajectory(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Example i's digit rows into `self.digits` (num_digits,), top-left corners int
         (num_frames, num_digits, 2) as (y, x) pixels, and initial velocities (num_digits, 2)."""
-        check(0 <= i < self.num_examples, "index", i, f"must be in [0, {self.num_examples})")
+        if not 0 <= i < self.num_examples:
+            raise IndexError(f"example index {i} out of range [0, {self.num_examples})")
         rng = np.random.default_rng([self.seed, self.split_id, int(i)])
         n, limit = self.num_digits, self.image_size - DIGIT_SIZE
         ids = rng.integers(len(self.digits), size=n)
@@ -184,7 +186,7 @@ class MovingMnistSource:
         speed = rng.uniform(*self.speed, size=n)
         angle = rng.uniform(0.0, 2 * np.pi, size=n)
         vel = speed[:, None] * np.stack([-np.sin(angle), np.cos(angle)], axis=-1)  # up = -y
-        velocity0 = vel.copy()
+        velocity0 = vel
         corners = np.empty((self.num_frames, n, 2), np.int64)
         for t in range(self.num_frames):
             corners[t] = np.rint(pos)

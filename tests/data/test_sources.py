@@ -130,6 +130,7 @@ def test_moving_mnist_direction_word_matches_the_motion():
     ({"caption_template": "digit {d0} {colour}"}, "caption_template"),
     ({"speed": (5.0, 1.0)}, "speed"),
     ({"num_frames": 0}, "num_frames"),
+    ({"seed": -1}, "seed"),
     ({"frames": 8}, "option"),
 ])
 def test_moving_mnist_rejects_bad_options(options, field):
