@@ -83,6 +83,9 @@ def _atomic_path(path: str) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a media file is as readable as any other
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
