@@ -1,0 +1,340 @@
+"""DiT: class-conditional latent diffusion transformer with adaLN-Zero blocks.
+
+Peebles & Xie 2023, "Scalable Diffusion Models with Transformers" (arXiv:2212.09748), sec. 3.2
+and Fig. 3; numbers checked against diffusers `DiTTransformer2DModel` (random weights) and the
+paper's Table 4 (parameters, Gflops). Dimension letters are defined in `genjax.models.layers`.
+
+  x (B, H, W, C) latents -> PatchEmbed + fixed 2D sin-cos positions -> (B, L, D)
+  c = TimestepEmbedder(t) + LabelEmbed(y)                             -> (B, D)
+  depth x DiTBlock(x, c)   (adaLN-Zero: shift/scale/gate from c, gates zero-initialised)
+  FinalLayer: adaLN LayerNorm -> Dense(D -> p*p*C_out), zero-initialised -> unpatchify
+  -> (B, H, W, C_out), C_out = 2C with learn_sigma (eps and variance interpolation v).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from genjax.errors import UserError, check
+from genjax.io.weights import StateDictReader, load_state_dict
+from genjax.models.layers import (Attention, LayerNorm, Mlp, PatchEmbed, TimestepEmbedder,
+                                  sincos_pos_embed_2d, unpatchify)
+from genjax.parallel.axes import BATCH, EMBED, LAYERS, LENGTH, MLP, VOCAB
+
+Dtype = Any
+Array = jax.Array
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _zeros(names: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.zeros, names)
+
+
+def _modulate(h: Array, shift: Array, scale: Array) -> Array:
+    """adaLN: `h * (1 + scale) + shift`, h `(B, L, D)`, shift/scale `(B, 1, D)`."""
+    return h * (1 + scale) + shift
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block (DiT Fig. 3, right): `(B, L, D), (B, D)` -> `(B, L, D)`.
+
+    `adaLN_modulation` = Dense(SiLU(c)) -> shift/scale/gate for attention and MLP (this order, as
+    DiT and diffusers `AdaLayerNormZero`), zero-initialised so each block starts as the identity.
+    LayerNorms are non-affine, eps 1e-6, in float32.
+    """
+
+    hidden_size: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, c: Array) -> Array:
+        d = self.hidden_size
+        mod = nn.Dense(6 * d, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_zeros((EMBED, MLP)),
+                       bias_init=_zeros((MLP,)), name="adaLN_modulation")(nn.silu(c))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(
+            mod[:, None, :].astype(jnp.float32), 6, axis=-1)
+        norm = dict(epsilon=1e-6, use_scale=False, use_bias=False, dtype=jnp.float32)
+        h = _modulate(LayerNorm(**norm, name="norm1")(x), shift_msa, scale_msa).astype(self.dtype)
+        h = Attention(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(h)
+        x = x + (gate_msa * h).astype(self.dtype)
+        h = _modulate(LayerNorm(**norm, name="norm2")(x), shift_mlp, scale_mlp).astype(self.dtype)
+        h = Mlp(int(d * self.mlp_ratio), dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(h)
+        x = x + (gate_mlp * h).astype(self.dtype)
+        return nn.with_logical_constraint(x, (BATCH, LENGTH, None))
+
+
+class FinalLayer(nn.Module):
+    """adaLN LayerNorm then Dense(D -> P), both zero-initialised (DiT `FinalLayer`).
+
+    `(B, L, D), (B, D)` -> `(B, L, P)` float32, P = ph * pw * C_out.
+    """
+
+    patch_values: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, c: Array) -> Array:
+        mod = nn.Dense(2 * x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
+                       kernel_init=_zeros((EMBED, MLP)), bias_init=_zeros((MLP,)),
+                       name="adaLN_modulation")(nn.silu(c))
+        shift, scale = jnp.split(mod[:, None, :].astype(jnp.float32), 2, axis=-1)
+        h = LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, dtype=jnp.float32, name="norm")(x)
+        h = _modulate(h, shift, scale).astype(self.dtype)
+        out = nn.Dense(self.patch_values, dtype=self.dtype, param_dtype=self.param_dtype,
+                       kernel_init=_zeros((EMBED, None)), bias_init=_zeros((None,)), name="linear")(h)
+        return out.astype(jnp.float32)
+
+
+def _scan_block(block: DiTBlock, x: Array, c: Array):
+    return block(x, c), None
+
+
+class DiT(nn.Module):
+    """Diffusion Transformer (Peebles & Xie 2023).
+
+    Attributes:
+      patch_size: p (square patches). in_channels: C of the latents (4 for SD's VAE).
+      hidden_size: D. depth: number of blocks. num_heads: N (K = D / N). mlp_ratio: MLP width / D.
+      num_classes: labels 0..num_classes-1; id `num_classes` is the null class used for
+        classifier-free guidance (its embedding row exists when class_dropout_prob > 0).
+      class_dropout_prob: label-dropout probability in training (DiT: 0.1).
+      learn_sigma: output 2C channels (eps, variance interpolation v; Nichol & Dhariwal 2021).
+      out_channels: override C_out (default C * (2 if learn_sigma else 1)).
+      frequency_embedding_size: timestep sinusoid width (256).
+      time_freq_shift: sinusoid `downscale_freq_shift`; 0 in the DiT code, 1 in diffusers'
+        `DiTTransformer2DModel` (set by `load_diffusers`).
+      pos_embed_base_size: None -> positions are patch indices (DiT); an int -> diffusers-style
+        interpolation to that training grid side (set by `load_diffusers` to sample_size / p).
+      scan: scan the blocks with `nn.scan` (params `blocks` with a leading `layers` axis) instead of
+        unrolled `blocks_0..blocks_{depth-1}`; same numbers.
+      remat: "none" | "full" | "dots_saveable" | "dots_with_no_batch_dims_saveable" (per block).
+      dtype / param_dtype: compute / storage dtype.
+    """
+
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True
+    out_channels: int | None = None
+    frequency_embedding_size: int = 256
+    time_freq_shift: float = 0.0
+    pos_embed_base_size: int | None = None
+    scan: bool = False
+    remat: str = "none"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def out_dim(self) -> int:
+        """C_out: `out_channels` or C * (2 if learn_sigma else 1)."""
+        return self.out_channels or self.in_channels * (2 if self.learn_sigma else 1)
+
+    @nn.compact
+    def __call__(self, x: Array, t: Array, y: Array, *, train: bool = False,
+                 force_drop_ids: Array | None = None) -> Array:
+        """Predict noise (and variance) for noisy latents.
+
+        Args:
+          x: `(B, H, W, C)` noisy latents, float; H and W divisible by patch_size.
+          t: `(B,)` (or scalar) diffusion timesteps, int or float, in [0, 1000).
+          y: `(B,)` int class labels in [0, num_classes]; `num_classes` = null (unconditional).
+          train: apply label dropout (prob class_dropout_prob) when an rng named "dropout" is given.
+          force_drop_ids: `(B,)` int/bool; 1 -> replace that label by the null class (CFG).
+
+        Returns:
+          `(B, H, W, C_out)` float32; with learn_sigma the first C channels are eps and the last C
+          the variance interpolation v.
+
+        Raises:
+          UserError: wrong rank / channels / indivisible size, t or y of the wrong shape,
+            remat policy unknown, force_drop_ids without a null class.
+        """
+        check(x.ndim == 4, "x.shape", x.shape, "must be (B, H, W, C)")
+        b, hgt, wid, c = x.shape
+        p = self.patch_size
+        check(c == self.in_channels, "x.shape[-1]", c, f"must equal in_channels={self.in_channels}")
+        check(hgt % p == 0 and wid % p == 0, "x (H, W)", (hgt, wid), f"must be divisible by patch_size={p}")
+        t = jnp.asarray(t)
+        check(t.shape in ((), (b,)), "t.shape", t.shape, f"must be (B,)=({b},) or ()")
+        check(jnp.shape(y) == (b,), "y.shape", jnp.shape(y), f"must be (B,)=({b},)")
+        check(self.remat in REMAT_POLICIES, "remat", self.remat, f"must be one of {sorted(REMAT_POLICIES)}")
+        check(force_drop_ids is None or self.class_dropout_prob > 0, "force_drop_ids", "given",
+              "needs a null class (class_dropout_prob > 0)")
+        d, grid = self.hidden_size, (hgt // p, wid // p)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+        pos = sincos_pos_embed_2d(d, *grid, base_size=self.pos_embed_base_size)
+        h = PatchEmbed(d, (p, p), **kw, name="x_embedder")(x) + jnp.asarray(pos, self.dtype)[None]
+
+        temb = TimestepEmbedder(d, self.frequency_embedding_size, downscale_freq_shift=self.time_freq_shift,
+                                **kw, name="t_embedder")(jnp.broadcast_to(t, (b,)))
+        y = jnp.asarray(y, jnp.int32)
+        if force_drop_ids is not None:
+            y = jnp.where(jnp.asarray(force_drop_ids) == 1, self.num_classes, y)
+        elif train and self.class_dropout_prob > 0 and self.has_rng("dropout"):
+            drop = jax.random.uniform(self.make_rng("dropout"), (b,)) < self.class_dropout_prob
+            y = jnp.where(drop, self.num_classes, y)
+        table = self.num_classes + int(self.class_dropout_prob > 0)
+        yemb = nn.Embed(table, d, **kw, embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), (VOCAB, EMBED)), name="y_embedder")(y)
+        cond = (temb + yemb).astype(self.dtype)
+
+        block_kw = dict(hidden_size=d, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, **kw)
+        block_cls = DiTBlock
+        if self.remat != "none":
+            block_cls = nn.remat(DiTBlock, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
+        if self.scan:
+            stack = nn.scan(_scan_block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast,), length=self.depth,
+                            metadata_params={nn.PARTITION_NAME: LAYERS})
+            h, _ = stack(block_cls(**block_kw, name="blocks"), h, cond)
+        else:
+            for i in range(self.depth):
+                h = block_cls(**block_kw, name=f"blocks_{i}")(h, cond)
+
+        out = FinalLayer(p * p * self.out_dim, **kw, name="final_layer")(h, cond)
+        return unpatchify(out, grid, (p, p))
+
+
+# --------------------------------------------------------------------------- variants
+
+_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+VARIANTS: dict[str, dict[str, Any]] = {
+    f"{name}/{p}": dict(depth=depth, hidden_size=width, num_heads=heads, patch_size=p)
+    for name, (depth, width, heads) in _SIZES.items() for p in (2, 4, 8)
+}
+
+
+def Model(*, variant: str | None = None, **kw) -> DiT:
+    """A `DiT` of a named variant (Table 1 of the paper: "S/2" ... "XL/8"); kwargs override it.
+
+    Raises:
+      UserError: unknown variant.
+    """
+    check(variant is None or variant in VARIANTS, "variant", variant, f"must be one of {list(VARIANTS)}")
+    return DiT(**{**(VARIANTS[variant] if variant else {}), **kw})
+
+
+def forward_gflops(module: DiT, input_size: tuple[int, int] = (32, 32)) -> float:
+    """Forward Gflops per example as the DiT paper counts them (multiply-accumulates).
+
+    XLA's cost analysis of one jitted forward on abstract inputs (no weights are materialised),
+    divided by 2 (XLA counts a multiply-add as 2 flops). Matches Table 4 within 1 % (tested).
+    """
+    h, w = input_size
+    x = jax.ShapeDtypeStruct((1, h, w, module.in_channels), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.float32)
+    y = jax.ShapeDtypeStruct((1,), jnp.int32)
+    params = jax.eval_shape(module.init, jax.random.key(0), x, t, y)
+    cost = jax.jit(module.apply).lower(params, x, t, y).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return cost["flops"] / 2 / 1e9
+
+
+# --------------------------------------------------------------------------- diffusers weights
+
+FAMILY = "DiTTransformer2DModel"
+
+
+def load_diffusers(src: str | Mapping[str, Any], **overrides) -> tuple[DiT, dict]:
+    """Read a diffusers `DiTTransformer2DModel` (e.g. facebook/DiT-XL-2-256 `transformer/`).
+
+    Args:
+      src: model folder (safetensors + config.json), a `.safetensors` file, or a state dict.
+      **overrides: `DiT` attributes (dtype, scan, remat, ...; `num_heads` is required when src has
+        no config.json, since head count is not visible in the weights).
+
+    Returns:
+      (module, params): params `{"params": ...}` of plain float32 numpy arrays, with the tree of
+      `nn.unbox(module.init(...))` (stacked over blocks when scan=True). The module uses diffusers'
+      timestep sinusoid (`time_freq_shift=1`) and position interpolation, so its forward matches
+      `DiTTransformer2DModel` (NCHW in, NCHW out) to float32 rounding.
+
+    Raises:
+      UserError: missing / misshaped / extra keys (another model family), an unsupported config
+        (norm_type, activation_fn, attention_bias, norm_elementwise_affine), num_heads unknown, or
+        per-block timestep/label embedder copies that differ (named by key).
+    """
+    state, config = load_state_dict(src)
+    for field, want in (("norm_type", "ada_norm_zero"), ("activation_fn", "gelu-approximate"),
+                        ("attention_bias", True), ("norm_elementwise_affine", False)):
+        check(config.get(field, want) == want, f"config.{field}", config.get(field), f"must be {want!r}")
+    r = StateDictReader(state, FAMILY)
+    proj = r.get("pos_embed.proj.weight")
+    d, c_in, p = proj.shape[0], proj.shape[1], proj.shape[2]
+    depth = 0
+    while r.has(f"transformer_blocks.{depth}.norm1.linear.weight"):
+        depth += 1
+    check(depth > 0, "state dict", "no transformer_blocks.0.norm1.linear.weight", f"not a {FAMILY}")
+    emb0 = "transformer_blocks.0.norm1.emb."
+    table = r.get(emb0 + "class_embedder.embedding_table.weight")
+    num_classes = config.get("num_embeds_ada_norm", table.shape[0] - 1)
+    num_heads = overrides.pop("num_heads", config.get("num_attention_heads"))
+    check(num_heads is not None, "num_heads", None, "must be given when src has no config.json")
+    sample_size = config.get("sample_size")
+    kw = dict(patch_size=p, in_channels=c_in, hidden_size=d, depth=depth, num_heads=num_heads,
+              mlp_ratio=r.get("transformer_blocks.0.ff.net.0.proj.weight").shape[0] / d,
+              num_classes=num_classes, class_dropout_prob=0.1 if table.shape[0] > num_classes else 0.0,
+              out_channels=r.get("proj_out_2.weight").shape[0] // (p * p), time_freq_shift=1.0,
+              pos_embed_base_size=sample_size // p if sample_size else None)
+    module = DiT(**{**kw, **overrides})
+    k = d // num_heads
+
+    def heads_in(prefix):  # (D, D) -> DenseGeneral (D, N, K)
+        lin = r.linear(prefix)
+        return {"kernel": lin["kernel"].reshape(d, num_heads, k), "bias": lin["bias"].reshape(num_heads, k)}
+
+    shared = [f"timestep_embedder.linear_{j}.{w}" for j in (1, 2) for w in ("weight", "bias")]
+    shared.append("class_embedder.embedding_table.weight")
+    blocks = []
+    for i in range(depth):
+        b = f"transformer_blocks.{i}."
+        for name in shared if i > 0 else ():  # diffusers copies the embedders into every block
+            v0 = r.get(emb0 + name)
+            if not np.array_equal(r.get(b + "norm1.emb." + name, v0.shape), v0):
+                raise UserError(f"state dict key {b + 'norm1.emb.' + name!r}: differs from block 0's copy; "
+                                "DiT shares one timestep/label embedder across blocks")
+        blocks.append({
+            "adaLN_modulation": r.linear(b + "norm1.linear"),
+            "attn": {"to_q": heads_in(b + "attn1.to_q"), "to_k": heads_in(b + "attn1.to_k"),
+                     "to_v": heads_in(b + "attn1.to_v"),
+                     "to_out": {"kernel": r.get(b + "attn1.to_out.0.weight", (d, d)).T.reshape(num_heads, k, d),
+                                "bias": r.get(b + "attn1.to_out.0.bias")}},
+            "mlp": {"fc1": r.linear(b + "ff.net.0.proj"), "fc2": r.linear(b + "ff.net.2")},
+        })
+    params = {
+        "x_embedder": {"proj": r.conv("pos_embed.proj")},
+        "t_embedder": {"linear_1": r.linear(emb0 + "timestep_embedder.linear_1"),
+                       "linear_2": r.linear(emb0 + "timestep_embedder.linear_2")},
+        "y_embedder": {"embedding": table},
+        "final_layer": {"adaLN_modulation": r.linear("proj_out_1"), "linear": r.linear("proj_out_2")},
+    }
+    if module.scan:
+        params["blocks"] = jax.tree.map(lambda *xs: np.stack(xs), *blocks)
+    else:
+        params.update({f"blocks_{i}": blk for i, blk in enumerate(blocks)})
+    r.finish()
+    check(module.out_dim == kw["out_channels"] and module.patch_size == p and module.hidden_size == d,
+          "overrides", overrides, "must not change the checkpoint's shapes")
+    return module, {"params": params}

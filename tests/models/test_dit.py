@@ -1,0 +1,190 @@
+"""DiT: paper Table 4 (params, Gflops), parity with diffusers DiTTransformer2DModel, scan == loop."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from genjax.errors import UserError
+from genjax.models import dit
+
+torch.set_num_threads(1)
+
+# Peebles & Xie 2023, Table 4: params (M) per size; forward Gflops per variant at 256x256
+# (latent 32x32x4, learn_sigma, 1000 classes).
+PAPER_PARAMS_M = {"S": 33.0, "B": 130.3, "L": 458.1, "XL": 675.1}
+PAPER_GFLOPS = {"S/2": 6.06, "S/4": 1.41, "S/8": 0.39, "B/2": 23.01, "B/4": 5.56, "B/8": 1.36,
+                "L/2": 80.71, "L/4": 19.70, "L/8": 4.92, "XL/2": 118.64, "XL/4": 29.05, "XL/8": 7.39}
+FAST_GFLOPS = ("S/2", "XL/2")
+
+X = jax.ShapeDtypeStruct((1, 32, 32, 4), jnp.float32)
+T = jax.ShapeDtypeStruct((1,), jnp.float32)
+Y = jax.ShapeDtypeStruct((1,), jnp.int32)
+
+
+@pytest.mark.parametrize("variant", list(dit.VARIANTS))
+def test_param_count_matches_paper(variant):
+    params = jax.eval_shape(dit.Model(variant=variant).init, jax.random.key(0), X, T, Y)
+    n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    assert n / 1e6 == pytest.approx(PAPER_PARAMS_M[variant.split("/")[0]], rel=0.01)
+
+
+@pytest.mark.parametrize("variant", [
+    v if v in FAST_GFLOPS else pytest.param(v, marks=pytest.mark.slow) for v in PAPER_GFLOPS])
+def test_gflops_match_paper(variant):
+    assert dit.forward_gflops(dit.Model(variant=variant)) == pytest.approx(PAPER_GFLOPS[variant], rel=0.01)
+
+
+def _torch_dit(seed=0, **kw):
+    from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    cfg = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+               sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    m = DiTTransformer2DModel(**{**cfg, **kw}).eval()
+    for p in m.parameters():
+        p.data.normal_(0, 0.1)
+    blocks = m.transformer_blocks
+    for blk in blocks[1:]:  # real checkpoints hold identical embedder copies in every block
+        blk.norm1.emb.load_state_dict(blocks[0].norm1.emb.state_dict())
+    return m
+
+
+def _state(m):
+    return {k: v.detach().numpy().copy() for k, v in m.state_dict().items()}
+
+
+def _inputs(b, h, w, c, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(b, h, w, c)).astype(np.float32)
+    t = np.array([3.0, 517.5, 999.0][:b], np.float32)
+    y = np.array([1, 10, 7][:b], np.int64)  # 10 = null class
+    return x, t, y
+
+
+def _torch_forward(m, x, t, y):
+    with torch.no_grad():
+        out = m(torch.from_numpy(x).permute(0, 3, 1, 2), timestep=torch.from_numpy(t),
+                class_labels=torch.from_numpy(y)).sample
+    return out.permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("kw,size", [
+    ({}, 8),                                                   # learn_sigma: 2C out
+    (dict(patch_size=4, out_channels=4, in_channels=3), 8),    # C out, patch 4
+    (dict(num_attention_heads=4, attention_head_dim=4, num_layers=3), 12),  # input != sample_size
+])
+def test_matches_diffusers(kw, size, tmp_path):
+    ref = _torch_dit(**kw)
+    c = kw.get("in_channels", 4)
+    x, t, y = _inputs(3, size, size, c)
+    want = _torch_forward(ref, x, t, y)
+    ref.save_pretrained(tmp_path)  # folder with config.json + safetensors, as on the Hub
+    module, params = dit.load_diffusers(str(tmp_path))
+    got = jax.jit(module.apply)(params, x, t, y.astype(np.int32))
+    assert got.shape == want.shape == (3, size, size, kw.get("out_channels", 8))
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
+
+
+def test_load_from_state_dict_and_tree_matches_init():
+    ref = _torch_dit()
+    module, params = dit.load_diffusers(_state(ref), num_heads=2)
+    x, t, y = _inputs(2, 8, 8, 4)
+    init = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), x, t, y))
+    assert jax.tree.structure(init) == jax.tree.structure(params)
+    assert jax.tree.map(np.shape, init) == jax.tree.map(np.shape, params)
+    got = jax.jit(module.apply)(params, x, t, y)
+    np.testing.assert_allclose(np.asarray(got), _torch_forward(ref, x, t, y), atol=1e-4)
+
+
+def test_load_rejects_bad_state_dicts():
+    state = _state(_torch_dit())
+    bad = dict(state)
+    key = "transformer_blocks.1.norm1.emb.timestep_embedder.linear_2.bias"
+    bad[key] = bad[key] + 1.0
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        dit.load_diffusers(bad, num_heads=2)
+    with pytest.raises(UserError, match="unexpected"):
+        dit.load_diffusers({**state, "encoder.conv_in.weight": np.zeros(3, np.float32)}, num_heads=2)
+    with pytest.raises(UserError, match="num_heads"):
+        dit.load_diffusers(state)
+    missing = {k: v for k, v in state.items() if not k.startswith("proj_out_1")}
+    with pytest.raises(UserError, match="proj_out_1"):
+        dit.load_diffusers(missing, num_heads=2)
+
+
+def test_scan_and_remat_equal_unrolled():
+    ref = _torch_dit(num_layers=3)
+    x, t, y = _inputs(2, 8, 8, 4)
+    module, params = dit.load_diffusers(_state(ref), num_heads=2)
+    want = np.asarray(jax.jit(module.apply)(params, x, t, y))
+    smod, sparams = dit.load_diffusers(_state(ref), num_heads=2, scan=True, remat="full")
+    assert sparams["params"]["blocks"]["attn"]["to_q"]["kernel"].shape == (3, 16, 2, 8)
+    # the scanned init has the same tree as the converter's stacked params, with a "layers" axis
+    init = jax.eval_shape(smod.init, jax.random.key(0), x, t, y)
+    assert init["params"]["blocks"]["attn"]["to_q"]["kernel"].names == ("layers", "embed", "heads", "kv")
+    assert jax.tree.map(np.shape, nn.unbox(init)) == jax.tree.map(np.shape, sparams)
+    np.testing.assert_allclose(np.asarray(jax.jit(smod.apply)(sparams, x, t, y)), want, atol=1e-5)
+    grad = jax.jit(jax.grad(lambda p: smod.apply(p, x, t, y).sum()))(sparams)  # remat under scan differentiates
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grad))
+
+
+def test_init_is_zero_output_and_shapes_non_square():
+    m = dit.DiT(patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    x = jnp.ones((2, 8, 12, 4))
+    params = jax.jit(m.init)(jax.random.key(0), x, jnp.array([1, 2]), jnp.array([0, 3]))
+    assert params["params"]["blocks_0"]["adaLN_modulation"]["kernel"].names == ("embed", "mlp")
+    out = jax.jit(m.apply)(params, x, jnp.array([1, 2]), jnp.array([0, 3]))
+    assert out.shape == (2, 8, 12, 8) and out.dtype == jnp.float32
+    # adaLN-Zero: the final layer is zero-initialised, so a fresh model predicts exactly 0
+    np.testing.assert_array_equal(np.asarray(out), 0.0)
+
+
+def test_label_dropout_and_force_drop():
+    ref = _torch_dit()
+    x, t, _ = _inputs(2, 8, 8, 4)
+    y = np.array([1, 2], np.int32)
+    m, params = dit.load_diffusers(_state(ref), num_heads=2)
+    apply = jax.jit(m.apply, static_argnames="train")
+    null = np.asarray(apply(params, x, t, np.full(2, 10, np.int32)))
+    cond = np.asarray(apply(params, x, t, y))
+    assert np.abs(null - cond).max() > 0.01
+    forced = np.asarray(apply(params, x, t, y, force_drop_ids=np.array([1, 0])))
+    np.testing.assert_allclose(forced[0], null[0], atol=1e-6)
+    np.testing.assert_allclose(forced[1], cond[1], atol=1e-6)
+    always = jax.jit(m.clone(class_dropout_prob=1.0).apply, static_argnames="train")
+    dropped = always(params, x, t, y, train=True, rngs={"dropout": jax.random.key(0)})
+    np.testing.assert_allclose(np.asarray(dropped), null, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(always(params, x, t, y, train=False)), cond, atol=1e-6)
+
+
+def test_bf16_close_to_f32():
+    ref = _torch_dit()
+    x, t, y = _inputs(2, 8, 8, 4)
+    m, params = dit.load_diffusers(_state(ref), num_heads=2)
+    y32 = np.asarray(jax.jit(m.apply)(params, x, t, y))
+    y16 = np.asarray(jax.jit(m.clone(dtype=jnp.bfloat16).apply)(params, x, t, y))
+    assert np.abs(y16 - y32).max() <= 0.05 * np.abs(y32).max()
+
+
+@pytest.mark.parametrize("x_shape,t,y,match", [
+    ((2, 8, 8, 3), [1, 2], [0, 1], "in_channels"),
+    ((2, 8, 9, 4), [1, 2], [0, 1], "patch_size"),
+    ((2, 8, 8, 4), [1, 2, 3], [0, 1], "t.shape"),
+    ((2, 8, 8, 4), [1, 2], [[0, 1]], "y.shape"),
+    ((8, 8, 4), [1, 2], [0, 1], "x.shape"),
+])
+def test_bad_input_raises(x_shape, t, y, match):
+    m = dit.DiT(hidden_size=16, depth=1, num_heads=2, num_classes=10)
+    with pytest.raises(UserError, match=match):
+        m.init(jax.random.key(0), jnp.zeros(x_shape), jnp.array(t), jnp.array(y))
+
+
+def test_bad_variant_and_remat():
+    with pytest.raises(UserError, match="variant"):
+        dit.Model(variant="XXL/2")
+    m = dit.Model(variant="S/8", remat="some")
+    with pytest.raises(UserError, match="remat"):
+        jax.eval_shape(m.init, jax.random.key(0), X, T, Y)
