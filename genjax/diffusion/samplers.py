@@ -317,7 +317,7 @@ def sdedit(denoise_fn: Denoiser, x_init: jax.Array, *, strength: float, schedule
     if start == num_steps:
         return (x_init, x_init[None]) if return_trajectory else x_init
     grid = {k: v[start:] for k, v in grid.items()}
-    z = jax.random.normal(jax.random.fold_in(rng, -1), x_init.shape, x_init.dtype)
+    z = jax.random.normal(jax.random.fold_in(rng, 2**32 - 1), x_init.shape, x_init.dtype)
     x = _bc(grid["alpha"][0], x_init) * x_init + _bc(grid["sigma"][0], x_init) * z
     opts = _Opts(sampler, schedule.prediction_type, schedule.is_flow, float(eta), variance_type,
                  clip_sample, known is not None)
@@ -327,35 +327,47 @@ def sdedit(denoise_fn: Denoiser, x_init: jax.Array, *, strength: float, schedule
 
 def ddim_invert(denoise_fn: Denoiser, x0: jax.Array, *, schedule: Schedule, num_steps: int,
                 cond: dict[str, Any] | None = None, return_trajectory: bool = False,
-                timestep_spacing: str = "leading"):
-    """Deterministic DDIM inversion x0 -> x_T (Song et al. 2021 Sec. 4.3; diffusers
-    DDIMInverseScheduler): walks the `sample` grid backwards, from the clean level up to t_0,
-    each step x_b = alpha_b x0_hat + sigma_b eps_hat with (x0_hat, eps_hat) from the denoiser
-    called at the higher timestep t_b on the lower-level x. Sampling the result with
-    sampler="ddim", eta=0 and the same grid approximately returns x0 (exactly in the limit of
-    many steps).
+                timestep_spacing: str = "leading", fixed_point_iters: int = 0):
+    """Deterministic DDIM inversion x0 -> x_T (Song et al. 2021 Sec. 4.3).
+
+    Walks the `sample` grid backwards, from the clean level up to t_0. Each step a -> b first
+    takes x_b = alpha_b x0_hat + sigma_b eps_hat with the denoiser called at the higher timestep
+    t_b on the lower-level x_a (diffusers' DDIMInverseScheduler), which inverts DDIM sampling only
+    to first order. `fixed_point_iters` > 0 then refines x_b by fixed-point iteration on the DDIM
+    step b -> a, x_b = (alpha_b / alpha_a) (x_a - (sigma_a - alpha_a sigma_b / alpha_b) eps(x_b, t_b))
+    (as in ReNoise, Garibi et al. 2024), so that sampling with sampler="ddim", eta=0 and the same
+    grid returns x0 up to the iteration's residual.
 
     x0: (B, ..., C) float. Returns x_T (and the (S + 1, ...) trajectory, clean first).
 
     Raises:
-      UserError: num_steps outside [1, num_timesteps], unknown timestep_spacing.
+      UserError: num_steps outside [1, num_timesteps], unknown timestep_spacing, fixed_point_iters < 0.
     """
     cond = dict(cond or {})
     _check(schedule, "ddim", num_steps, 0.0, "fixed_small", None, None, timestep_spacing)
+    check(isinstance(fixed_point_iters, int) and fixed_point_iters >= 0, "fixed_point_iters",
+          fixed_point_iters, "must be an int >= 0")
     grid = _grid(schedule, "ddim", num_steps, timestep_spacing, 1.0, 0.0, 0.0)
-    x_t, traj = _invert_jit(denoise_fn, x0, grid, cond, schedule.prediction_type)
+    x_t, traj = _invert_jit(denoise_fn, x0, grid, cond, schedule.prediction_type, fixed_point_iters)
     return (x_t, traj) if return_trajectory else x_t
 
 
-@functools.partial(jax.jit, static_argnames=("denoise_fn", "prediction_type"))
-def _invert_jit(denoise_fn, x0, grid, cond, prediction_type):
+@functools.partial(jax.jit, static_argnames=("denoise_fn", "prediction_type", "iters"))
+def _invert_jit(denoise_fn, x0, grid, cond, prediction_type, iters):
     alpha, sigma = grid["alpha"][::-1].astype(x0.dtype), grid["sigma"][::-1].astype(x0.dtype)
     per = dict(alpha=alpha[:-1], sigma=sigma[:-1], alpha_n=alpha[1:], sigma_n=sigma[1:], t=grid["t"][::-1])
 
     def step(x, p):
-        out = denoise_fn(x, jnp.broadcast_to(p["t"], x.shape[:1]), **cond)
-        x0_hat, eps = schedules.to_x0_eps(out, x, p["alpha"], p["sigma"], prediction_type)
+        def model(x_in, a, s):
+            out = denoise_fn(x_in, jnp.broadcast_to(p["t"], x.shape[:1]), **cond)
+            return schedules.to_x0_eps(out, x_in, a, s, prediction_type)
+
+        x0_hat, eps = model(x, p["alpha"], p["sigma"])
         x_n = p["alpha_n"] * x0_hat + p["sigma_n"] * eps
+        for _ in range(iters):
+            _, eps_n = model(x_n, p["alpha_n"], p["sigma_n"])
+            x_n = p["alpha_n"] / p["alpha"] * (
+                x - (p["sigma"] - p["alpha"] * p["sigma_n"] / p["alpha_n"]) * eps_n)
         return x_n, x_n
 
     x_t, traj = jax.lax.scan(step, x0, per)
