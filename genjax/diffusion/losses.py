@@ -331,7 +331,8 @@ def consistency_function(denoise_fn: Denoiser, x_t: jax.Array, t: jax.Array, *,
     x0, _ = schedules.to_x0_eps(denoise_fn(x_t, t, **cond).astype(jnp.float32), x_t, alpha, sigma,
                                 schedule.prediction_type)
     sigma_min = _ve_sigma(schedule, jnp.zeros((), jnp.int32))
-    sigma_ve = sigma / alpha
+    # Select sigma_min itself at t = 0, so that sigma - sigma_min is exactly 0 however XLA fuses.
+    sigma_ve = jnp.where(_bcast(jnp.asarray(t) == 0, x_t.ndim), sigma_min, sigma / alpha)
     x_ve = x_t / alpha
     c_skip_edm, c_out_edm = schedules.consistency_scalings(sigma_ve, sigma_data, 0.0)
     c_skip, c_out = schedules.consistency_scalings(sigma_ve, sigma_data, sigma_min)

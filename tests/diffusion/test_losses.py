@@ -57,8 +57,15 @@ def _x0(key=0, shape=(B, H, W, C)):
 def test_loss_equals_numpy_and_perfect_predictor_is_zero(prediction_type):
     schedule = schedules.make("cosine", 1000, prediction_type=prediction_type)
     x0, rng = _x0(), jax.random.key(3)
-    loss, metrics = jax.jit(lambda x, r: losses.diffusion_loss(
-        _toy_denoiser(), x, r, schedule=schedule))(x0, rng)
+
+    def oracle(x_t, t):
+        """Knows x0, so it predicts the exact target from x_t alone."""
+        alpha, sigma = (a.reshape(-1, 1, 1, 1) for a in schedules.alpha_sigma(schedule, t))
+        return {"epsilon": (x_t - alpha * x0) / sigma, "sample": x0 * jnp.ones_like(x_t),
+                "v_prediction": (alpha * x_t - x0) / sigma}[prediction_type]
+
+    (loss, metrics), (oracle_loss, _) = jax.jit(lambda: tuple(
+        losses.diffusion_loss(fn, x0, rng, schedule=schedule) for fn in (_toy_denoiser(), oracle)))()
 
     t, noise = _draws(rng, x0.shape, 1000)
     a, s = _np_alpha_sigma(schedule, t, 4)
@@ -68,14 +75,7 @@ def test_loss_equals_numpy_and_perfect_predictor_is_zero(prediction_type):
     ref = np.mean((_np_toy_denoiser(x_t, t) - target) ** 2)
     np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
     assert float(metrics["mse"]) == float(loss)
-
-    # A denoiser that knows x0 predicts the exact target from x_t alone.
-    def oracle(x_t, t):
-        alpha, sigma = (a.reshape(-1, 1, 1, 1) for a in schedules.alpha_sigma(schedule, t))
-        return {"epsilon": (x_t - alpha * x0) / sigma, "sample": x0 * jnp.ones_like(x_t),
-                "v_prediction": (alpha * x_t - x0) / sigma}[prediction_type]
-
-    assert float(losses.diffusion_loss(oracle, x0, rng, schedule=schedule)[0]) < 1e-8
+    assert float(oracle_loss) < 1e-8
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
@@ -99,14 +99,14 @@ def test_min_snr_matches_diffusers_compute_snr(prediction_type):
         ref = ref / snr
     elif prediction_type == "v_prediction":
         ref = ref / (snr + 1)
-    ac = np.asarray(schedule.alphas_cumprod)
-    ours = losses.min_snr_weight(jnp.asarray(ac / (1 - ac)), gamma, prediction_type)
-    np.testing.assert_allclose(np.asarray(ours), ref.numpy(), rtol=2e-3)
-
     # ... and the loss weights each example's MSE with it.
     x0, rng = _x0(), jax.random.key(4)
-    loss, metrics = losses.diffusion_loss(_toy_denoiser(), x0, rng, schedule=schedule,
-                                          weighting="min_snr", min_snr_gamma=gamma)
+    ac = jnp.asarray(schedule.alphas_cumprod)
+    ours, (loss, metrics) = jax.jit(lambda: (
+        losses.min_snr_weight(ac / (1 - ac), gamma, prediction_type),
+        losses.diffusion_loss(_toy_denoiser(), x0, rng, schedule=schedule, weighting="min_snr",
+                              min_snr_gamma=gamma)))()
+    np.testing.assert_allclose(np.asarray(ours), ref.numpy(), rtol=2e-3)
     t, noise = _draws(rng, x0.shape, 1000)
     a, s = _np_alpha_sigma(schedule, t, 4)
     x0n = np.asarray(x0, np.float64)
@@ -187,13 +187,13 @@ def test_gaussian_pieces_match_openai():
     x[0, :2] = [-1.0, 1.0]
     # Bins of width 2/255 under Gaussians of std ~0.05 near x: probabilities well above the clamp.
     means, log_scales = x + 0.05 * rs.randn(4, 5), np.log(0.05) + 0.3 * rs.randn(4, 5)
-    ours = losses.discretized_gaussian_log_likelihood(
+    ours = jax.jit(losses.discretized_gaussian_log_likelihood)(
         jnp.asarray(x, jnp.float32), means=jnp.asarray(means, jnp.float32),
         log_scales=jnp.asarray(log_scales, jnp.float32))
     np.testing.assert_allclose(np.asarray(ours), _ref_discretized_gaussian_log_likelihood(
         x, means, log_scales), rtol=1e-4)
     args = [rs.randn(4, 5) for _ in range(4)]
-    np.testing.assert_allclose(np.asarray(losses.normal_kl(*(jnp.asarray(a, jnp.float32) for a in args))),
+    np.testing.assert_allclose(np.asarray(jax.jit(losses.normal_kl)(*(jnp.asarray(a, jnp.float32) for a in args))),
                                _ref_normal_kl(*args), rtol=1e-5, atol=1e-6)
 
 
@@ -208,10 +208,12 @@ def test_vb_terms_match_openai():
     # A model output near the truth, so that the KLs are O(1e-3 .. 1) and sensitive to errors.
     model_output = np.concatenate([noise + 0.1 * np.tanh(x_t), np.tanh(2 * x_t)], -1)
 
-    mean, log_variance, _ = losses.p_mean_variance_learned_range(
-        schedule, jnp.asarray(model_output, jnp.float32), jnp.asarray(x_t, jnp.float32), jnp.asarray(t))
-    ours = losses.vb_terms_bpd(schedule, mean, log_variance, x0, jnp.asarray(x_t, jnp.float32),
-                               jnp.asarray(t))
+    @jax.jit
+    def vb(model_output, x_t, t):
+        mean, log_variance, _ = losses.p_mean_variance_learned_range(schedule, model_output, x_t, t)
+        return losses.vb_terms_bpd(schedule, mean, log_variance, x0, x_t, t)
+
+    ours = vb(jnp.asarray(model_output, jnp.float32), jnp.asarray(x_t, jnp.float32), jnp.asarray(t))
     expected = ref.vb_terms_bpd(model_output, np.asarray(x0, np.float64), x_t, t)
     np.testing.assert_allclose(np.asarray(ours).mean(axis=(1, 2, 3)), expected, rtol=2e-3)
 
@@ -225,10 +227,17 @@ def test_hybrid_loss_matches_openai_and_vlb_trains_only_the_variance():
         w_mean, w_var = params
         return jnp.concatenate([jnp.tanh(x * w_mean), jnp.tanh(x * w_var)], -1)
 
+    def mse_only(p):
+        t_rng, noise_rng = jax.random.split(rng)
+        t = jax.random.randint(t_rng, (B,), 0, 1000)
+        noise = jax.random.normal(noise_rng, x0.shape)
+        return jnp.mean((denoise_fn(p, schedules.q_sample(schedule, x0, t, noise), t)[..., :C] - noise) ** 2)
+
     params = (jnp.array([0.8, -0.5]), jnp.array([0.3, 1.1]))
-    loss_fn = lambda p, **kw: losses.diffusion_loss(  # noqa: E731
-        lambda x, t: denoise_fn(p, x, t), x0, rng, schedule=schedule, **kw)
-    loss, metrics = jax.jit(lambda p: loss_fn(p, learn_sigma=True, vlb_weight=2.0))(params)
+    hybrid = lambda p: losses.diffusion_loss(  # noqa: E731
+        lambda x, t: denoise_fn(p, x, t), x0, rng, schedule=schedule, learn_sigma=True, vlb_weight=2.0)
+    ((loss, metrics), g_hybrid), g_mse = jax.jit(lambda p: (
+        jax.value_and_grad(hybrid, has_aux=True)(p), jax.grad(mse_only)(p)))(params)
 
     t, noise = _draws(rng, x0.shape, 1000)
     a, s = _np_alpha_sigma(schedule, t, 4)
@@ -242,18 +251,9 @@ def test_hybrid_loss_matches_openai_and_vlb_trains_only_the_variance():
     np.testing.assert_allclose(float(metrics["vb"]), vb, rtol=2e-3)
     np.testing.assert_allclose(float(loss), mse + 2.0 * vb, rtol=2e-3)
 
-    g_hybrid = jax.grad(lambda p: loss_fn(p, learn_sigma=True)[0])(params)
-    g_mse = jax.grad(lambda p: jnp.mean(
-        (denoise_fn(p, *_xt_t(schedule, x0, rng))[..., :C] - jnp.asarray(noise, jnp.float32)) ** 2))(params)
     assert all(np.isfinite(np.asarray(g)).all() for g in g_hybrid)
     assert np.abs(np.asarray(g_hybrid[1])).max() > 0
     np.testing.assert_allclose(np.asarray(g_hybrid[0]), np.asarray(g_mse[0]), rtol=1e-5)
-
-
-def _xt_t(schedule, x0, rng):
-    t_rng, noise_rng = jax.random.split(rng)
-    t = jax.random.randint(t_rng, (x0.shape[0],), 0, schedule.num_timesteps)
-    return schedules.q_sample(schedule, x0, t, jax.random.normal(noise_rng, x0.shape)), t
 
 
 def test_mask_excludes_elements_from_loss_and_gradient():
@@ -268,11 +268,9 @@ def test_mask_excludes_elements_from_loss_and_gradient():
     def fn(x, t):
         return jnp.tanh(x * jnp.asarray([0.5, -1.5]))
 
-    def loss_of(x):
-        return losses.diffusion_loss(fn, x, rng, schedule=schedule, weighting="min_snr",
-                                     learn_sigma=False, mask=mask)[0]
-
-    loss = loss_of(x0)
+    loss_and_grad = jax.jit(jax.value_and_grad(lambda x: losses.diffusion_loss(
+        fn, x, rng, schedule=schedule, weighting="min_snr", mask=mask)[0]))
+    loss, grad = loss_and_grad(x0)
     t, noise = _draws(rng, x0.shape, 1000)
     a, s = _np_alpha_sigma(schedule, t, 5)
     x_t = a * np.asarray(x0, np.float64) + s * noise
@@ -282,11 +280,10 @@ def test_mask_excludes_elements_from_loss_and_gradient():
     m = np.broadcast_to(np.asarray(mask), sq.shape)
     np.testing.assert_allclose(float(loss), (sq * m).sum() / m.sum(), rtol=2e-3)
 
-    grad = jax.grad(loss_of)(x0)
     masked = np.broadcast_to(np.asarray(mask) == 0, x0.shape)
     assert (np.asarray(grad)[masked] == 0).all()
     assert (np.asarray(grad)[~masked] != 0).any()
-    assert float(loss_of(jnp.where(masked, 1e3, x0))) == float(loss)
+    assert float(loss_and_grad(jnp.where(masked, 1e3, x0))[0]) == float(loss)
 
 
 def test_flow_matching_loss_equals_numpy():
@@ -348,8 +345,8 @@ def test_consistency_boundary_condition_is_exact():
     schedule = schedules.make("linear", 1000)
     x_t = jax.random.normal(jax.random.key(0), (B, H, W, C))
     t = jnp.zeros((B,), jnp.int32)
-    f1 = losses.consistency_function(_toy_denoiser(), x_t, t, schedule=schedule)
-    f2 = losses.consistency_function(lambda x, t: 100 * x + 3.0, x_t, t, schedule=schedule)
+    f1, f2 = jax.jit(lambda: [losses.consistency_function(fn, x_t, t, schedule=schedule)
+                              for fn in (_toy_denoiser(), lambda x, t: 100 * x + 3.0)])()
     np.testing.assert_array_equal(np.asarray(f1), np.asarray(f2))  # c_out(sigma_min) == 0 exactly
     alpha0 = math.sqrt(float(schedule.alphas_cumprod[0]))
     np.testing.assert_allclose(np.asarray(f1), np.asarray(x_t) / alpha0, rtol=2.5e-7)  # 2 ulp
@@ -362,9 +359,9 @@ def test_consistency_distillation_loss_equals_numpy(distance):
     teacher = lambda x, t: 0.3 * x  # noqa: E731
     student = _toy_denoiser()
     target = lambda x, t: _toy_denoiser()(x, t) * 0.9  # noqa: E731
-    loss, _ = losses.consistency_distillation_loss(student, target, teacher, x0, rng,
-                                                   schedule=schedule, num_steps=num_steps,
-                                                   distance=distance)
+    loss, _ = jax.jit(lambda: losses.consistency_distillation_loss(
+        student, target, teacher, x0, rng, schedule=schedule, num_steps=num_steps,
+        distance=distance))()
     n, noise = _draws(rng, x0.shape, num_steps)
     t_hi = (n + 1) * 20 - 1
     t_lo = np.maximum(t_hi - 20, 0)
@@ -419,10 +416,11 @@ def test_consistency_distillation_loss_is_zero_for_the_exact_consistency_functio
                       / jnp.where(ratio > 0, ratio, 1.0), mu)
         return (x - a * d) / s
 
-    run = lambda student: losses.consistency_distillation_loss(  # noqa: E731
+    exact, wrong = jax.jit(lambda: [losses.consistency_distillation_loss(
         student, student, teacher, x0, jax.random.key(10), schedule=schedule, num_steps=50)[0]
-    assert float(run(exact_student)) < 1e-10
-    assert float(run(lambda x, t: exact_student(x, t) + 0.05)) > 1e-4
+        for student in (exact_student, lambda x, t: exact_student(x, t) + 0.05)])()
+    assert float(exact) < 1e-10
+    assert float(wrong) > 1e-4
 
 
 def test_bad_inputs_raise_user_error():
@@ -436,17 +434,22 @@ def test_bad_inputs_raise_user_error():
         (dict(mask=jnp.ones((2, 5))), "mask"),
         (dict(learn_sigma=True), "model_output.shape"),  # 3 channels out, 6 needed
     ]
+    # jax.eval_shape traces without compiling: every error is raised before anything compiles.
     for kwargs, field in cases:
         with pytest.raises(UserError, match=field):
-            losses.diffusion_loss(fn, x0, rng, schedule=schedule, **kwargs)
-    with pytest.raises(UserError, match="prediction_type"):
-        losses.diffusion_loss(fn, x0, rng, schedule=schedules.make("flow", 10))
-    with pytest.raises(UserError, match="timestep_sampling"):
-        losses.flow_matching_loss(fn, x0, rng, timestep_sampling="cosmap")
-    with pytest.raises(UserError, match="logit_std"):
-        losses.flow_matching_loss(fn, x0, rng, timestep_sampling="logit_normal", logit_std=0.0)
-    with pytest.raises(UserError, match="num_steps"):
-        losses.consistency_distillation_loss(fn, fn, fn, x0, rng, schedule=schedule, num_steps=11)
-    with pytest.raises(UserError, match="distance"):
-        losses.consistency_distillation_loss(fn, fn, fn, x0, rng, schedule=schedule, num_steps=5,
-                                             distance="l1")
+            jax.eval_shape(lambda: losses.diffusion_loss(fn, x0, rng, schedule=schedule, **kwargs))
+    others = [
+        (lambda: losses.diffusion_loss(fn, x0, rng, schedule=schedules.make("flow", 10)),
+         "prediction_type"),
+        (lambda: losses.flow_matching_loss(fn, x0, rng, timestep_sampling="cosmap"),
+         "timestep_sampling"),
+        (lambda: losses.flow_matching_loss(fn, x0, rng, timestep_sampling="logit_normal",
+                                           logit_std=0.0), "logit_std"),
+        (lambda: losses.consistency_distillation_loss(fn, fn, fn, x0, rng, schedule=schedule,
+                                                      num_steps=11), "num_steps"),
+        (lambda: losses.consistency_distillation_loss(fn, fn, fn, x0, rng, schedule=schedule,
+                                                      num_steps=5, distance="l1"), "distance"),
+    ]
+    for call, field in others:
+        with pytest.raises(UserError, match=field):
+            jax.eval_shape(call)
