@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a model: genjax train --config configs/X.py:ARGS "
                                    "--workdir DIR [--config.section.field=value ...]")
     _add_config_args(p)
-    p.set_defaults(run=_not_available("train", "the training-system issue"))
+    p.set_defaults(run=_lazy("genjax.train.trainer", "cli_main"))
 
     p = sub.add_parser("sample", help="sample from a trained model",
                        description="Generate samples from the model trained in --workdir.")

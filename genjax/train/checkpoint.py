@@ -52,15 +52,21 @@ def make_manager(workdir: str, ckpt_config: Mapping[str, Any]) -> ocp.Checkpoint
                                  options=options)
 
 
+@jax.jit
+def _finite(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+
+
 def _all_finite(state: Any) -> bool:
-    leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in xs])))(leaves))
+    return bool(_finite([x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.inexact)]))
 
 
-def save(manager: ocp.CheckpointManager, state: Any, *, data_iterator: Any = None,
+def save(manager: ocp.CheckpointManager, step: int, state: Any, *, data_iterator: Any = None,
          config: Mapping[str, Any] | None = None, force: bool = False) -> bool:
-    """Save `state` at step `int(state.step)` if the manager's interval says so (or `force`).
+    """Save `state` as checkpoint `step` if the manager's interval says so (or `force`).
 
+    `step` is a Python int equal to `state.step` (passed in so that deciding not to save does not
+    wait for the device).
     `data_iterator` is a grain `DatasetIterator` (its position is saved per process); `config`
     a JSON-serialisable dict. Returns True if a save started (it finishes in the background; call
     `manager.wait_until_finished()` before exiting).
@@ -68,7 +74,6 @@ def save(manager: ocp.CheckpointManager, state: Any, *, data_iterator: Any = Non
     Raises:
       FloatingPointError: the state holds a NaN / Inf (a non-finite checkpoint is never written).
     """
-    step = int(state.step)
     if not (force or manager.should_save(step)) or step in manager.all_steps():
         return False
     if not _all_finite(state):

@@ -188,7 +188,8 @@ def apply_gradients(state: TrainState, grads: PyTree, *, tx: optax.GradientTrans
 
     Returns:
       (new_state, metrics) with float32 scalars grad_norm (before clipping), param_norm,
-      ema_decay and `finite` (1.0 / 0.0).
+      ema_decay, `finite` (1.0 / 0.0) and int32 nonfinite_steps / nonfinite_streak (the new
+      counters).
     """
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(grad_norm)
@@ -210,5 +211,7 @@ def apply_gradients(state: TrainState, grads: PyTree, *, tx: optax.GradientTrans
         nonfinite_streak=(state.nonfinite_streak + 1) * bad,
     )
     metrics = {"grad_norm": grad_norm, "param_norm": optax.global_norm(new_state.params),
-               "ema_decay": decay, "finite": finite.astype(jnp.float32)}
+               "ema_decay": decay, "finite": finite.astype(jnp.float32),
+               "nonfinite_steps": new_state.nonfinite_count,
+               "nonfinite_streak": new_state.nonfinite_streak}
     return new_state, metrics

@@ -5,11 +5,15 @@ Read `main` top to bottom; the helpers above it build the pieces (train step, mo
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -40,7 +44,8 @@ def check_grad_accum(global_batch_size: int, grad_accum_steps: int, mesh: Mesh) 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: Mesh,
                     state_shardings: state_lib.TrainState, ema_decay: float, ema_warmup: bool,
-                    grad_accum_steps: int = 1, rules=RULES):
+                    grad_accum_steps: int = 1, lr_schedule: optax.Schedule | None = None,
+                    rules=RULES):
     """Build `train_step(state, batch, rng) -> (state, metrics)`, jitted over `mesh`.
 
     Args:
@@ -54,10 +59,17 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
         (micro-batch i takes rows i, i + A, i + 2A, ...; sharding of the rows is kept) whose
         gradients are averaged in a `lax.scan` before one optimizer update. Micro-batch i uses the
         key `fold_in(rng, i)` (A = 1 uses `rng` itself).
+      lr_schedule: if given, metrics include "lr", the rate of this step's update
+        (`lr_schedule(updates applied so far)`, the count optax keeps).
 
-    The returned function runs under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)` so
-    the models' activation constraints resolve. Metrics: loss, the loss_fn's metrics, grad_norm,
-    param_norm, ema_decay, finite (see `state_lib.apply_gradients`).
+    The returned function traces under `nn.logical_axis_rules(rules)` but not under
+    `jax.set_mesh(mesh)`, so the models' activation constraints are no-ops and XLA propagates the
+    shardings from the sharded params and batch. (Under `jax.set_mesh`, flax's apply-time shape
+    check re-runs `DenseGeneral`'s boxed kernel init, whose flat 2-D kernel carries 3 logical names
+    in `models/layers.py` Attention, and fails.) `train_step.lower(state, batch, rng)` lowers it
+    the same way (for ahead-of-time compilation and XLA cost analysis). Metrics: loss, the
+    loss_fn's metrics, grad_norm, param_norm, ema_decay, finite, nonfinite_steps,
+    nonfinite_streak (see `state_lib.apply_gradients`).
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     micro_sharding = NamedSharding(mesh, P(None, mesh_lib.BATCH_AXES))
@@ -80,6 +92,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
                 grad_fn, state.params, jax.tree.map(lambda x: x[0], micro_batches), rng))
             total, _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), micro_batches))
             (loss, aux), grads = jax.tree.map(lambda x: x / grad_accum_steps, total)
+        if lr_schedule is not None:
+            aux = {**aux, "lr": lr_schedule(state.step - state.nonfinite_count)}
         state, metrics = state_lib.apply_gradients(state, grads, tx=tx, ema_decay=ema_decay,
                                                    ema_warmup=ema_warmup)
         return state, {"loss": loss, **aux, **metrics}
@@ -89,8 +103,321 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
                      out_shardings=(state_shardings, replicated), donate_argnums=0)
 
     def train_step(state, batch, rng):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        with nn.logical_axis_rules(rules):
             return jitted(state, batch, rng)
 
-    train_step.jitted = jitted  # for `.lower(...)` (cost analysis)
+    def lower(state, batch, rng):
+        with nn.logical_axis_rules(rules):
+            return jitted.lower(state, batch, rng)
+
+    train_step.lower = lower
     return train_step
+
+
+# --------------------------------------------------------------------------- model: "dit"
+
+MODEL_NAMES = ("dit",)
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_dit(config):
+    """Class-conditional pixel-space DiT: (module, init_params, loss_fn, sample_fn).
+
+    loss_fn: `diffusion_loss` (Ho et al. 2020 L_simple, + VLB with learn_sigma) on
+    `batch["image"]` (B, H, W, C) float32 in [-1, 1] and `batch["label"]` (B,) int32, with label
+    dropout from the model's "dropout" rng. sample_fn(ema_params, rng) -> uint8
+    (num_samples, H, W, C): a `samplers.sample` loop with classifier-free guidance
+    (`guidance.cfg_denoiser`, null class = num_classes), labels 0, 1, ... num_classes-1, 0, ...;
+    with learn_sigma the variance channels are dropped (DDIM and the ODE samplers ignore them).
+    """
+    from genjax.diffusion import guidance, losses, samplers, schedules
+    from genjax.models import dit
+
+    m, d = config.model, config.diffusion
+    module = dit.DiT(
+        patch_size=m.patch_size, in_channels=config.data.channels, hidden_size=m.hidden_size,
+        depth=m.depth, num_heads=m.num_heads, num_classes=m.num_classes,
+        class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma,
+        scan=m.scan, remat=m.remat, dtype=_DTYPES[m.dtype])
+    schedule = schedules.make(d.schedule, d.num_timesteps, prediction_type=d.prediction_type)
+    size, channels = config.data.image_size, config.data.channels
+
+    def init_params(key):
+        x = jnp.zeros((1, size, size, channels), jnp.float32)
+        return module.init(key, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))["params"]
+
+    def loss_fn(params, batch, rng):
+        model_rng, loss_rng = jax.random.split(rng)
+
+        def denoise(x_t, t, y):
+            return module.apply({"params": params}, x_t, t, y, train=True,
+                                rngs={"dropout": model_rng}).astype(jnp.float32)
+
+        return losses.diffusion_loss(denoise, batch["image"], loss_rng, schedule=schedule,
+                                     cond={"y": batch["label"]}, weighting=d.weighting,
+                                     learn_sigma=m.learn_sigma)
+
+    e = config.eval
+    labels = jnp.arange(e.num_samples, dtype=jnp.int32) % m.num_classes
+
+    @jax.jit
+    def _sample(params, rng):
+        def denoise(x_t, t, y):
+            return module.apply({"params": params}, x_t, t, y).astype(jnp.float32)
+
+        # The samplers here (not "ddpm" with learned_range) use only the prediction channels.
+        guided = guidance.cfg_denoiser(denoise, e.cfg_scale, null_cond={"y": m.num_classes})
+        prediction = lambda x_t, t, y: guided(x_t, t, y=y)[..., :channels]  # noqa: E731
+        noise_rng, loop_rng = jax.random.split(rng)
+        noise = jax.random.normal(noise_rng, (e.num_samples, size, size, channels))
+        x0 = samplers.sample(prediction, noise, schedule=schedule, sampler=e.sampler,
+                             num_steps=e.num_sampling_steps, rng=loop_rng, cond={"y": labels})
+        return jnp.round((jnp.clip(x0, -1, 1) + 1) * 127.5).astype(jnp.uint8)
+
+    return module, init_params, loss_fn, _sample
+
+
+# --------------------------------------------------------------------------- config, data, logs
+
+def validate(config) -> None:
+    """Config checks that need no devices (the mesh-dependent ones run once the mesh exists).
+
+    Raises:
+      UserError: unknown model name or dtype, num_steps < 1, log_every_steps < 1, negative
+        ckpt.max_to_keep, ckpt.save_interval_steps < 1, optim.max_nonfinite_steps < 1,
+        eval.sample_every_steps < 0.
+    """
+    check(config.model.name in MODEL_NAMES, "model.name", config.model.name,
+          f"must be one of {MODEL_NAMES}")
+    check(config.model.dtype in _DTYPES, "model.dtype", config.model.dtype,
+          f"must be one of {tuple(_DTYPES)}")
+    check(config.num_steps >= 1, "num_steps", config.num_steps, "must be >= 1")
+    check(config.log_every_steps >= 1, "log_every_steps", config.log_every_steps, "must be >= 1")
+    check(config.ckpt.max_to_keep >= 0, "ckpt.max_to_keep", config.ckpt.max_to_keep,
+          "must be >= 0 (0 keeps every checkpoint)")
+    check(config.ckpt.save_interval_steps >= 1, "ckpt.save_interval_steps",
+          config.ckpt.save_interval_steps, "must be >= 1")
+    check(config.optim.max_nonfinite_steps >= 1, "optim.max_nonfinite_steps",
+          config.optim.max_nonfinite_steps, "must be >= 1")
+    check(config.eval.sample_every_steps >= 0, "eval.sample_every_steps",
+          config.eval.sample_every_steps, "must be >= 0 (0 disables samples)")
+
+
+def make_data(config):
+    """This process's grain iterator of batches `{"image": float32 (B/P, H, W, C) in [-1, 1],
+    "label": int32 (B/P,)}` (P processes), shuffled with `config.seed`, repeating forever."""
+    from genjax.data import pipeline, sources, transforms
+
+    source = sources.make_source(config.data.dataset, split=config.data.split)
+    return pipeline.make_dataset(
+        source, batch_size=config.data.batch_size, seed=config.seed,
+        transforms=(transforms.ToFloat(keys=("image",)), _model_inputs))
+
+
+def _model_inputs(example):
+    return {"image": example["image"], "label": np.int32(example["label"])}
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped: `optim.max_nonfinite_steps` consecutive steps had NaN / Inf gradients."""
+
+
+# Peak dense bf16 FLOP/s per device, from the vendors' data sheets; None (no MFU) elsewhere.
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+              "TPU v6 lite": 918e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12,
+              "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12}
+
+
+def step_flops(compiled) -> float | None:
+    """FLOPs per device of one compiled train step (XLA cost analysis), or None if unknown."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some backends do not implement it
+        return None
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"]) if cost and cost.get("flops") else None
+
+
+class MetricsLog:
+    """`WORKDIR/metrics.jsonl` (one JSON object per logged step) and TensorBoard events in
+    `WORKDIR/tb/`; on resume from step s, records after s (left by a killed run) are dropped so
+    the file reads as one uninterrupted run. Writes only on process 0."""
+
+    def __init__(self, workdir: str, resume_step: int):
+        self.active = jax.process_index() == 0
+        if not self.active:
+            return
+        from tensorboardX import SummaryWriter
+
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        kept = []
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+        with open(self.path, "w") as f:
+            f.writelines(kept)
+        self.file = open(self.path, "a")
+        self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for key, value in record.items():
+            if key != "step" and value is not None:
+                self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.active:
+            self.file.close()
+            self.tb.close()
+
+
+# --------------------------------------------------------------------------- main
+
+def main(config, workdir: str, *, devices=None) -> dict[str, Any]:
+    """Train `config` in `workdir`, resuming from its newest complete checkpoint if there is one.
+
+    `devices`: the devices of the mesh (default all of `jax.devices()`).
+
+    Writes WORKDIR/config.json, checkpoints/, metrics.jsonl, tb/ and samples/step_XXXXXX.png
+    (process 0 writes logs and media). Returns the last logged metrics record.
+
+    Raises:
+      UserError (before anything compiles): a bad config value, a mesh that does not match the
+        devices, a batch that does not split over the mesh or the processes, a checkpoint in
+        `workdir` whose model config differs from `config.model`.
+      NonFiniteError: `optim.max_nonfinite_steps` consecutive steps had non-finite gradients.
+    """
+    from tqdm import tqdm
+
+    from genjax.io import media
+    from genjax.train import checkpoint
+
+    # 1. Config and mesh: every user error is raised here, before anything compiles.
+    validate(config)
+    mesh = mesh_lib.make_mesh(config.mesh, devices)
+    mesh_lib.check_global_batch(config.data.batch_size, mesh)
+    check_grad_accum(config.data.batch_size, config.optim.grad_accum_steps, mesh)
+    config_dict = config.to_dict()
+    manager = checkpoint.make_manager(workdir, config.ckpt)
+    resume_step = manager.latest_step()
+    if resume_step is not None:
+        checkpoint.check_same_section(checkpoint.saved_config(manager, resume_step), config_dict,
+                                      "model")
+
+    # 2. Model, optimizer, data.
+    _, init_params, loss_fn, sample_fn = build_dit(config)
+    tx, lr_schedule = state_lib.make_optimizer(config.optim, config.num_steps)
+    data = make_data(config)
+
+    # 3. Fresh state, or the newest checkpoint restored onto this mesh (with the data position).
+    if resume_step is None:
+        state, shardings = state_lib.create_train_state(init_params, tx, seed=config.seed, mesh=mesh)
+    else:
+        abstract, shardings = state_lib.abstract_train_state(init_params, tx, seed=config.seed,
+                                                             mesh=mesh)
+        state = checkpoint.restore(manager, abstract, step=resume_step, data_iterator=data)
+    train_step = make_train_step(
+        loss_fn, tx, mesh=mesh, state_shardings=shardings, ema_decay=config.optim.ema_decay,
+        ema_warmup=config.optim.ema_warmup, grad_accum_steps=config.optim.grad_accum_steps,
+        lr_schedule=lr_schedule)
+
+    # 4. Logs.
+    first_step = resume_step or 0
+    is_main = jax.process_index() == 0
+    if is_main:
+        os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config_dict, f, indent=2)
+    log = MetricsLog(workdir, first_step)
+    preemption = checkpoint.Preemption()
+    sample_rng = jax.random.fold_in(jax.random.split(state.rng)[0], 1)
+    peak = PEAK_FLOPS.get(mesh.devices.flat[0].device_kind)
+
+    # 5. The loop. Step s's metrics are read after step s + 1 is dispatched, so the host never
+    #    waits on the device except at checkpoints and samples.
+    compiled = flops = previous = record = None
+    clock, clock_step = time.perf_counter(), first_step
+    bar = tqdm(range(first_step, config.num_steps), initial=first_step, total=config.num_steps,
+               disable=not is_main, desc="train")
+
+    def report(done: int, metrics: dict[str, jax.Array]) -> dict[str, Any] | None:
+        nonlocal clock, clock_step
+        metrics = jax.device_get(metrics)
+        if int(metrics["nonfinite_streak"]) >= config.optim.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"step {done}: {int(metrics['nonfinite_streak'])} consecutive steps with NaN/Inf "
+                f"gradients (optim.max_nonfinite_steps={config.optim.max_nonfinite_steps}); "
+                f"stopping. The last checkpoint holds finite weights.")
+        if done % config.log_every_steps and done != config.num_steps:
+            return None
+        now = time.perf_counter()
+        steps_per_sec = (done - clock_step) / max(now - clock, 1e-9)
+        clock, clock_step = now, done
+        rec = {"step": done, **{k: float(v) for k, v in metrics.items() if k != "finite"},
+               "examples_per_sec": steps_per_sec * config.data.batch_size,
+               "mfu": flops * steps_per_sec / peak if flops and peak else None}
+        rec["nonfinite_steps"] = int(metrics["nonfinite_steps"])
+        rec.pop("nonfinite_streak")
+        log.write(rec)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", ex_per_s=f"{rec['examples_per_sec']:.0f}")
+        return rec
+
+    try:
+        for step in bar:
+            batch = mesh_lib.shard_batch(next(data), mesh)
+            rng = jax.random.fold_in(state.rng, step)
+            if compiled is None:
+                compiled = train_step.lower(state, batch, rng).compile()
+                flops = step_flops(compiled)
+            state, metrics = compiled(state, batch, rng)
+            done = step + 1
+            if previous is not None:
+                record = report(*previous) or record
+            previous = (done, metrics)
+            checkpoint.save(manager, done, state, data_iterator=data, config=config_dict)
+            every = config.eval.sample_every_steps
+            if every and done % every == 0:
+                with nn.logical_axis_rules(RULES):
+                    images = np.asarray(sample_fn(state.ema_params, sample_rng))
+                if is_main:
+                    media.write_png_grid(os.path.join(workdir, "samples", f"step_{done:06d}.png"),
+                                         images)
+            if preemption.requested():
+                bar.write(f"SIGTERM: saving step {done} and stopping")
+                break
+        if previous is not None:
+            record = report(*previous) or record
+            checkpoint.save(manager, previous[0], state, data_iterator=data, config=config_dict,
+                            force=True)
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        preemption.restore_handler()
+        log.close()
+        bar.close()
+    return record or {}
+
+
+def cli_main(args) -> int:
+    """`genjax train --config FILE[:ARG] --workdir DIR [--config.a.b=v ...]`.
+
+    Starts `jax.distributed` first when JAX_COORDINATOR_ADDRESS etc. are set (multi-host). Exit
+    status 0 on success or after a preemption save, 1 when training diverged (NonFiniteError,
+    one line on stderr); user errors are printed by the CLI (status 2).
+    """
+    import sys
+
+    from genjax.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    mesh_lib.initialize_distributed()
+    os.makedirs(args.workdir, exist_ok=True)
+    try:
+        main(config, args.workdir)
+    except NonFiniteError as e:
+        print(f"genjax train: error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -30,7 +30,7 @@ def test_save_on_8_devices_restore_on_4_and_1(tmp_path):
     it = iter(grain.MapDataset.range(100).shuffle(seed=3).batch(4).to_iter_dataset())
     next(it), next(it)
     manager = checkpoint.make_manager(str(tmp_path), CKPT)
-    assert checkpoint.save(manager, state, data_iterator=it, config={"model": {"name": "mlp"}})
+    assert checkpoint.save(manager, 2, state, data_iterator=it, config={"model": {"name": "mlp"}})
     manager.wait_until_finished()
     expected_next = next(it)
     saved = jax.tree.map(np.asarray, state)
@@ -58,7 +58,7 @@ def test_interval_and_max_to_keep(tmp_path):
         state, _ = step(state, mesh_lib.shard_batch({"x": np.ones((2, 8), np.float32),
                                                      "y": np.zeros((2, 8), np.float32)}, mesh),
                         state.rng)
-        saved.append(checkpoint.save(manager, state))
+        saved.append(checkpoint.save(manager, i + 1, state))
     manager.wait_until_finished()
     assert saved == [False, True, False, True, False, True, False]
     assert manager.all_steps() == [4, 6]  # max_to_keep=2
@@ -69,7 +69,7 @@ def test_nonfinite_state_is_never_written(tmp_path):
     bad = state.replace(step=state.step + 2, ema_params=jax.tree.map(lambda x: x * np.nan, state.ema_params))
     manager = checkpoint.make_manager(str(tmp_path), CKPT)
     with pytest.raises(FloatingPointError, match="step 2: the train state is not finite"):
-        checkpoint.save(manager, bad)
+        checkpoint.save(manager, 2, bad)
     manager.wait_until_finished()
     assert manager.all_steps() == []
 

@@ -1,0 +1,46 @@
+"""Shared default config sections. Each function returns a fresh `ml_collections.ConfigDict`;
+experiment configs call them and change fields (`configs/dit_mnist.py` is an example)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:
+    """Device mesh `(data, fsdp, tensor)`; one -1 is filled from the device count
+    (`genjax.parallel.mesh.make_mesh`)."""
+    return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
+
+
+def optim(lr: float = 1e-4, **overrides) -> ml_collections.ConfigDict:
+    """AdamW (`genjax.train.state.make_optimizer`), DiT defaults: constant lr 1e-4, no weight decay,
+    betas (0.9, 0.999) (Peebles & Xie 2023, Sec. 5), clipped at global norm 1.
+
+    Fields: lr; schedule "constant" | "cosine" (decays over the run's num_steps to
+    lr * end_lr_ratio); warmup_steps; b1, b2, eps, weight_decay; grad_clip_norm (0 = off);
+    grad_accum_steps (micro-batches per update); ema_decay, ema_warmup (decay = min(ema_decay,
+    (1 + n) / (10 + n)) at update n); max_nonfinite_steps (consecutive NaN / Inf gradients
+    after which training stops).
+    """
+    c = ml_collections.ConfigDict(dict(
+        lr=lr, schedule="constant", warmup_steps=0, end_lr_ratio=0.0, b1=0.9, b2=0.999, eps=1e-8,
+        weight_decay=0.0, grad_clip_norm=1.0, grad_accum_steps=1, ema_decay=0.9999,
+        ema_warmup=False, max_nonfinite_steps=10))
+    c.update(overrides)
+    return c
+
+
+def ckpt(save_interval_steps: int = 1000, max_to_keep: int = 3) -> ml_collections.ConfigDict:
+    """Orbax checkpoints in WORKDIR/checkpoints (`genjax.train.checkpoint.make_manager`);
+    max_to_keep 0 keeps all; async_save writes in the background."""
+    return ml_collections.ConfigDict(dict(save_interval_steps=save_interval_steps,
+                                          max_to_keep=max_to_keep, async_save=True))
+
+
+def evaluation(sample_every_steps: int = 1000, num_samples: int = 16, sampler: str = "ddim",
+         num_sampling_steps: int = 50, cfg_scale: float = 4.0) -> ml_collections.ConfigDict:
+    """Periodic sample grids from the EMA weights -> WORKDIR/samples/step_XXXXXX.png
+    (0 disables); cfg_scale 1 is unguided (classifier-free guidance, Ho & Salimans 2022)."""
+    return ml_collections.ConfigDict(dict(
+        sample_every_steps=sample_every_steps, num_samples=num_samples, sampler=sampler,
+        num_sampling_steps=num_sampling_steps, cfg_scale=cfg_scale))

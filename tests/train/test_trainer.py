@@ -1,0 +1,130 @@
+"""End-to-end trainer tests on the smoke DiT-MNIST config (8 forced CPU devices)."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from genjax.config import load_config
+from genjax.errors import UserError
+from genjax.parallel import mesh as mesh_lib
+from genjax.train import checkpoint, trainer
+from genjax.train import state as state_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(ROOT, "configs", "dit_mnist.py")
+ONE = ["--config.mesh.data=1"]
+
+
+def smoke(*overrides):
+    return load_config(f"{CONFIG}:smoke=True", ["--config.num_steps=20", *overrides])
+
+
+def losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """20 steps on 1 device, checkpoints every 10, a sample grid at step 20."""
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    trainer.main(smoke(*ONE, "--config.eval.sample_every_steps=20"), workdir, devices=jax.devices()[:1])
+    return workdir
+
+
+def test_reference_run_writes_everything(reference):
+    with open(os.path.join(reference, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == list(range(1, 21))
+    for key in ("loss", "grad_norm", "param_norm", "lr", "examples_per_sec", "nonfinite_steps", "mfu"):
+        assert key in records[-1]
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert records[-1]["mfu"] is None  # CPU: peak FLOP/s unknown
+    assert json.load(open(os.path.join(reference, "config.json")))["model"]["name"] == "dit"
+    assert sorted(os.listdir(os.path.join(reference, "checkpoints"))) == ["10", "20"]
+    assert os.listdir(os.path.join(reference, "tb"))
+    grid = Image.open(os.path.join(reference, "samples", "step_000020.png"))
+    assert grid.size[0] > 2 * 28 and grid.mode == "L"
+
+
+@pytest.mark.slow  # ~15 s of compiling on a quiet 2-core machine, minutes under load
+def test_eight_devices_match_one_device_and_shard_params(reference, tmp_path):
+    config = smoke("--config.mesh.data=2", "--config.mesh.fsdp=4")
+    trainer.main(config, str(tmp_path))
+    one, eight = losses(reference), losses(str(tmp_path))
+    np.testing.assert_allclose([eight[s] for s in range(1, 21)], [one[s] for s in range(1, 21)], rtol=1e-5)
+    # Restored with main's shardings: an MLP kernel is split 4 ways over fsdp on its embed dim.
+    _, init_params, _, _ = trainer.build_dit(config)
+    tx, _ = state_lib.make_optimizer(config.optim, config.num_steps)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    abstract, _ = state_lib.abstract_train_state(init_params, tx, seed=0, mesh=mesh)
+    state = checkpoint.restore(checkpoint.make_manager(str(tmp_path), config.ckpt), abstract)
+    kernel = state.params["blocks_0"]["mlp"]["fc1"]["kernel"]  # (embed, mlp) = (32, 128)
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert {s.data.shape for s in kernel.addressable_shards} == {(8, 128)}
+    assert len({s.index[0].start for s in kernel.addressable_shards}) == 4
+
+
+def test_resume_equals_uninterrupted(reference, tmp_path):
+    workdir = str(tmp_path)
+    trainer.main(smoke(*ONE, "--config.num_steps=13"), workdir, devices=jax.devices()[:1])
+    # Step 13 was saved as the final checkpoint; drop it to resume from 10 like a killed run,
+    # with metrics.jsonl still holding steps 11-13 that the resumed run must replace.
+    import shutil
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "13"))
+    trainer.main(smoke(*ONE), workdir, devices=jax.devices()[:1])
+    assert losses(workdir) == losses(reference)  # bit for bit, steps 1-20
+
+
+def test_changed_model_config_is_refused(reference, tmp_path):
+    import shutil
+    workdir = str(tmp_path / "w")
+    shutil.copytree(reference, workdir)
+    with pytest.raises(UserError, match=r"^model.hidden_size=48: differs from the checkpoint's 32"):
+        trainer.main(smoke(*ONE, "--config.model.hidden_size=48"), workdir, devices=jax.devices()[:1])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--config.data.batch_size=12"], r"^data.batch_size=12: must be divisible by the data-parallel size data\*fsdp=8"),
+    (["--config.mesh.data=2"], r"^mesh=\{'data': 2, 'fsdp': 1, 'tensor': 1\}: data\*fsdp\*tensor must equal the device count 8"),
+    (["--config.ckpt.max_to_keep=-1"], r"^ckpt.max_to_keep=-1: must be >= 0"),
+    (["--config.model.name=unet3d"], r"^model.name='unet3d': must be one of"),
+    (["--config.optim.grad_accum_steps=3"], r"^optim.grad_accum_steps=3: must divide data.batch_size=16"),
+])
+def test_bad_input_fails_before_compiling(tmp_path, overrides, message):
+    start = time.perf_counter()
+    with pytest.raises(UserError, match=message):
+        trainer.main(smoke(*overrides), str(tmp_path))
+    assert time.perf_counter() - start < 5
+    assert not os.path.exists(os.path.join(tmp_path, "metrics.jsonl"))
+
+
+def test_consecutive_nonfinite_steps_stop_training(tmp_path, monkeypatch):
+    def nan_images(example):
+        return {"image": np.full_like(example["image"], np.nan), "label": np.int32(example["label"])}
+    monkeypatch.setattr(trainer, "_model_inputs", nan_images)
+    config = smoke(*ONE, "--config.optim.max_nonfinite_steps=3", "--config.ckpt.save_interval_steps=1")
+    with pytest.raises(trainer.NonFiniteError, match="3 consecutive steps with NaN/Inf gradients"):
+        trainer.main(config, str(tmp_path), devices=jax.devices()[:1])
+    with open(tmp_path / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["nonfinite_steps"] for r in records] == [1, 2]  # step 3's record is the stop
+    manager = checkpoint.make_manager(str(tmp_path), config.ckpt)
+    assert manager.all_steps()  # checkpoints were written, and every one is the finite initial state
+    _, init_params, _, _ = trainer.build_dit(config)
+    tx, _ = state_lib.make_optimizer(config.optim, config.num_steps)
+    mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
+    abstract, _ = state_lib.abstract_train_state(init_params, tx, seed=0, mesh=mesh)
+    for step in manager.all_steps():
+        restored = checkpoint.restore(manager, abstract, step=step)
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
+        assert int(restored.nonfinite_count) == step
