@@ -11,8 +11,8 @@ Reduction: an optional `mask` broadcastable to x0's shape (1 = counts, 0 = ignor
 for valid frames or (B, L, 1) for non-padding tokens) restricts every elementwise term;
 loss = sum_b w_b sum_e mask * term / sum(mask), which without a mask is the batch mean of the
 per-example weighted mean over non-batch dims (diffusers' training scripts, openai `mean_flat`).
-Masked elements are selected out (`jnp.where`), so neither their values nor their gradients
-reach the loss.
+Masked elements are selected out (`jnp.where`), so their values do not reach the loss and
+(where finite) get exactly zero gradient.
 
 Randomness: each loss splits `rng` once, `t_rng, noise_rng = jax.random.split(rng)`, draws the
 timesteps from t_rng with shape (B,) and `noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)`.
@@ -320,8 +320,8 @@ def consistency_function(denoise_fn: Denoiser, x_t: jax.Array, t: jax.Array, *,
       f = c_skip(sigma~; sigma_min) x~ + c_out(sigma~; sigma_min) F
 
     with (c_skip, c_out)(sigma; sigma_min) = `schedules.consistency_scalings`. So f = x~ exactly at
-    t = 0, f -> D as sigma~ grows, and a student initialised from the teacher starts near the
-    teacher's denoiser, as in Song et al.'s CD.
+    t = 0 (where sigma~ is set to sigma_min bit for bit), f -> D as sigma~ grows, and a student
+    initialised from the teacher starts near the teacher's denoiser, as in Song et al.'s CD.
 
     x_t: (B, ...) float; t: (B,) int in [0, T). Needs alphas_cumprod[t] > 0 (not the last step of
     a zero-terminal-SNR schedule). Returns x_t's shape, float32.
