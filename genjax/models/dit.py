@@ -13,7 +13,6 @@ paper's Table 4 (parameters, Gflops). Dimension letters are defined in `genjax.m
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -158,7 +157,8 @@ class DiT(nn.Module):
         Args:
           x: `(B, H, W, C)` noisy latents, float; H and W divisible by patch_size.
           t: `(B,)` (or scalar) diffusion timesteps, int or float, in [0, 1000).
-          y: `(B,)` int class labels in [0, num_classes]; `num_classes` = null (unconditional).
+          y: `(B,)` int class labels in [0, num_classes); `num_classes` = the null (unconditional)
+            class, valid when class_dropout_prob > 0.
           train: apply label dropout (prob class_dropout_prob) when an rng named "dropout" is given.
           force_drop_ids: `(B,)` int/bool; 1 -> replace that label by the null class (CFG).
 

@@ -69,20 +69,19 @@ def test_patchify_rejects_indivisible():
 def test_patch_embed_matches_torch_conv():
     m = layers.PatchEmbed(8, (2, 3))
     x = np.random.default_rng(0).normal(size=(2, 4, 9, 5)).astype(np.float32)
-    params = nn.unbox(m.init(jax.random.key(1), x))
-    k = np.asarray(params["params"]["proj"]["kernel"])  # (2, 3, 5, 8)
-    bias = np.asarray(params["params"]["proj"]["bias"]) + 0.3
-    params["params"]["proj"]["bias"] = bias
+    params = _random_params(m, x)
+    k, bias = params["params"]["proj"]["kernel"], params["params"]["proj"]["bias"]  # (2, 3, 5, 8), (8,)
     ref = torch.nn.functional.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(np.array(k)).permute(3, 2, 0, 1),
                                      torch.from_numpy(bias), stride=(2, 3))
     ref = ref.flatten(2).transpose(1, 2).numpy()
     np.testing.assert_allclose(np.asarray(m.apply(params, x)), ref, atol=1e-5)
 
 
-def _attn_params(m, x, context=None):
-    params = nn.unbox(m.init(jax.random.key(0), x, context))
-    # Non-zero biases so that a wrong bias path shows up.
-    return jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(p.size), p.shape), params)
+def _random_params(m, *args, seed=0):
+    """Params with init's tree, all entries (biases too) drawn N(0, 0.3) with numpy: no RNG compiles."""
+    rng = np.random.default_rng(seed)
+    shapes = nn.unbox(jax.eval_shape(m.init, jax.random.key(0), *args))
+    return jax.tree.map(lambda s: (0.3 * rng.normal(size=s.shape)).astype(np.float32), shapes)
 
 
 def test_attention_packed_equals_each_segment_alone():
@@ -93,7 +92,7 @@ def test_attention_packed_equals_each_segment_alone():
     pad = 2
     packed = np.concatenate(segs + [rng.normal(size=(1, pad, 8)).astype(np.float32)], 1)
     seg_ids = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lens)] + [np.zeros(pad)]).astype(np.int32)[None]
-    params = _attn_params(m, packed)
+    params = _random_params(m, packed)
     apply = jax.jit(m.apply, static_argnames="causal")
     for causal in (False, True):
         out = np.asarray(apply(params, packed, segment_ids=seg_ids, causal=causal))
@@ -112,10 +111,11 @@ def test_attention_padding_does_not_leak():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(2, 7, 8)).astype(np.float32)
     seg = np.array([[1, 1, 1, 1, 0, 0, 0], [1, 1, 2, 2, 2, 0, 0]], np.int32)
-    params = _attn_params(m, x)
-    y1 = m.apply(params, x, segment_ids=seg)
+    params = _random_params(m, x)
+    apply = jax.jit(m.apply)
+    y1 = apply(params, x, segment_ids=seg)
     x2 = np.where((seg == 0)[..., None], 1e3 * rng.normal(size=x.shape), x).astype(np.float32)
-    y2 = m.apply(params, x2, segment_ids=seg)
+    y2 = apply(params, x2, segment_ids=seg)
     assert np.isfinite(np.asarray(y2)).all()
     np.testing.assert_array_equal(np.asarray(y1)[seg != 0], np.asarray(y2)[seg != 0])
 
@@ -143,31 +143,32 @@ def test_cross_attention_matches_diffusers():
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
 
 
-def test_attention_bf16_close_and_init_under_jit():
+def test_attention_bf16_close_and_logical_axes():
     x = np.random.default_rng(3).normal(size=(2, 5, 16)).astype(np.float32)
     m32 = layers.Attention(num_heads=4)
-    params = jax.jit(m32.init)(jax.random.key(0), x)
-    assert isinstance(params["params"]["to_q"]["kernel"], nn.Partitioned)
-    assert params["params"]["to_q"]["kernel"].names == ("embed", "heads", "kv")
-    y32 = m32.apply(params, x)
-    y16 = layers.Attention(num_heads=4, dtype=jnp.bfloat16).apply(params, x)
+    boxed = jax.eval_shape(m32.init, jax.random.key(0), x)["params"]
+    assert isinstance(boxed["to_q"]["kernel"], nn.Partitioned)
+    assert boxed["to_q"]["kernel"].names == ("embed", "heads", "kv")
+    assert boxed["to_out"]["kernel"].names == ("heads", "kv", "embed")
+    params = _random_params(m32, x)
+    y32 = jax.jit(m32.apply)(params, x)
+    y16 = jax.jit(layers.Attention(num_heads=4, dtype=jnp.bfloat16).apply)(params, x)
     assert y16.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(y16, np.float32), np.asarray(y32), atol=5e-2)
+    assert np.abs(np.asarray(y16, np.float32) - np.asarray(y32)).max() <= 0.03 * np.abs(np.asarray(y32)).max()
 
 
 def test_mlp_and_timestep_embedder_shapes():
     x = jnp.ones((2, 3, 8))
     m = layers.Mlp(hidden_features=32)
-    p = m.init(jax.random.key(0), x)
-    assert m.apply(p, x).shape == (2, 3, 8)
+    assert jax.eval_shape(m.apply, _random_params(m, x), x).shape == (2, 3, 8)
     e = layers.TimestepEmbedder(16)
-    p = e.init(jax.random.key(0), jnp.array([1, 500]))
-    assert e.apply(p, jnp.array([1, 500])).shape == (2, 16)
+    t = jnp.array([1, 500])
+    assert jax.eval_shape(e.apply, _random_params(e, t), t).shape == (2, 16)
 
 
 def test_attention_bad_mask_shape():
     m = layers.Attention(num_heads=2)
     x = jnp.ones((2, 5, 8))
-    p = m.init(jax.random.key(0), x)
+    p = _random_params(m, x)
     with pytest.raises(UserError, match="segment_ids.shape"):
         m.apply(p, x, segment_ids=jnp.ones((2, 4), jnp.int32))
