@@ -292,6 +292,7 @@ def load_diffusers(src: str | Mapping[str, Any], **overrides) -> tuple[DiT, dict
     num_classes = config.get("num_embeds_ada_norm", table.shape[0] - 1)
     num_heads = overrides.pop("num_heads", config.get("num_attention_heads"))
     check(num_heads is not None, "num_heads", None, "must be given when src has no config.json")
+    check(d % num_heads == 0, "num_heads", num_heads, f"must divide the checkpoint's width {d}")
     sample_size = config.get("sample_size")
     kw = dict(patch_size=p, in_channels=c_in, hidden_size=d, depth=depth, num_heads=num_heads,
               mlp_ratio=r.get("transformer_blocks.0.ff.net.0.proj.weight").shape[0] / d,
