@@ -91,10 +91,6 @@ def _grid(schedule: Schedule | None, sampler: str, num_steps: int, timestep_spac
     return dict(alpha=jnp.sqrt(ac), sigma=jnp.sqrt(1.0 - ac), ac=ac, t=jnp.asarray(ts, jnp.int32))
 
 
-def _bc(a, x):
-    return jnp.reshape(a, (1,) * x.ndim) if jnp.ndim(a) == 0 else a
-
-
 def _loop(denoise_fn: Denoiser, x: jax.Array, grid: dict[str, jax.Array], rng, known, cond,
           opts: _Opts, step_offset: int = 0):
     """Run all steps of `grid` from x at level 0; returns (x_final, trajectory (S+1, ...))."""
@@ -140,8 +136,8 @@ def _loop(denoise_fn: Denoiser, x: jax.Array, grid: dict[str, jax.Array], rng, k
         is_last = i == n_steps - 1
         alpha, sigma, alpha_n, sigma_n, t = per["alpha"], per["sigma"], per["alpha_n"], per["sigma_n"], per["t"]
         out, extra, x0, eps = predict(x, t, alpha, sigma)
-        if opts.has_known:
-            x0 = known[1] * known[0] + (1 - known[1]) * x0 if opts.sampler == "consistency" else x0
+        if opts.has_known and opts.sampler == "consistency":  # replace on x0, then re-noise
+            x0 = known[1] * known[0] + (1 - known[1]) * x0
         lam = jnp.log(alpha) - jnp.log(sigma)
         if opts.sampler == "ddpm":  # DDPM eq. 6-7; diffusers DDPMScheduler.step
             ac, ac_n = per["ac"], per["ac_n"]
@@ -318,7 +314,7 @@ def sdedit(denoise_fn: Denoiser, x_init: jax.Array, *, strength: float, schedule
         return (x_init, x_init[None]) if return_trajectory else x_init
     grid = {k: v[start:] for k, v in grid.items()}
     z = jax.random.normal(jax.random.fold_in(rng, 2**32 - 1), x_init.shape, x_init.dtype)
-    x = _bc(grid["alpha"][0], x_init) * x_init + _bc(grid["sigma"][0], x_init) * z
+    x = grid["alpha"][0] * x_init + grid["sigma"][0] * z
     opts = _Opts(sampler, schedule.prediction_type, schedule.is_flow, float(eta), variance_type,
                  clip_sample, known is not None)
     x0, traj = _loop_jit(denoise_fn, x.astype(x_init.dtype), grid, rng, known, cond, opts, start)

@@ -109,10 +109,10 @@ def test_q_sample_endpoints():
     np.testing.assert_array_equal(S.q_sample(sched, x0, jnp.zeros(4, jnp.int32), 0 * noise),
                                   jnp.sqrt(sched.alphas_cumprod[0]) * x0)
     # At t = T-1, x_t ~ N(0, 1) for any x0 (alpha_T ~ 0.0064).
-    x0 = jnp.full((4096, 8, 8, 1), 0.9)
+    x0 = jnp.full((512, 8, 8, 1), 0.9)
     noise = jax.random.normal(key1, x0.shape)
-    x_t = S.q_sample(sched, x0, jnp.full(4096, 999), noise)
-    assert abs(float(x_t.mean())) < 0.02 and abs(float(x_t.std()) - 1) < 0.01
+    x_t = S.q_sample(sched, x0, jnp.full(512, 999), noise)
+    assert abs(float(x_t.mean())) < 0.02 and abs(float(x_t.std()) - 1) < 0.015
 
 
 def test_parameterisation_round_trips():
