@@ -1,4 +1,4 @@
-"""NaViT patch n' pack: examples of any resolution, aspect ratio and duration -> fixed-length sequences.
+"""NaViT patch n' pack: examples of any resolution, aspect and duration -> fixed-length sequences.
 
 Source: Dehghani et al. 2023, "Patch n' Pack: NaViT, a Vision Transformer for any Aspect Ratio
 and Resolution" (sec. 2.2 packing with greedy first-fit, sec. 3.4 continuous token dropping).
@@ -238,7 +238,15 @@ def pack(videos: Sequence[np.ndarray], *, seq_len: int, patch_size: tuple[int, i
     bins = first_fit_bins([len(r["tokens"]) for r in records], seq_len=seq_len,
                           max_per_seq=max_per_seq)
     num_values = records[0]["tokens"].shape[1]
-    out = _empty(len(bins), seq_len, num_values, max_per_seq)
+    num_seqs = len(bins)
+    out = {
+        "tokens": np.zeros((num_seqs, seq_len, num_values), np.float32),
+        "segment_ids": np.zeros((num_seqs, seq_len), np.int32),
+        "positions": np.zeros((num_seqs, seq_len, 3), np.int32),
+        "example_index": np.full((num_seqs, max_per_seq), -1, np.int32),
+        "example_shape": np.zeros((num_seqs, max_per_seq, 3), np.int32),
+        "video_shape": np.zeros((num_seqs, max_per_seq, 4), np.int32),
+    }
     for s, members in enumerate(bins):
         start = 0
         for j, i in enumerate(members):
@@ -251,17 +259,6 @@ def pack(videos: Sequence[np.ndarray], *, seq_len: int, patch_size: tuple[int, i
                 out[key][s, j] = r[key][0]
             start = end
     return out
-
-
-def _empty(num_seqs: int, seq_len: int, num_values: int, max_per_seq: int):
-    return {
-        "tokens": np.zeros((num_seqs, seq_len, num_values), np.float32),
-        "segment_ids": np.zeros((num_seqs, seq_len), np.int32),
-        "positions": np.zeros((num_seqs, seq_len, 3), np.int32),
-        "example_index": np.full((num_seqs, max_per_seq), -1, np.int32),
-        "example_shape": np.zeros((num_seqs, max_per_seq, 3), np.int32),
-        "video_shape": np.zeros((num_seqs, max_per_seq, 4), np.int32),
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,8 +328,10 @@ def packed_batches(examples: grain.IterDataset, *, seq_len: int,
 
     Each batch is the packed dict of the module docstring with S = sequences_per_batch, plus
     `example_fields` (per-example entries of the input dicts, e.g. "label", as
-    `(S, max_per_seq, ...)` arrays in their own dtype, -1 at empty slots). Padding is lower with
-    more bins (at the cost of `num_packing_bins * seq_len * P * 4` bytes of buffer).
+    `(S, max_per_seq, ...)` arrays in their own dtype, -1 at empty slots). Padding falls with more
+    bins, at the cost of a `num_packing_bins * seq_len * P * 4`-byte buffer: on the NaViT-style
+    mix of `benchmarks/packing_padding.py` (1,000 examples, patch (2, 16, 16), seq_len 2048) it
+    is 7.4 % with 8 bins, 3.5 % with 32, 2.3 % with 64 (`pack` over the whole list: 1.2 %).
 
     Deterministic and checkpointable: the iterator's `get_state()` holds the parent's state at
     the start of the current group of bins and how many bins were emitted, so `set_state`

@@ -177,8 +177,8 @@ def test_packed_batches_contents_and_resume():
         for i, video in zip(indices, unpack(batch)):
             np.testing.assert_array_equal(video, examples[int(i)]["video"])
         filled = batch["example_index"] >= 0
-        np.testing.assert_array_equal(
-            batch["label"][filled], [examples[int(i)]["label"] for i in batch["example_index"][filled]])
+        labels = [examples[int(i)]["label"] for i in batch["example_index"][filled]]
+        np.testing.assert_array_equal(batch["label"][filled], labels)
     seen = sorted(i for b in first for i in b["example_index"].ravel() if i >= 0)
     assert seen == list(range(len(seen)))  # no example lost or repeated
 
