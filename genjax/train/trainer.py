@@ -253,7 +253,12 @@ class MetricsLog:
         kept = []
         if os.path.exists(self.path):
             with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+                for line in f:
+                    try:
+                        if json.loads(line)["step"] <= resume_step:
+                            kept.append(line)
+                    except json.JSONDecodeError:  # a last line cut off by a kill
+                        pass
         with open(self.path, "w") as f:
             f.writelines(kept)
         self.file = open(self.path, "a")

@@ -128,3 +128,106 @@ def test_consecutive_nonfinite_steps_stop_training(tmp_path, monkeypatch):
         restored = checkpoint.restore(manager, abstract, step=step)
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
         assert int(restored.nonfinite_count) == step
+
+
+def _train_cmd(workdir, *overrides):
+    return [sys.executable, "-m", "genjax.cli", "train", "--config", f"{CONFIG}:smoke=True",
+            "--workdir", workdir, "--config.mesh.data=2", "--config.mesh.fsdp=4",
+            "--config.num_steps=70", *overrides]
+
+
+def _wait_for_step(proc, workdir, step, timeout=600):
+    path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(path) and max(losses(workdir), default=0) >= step:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"run did not reach step {step} (exit {proc.poll()})")
+
+
+@pytest.mark.slow  # four `genjax train` processes
+def test_kill9_and_sigterm_then_resume_equals_uninterrupted(tmp_path):
+    rnd = random.Random()
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    subprocess.run(_train_cmd(full), check=True, cwd=ROOT, capture_output=True)
+
+    proc = subprocess.Popen(_train_cmd(cut), cwd=ROOT, stderr=subprocess.DEVNULL)
+    first = os.path.join(cut, "checkpoints", "10")  # the finalised name appears by an atomic rename
+    deadline = time.time() + 600
+    while not os.path.isdir(first) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    _wait_for_step(proc, cut, rnd.randint(11, 25))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    manager = checkpoint.make_manager(cut, {"save_interval_steps": 10, "max_to_keep": 2, "async_save": False})
+    assert manager.latest_step() in (10, 20)
+
+    proc = subprocess.Popen(_train_cmd(cut), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(proc, cut, 35)
+    proc.send_signal(signal.SIGTERM)  # preemption: save at the next step, exit cleanly
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    preempted_at = max(losses(cut))
+    assert checkpoint.make_manager(cut, {"save_interval_steps": 10, "max_to_keep": 2,
+                                         "async_save": False}).latest_step() == preempted_at
+
+    subprocess.run(_train_cmd(cut), check=True, cwd=ROOT, capture_output=True)
+    assert not [n for n in os.listdir(os.path.join(cut, "checkpoints")) if "tmp" in n]
+    assert losses(cut) == losses(full)  # bit for bit, steps 1-70
+    assert sorted(losses(cut)) == list(range(1, 71))
+
+
+_MULTIHOST = r'''
+import json, sys
+import numpy as np
+from genjax.parallel import mesh as mesh_lib
+num_processes, process_id, port = map(int, sys.argv[1:4])
+if num_processes > 1:
+    mesh_lib.initialize_distributed(f"localhost:{port}", num_processes, process_id)
+import jax
+from genjax.config import load_config
+from genjax.train import state as state_lib, trainer
+config = load_config(sys.argv[4] + ":smoke=True", ["--config.mesh.data=2", "--config.mesh.fsdp=4"])
+mesh = mesh_lib.make_mesh(config.mesh)
+_, init_params, loss_fn, _ = trainer.build_dit(config)
+tx, schedule = state_lib.make_optimizer(config.optim, 10)
+state, shardings = state_lib.create_train_state(init_params, tx, seed=0, mesh=mesh)
+step = trainer.make_train_step(loss_fn, tx, mesh=mesh, state_shardings=shardings, ema_decay=0.99,
+                               ema_warmup=False)
+out = []
+for i in range(5):
+    r = np.random.default_rng(i)  # the same global batch of 16 everywhere; each process takes its rows
+    batch = {"image": r.uniform(-1, 1, (16, 28, 28, 1)).astype(np.float32),
+             "label": r.integers(0, 10, 16).astype(np.int32)}
+    rows = slice(process_id * 16 // num_processes, (process_id + 1) * 16 // num_processes)
+    local = {k: v[rows] for k, v in batch.items()}
+    state, metrics = step(state, mesh_lib.shard_batch(local, mesh), jax.random.fold_in(state.rng, i))
+    out.append(float(metrics["loss"]))
+print("LOSSES", json.dumps(out))
+'''
+
+
+@pytest.mark.slow  # three processes, each compiling the smoke DiT step
+def test_two_processes_on_loopback_match_one_process():
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+
+    def launch(n, i, devices):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                   JAX_PLATFORMS="cpu")
+        return subprocess.Popen([sys.executable, "-c", _MULTIHOST, str(n), str(i), str(port), CONFIG],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def result(proc):
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        return json.loads(out.split("LOSSES", 1)[1])
+
+    pair = [launch(2, i, 4) for i in range(2)]
+    two = [result(p) for p in pair]
+    one = result(launch(1, 0, 8))
+    assert two[0] == two[1]
+    np.testing.assert_allclose(two[0], one, rtol=1e-5)
