@@ -1,0 +1,202 @@
+"""genjax UNet against diffusers UNet2DModel (random weights, several small configs)."""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from genjax.errors import UserError
+from genjax.models import unet
+
+torch.set_num_threads(1)
+
+# XLA:CPU compiles threefry random bits very slowly (~1 s per parameter tensor in `init` with
+# jax 0.10); the "rbg" PRNG compiles ~10x faster and is just as valid for random init / dropout.
+KEY = jax.random.key(0, impl="rbg")
+
+# Settings a bare state dict cannot reveal; passed to load_diffusers as overrides.
+NOT_IN_STATE = ("norm_num_groups", "norm_eps", "attention_head_dim", "attn_norm_num_groups",
+                "flip_sin_to_cos", "freq_shift", "downsample_padding", "mid_block_scale_factor")
+
+CONFIGS = {
+    # DDPM layout: attention at one level only, one head, TF-style padding, sin-first sinusoid.
+    "ddpm": dict(block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8,
+                 down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                 attention_head_dim=None, norm_eps=1e-6, downsample_padding=0,
+                 flip_sin_to_cos=False, freq_shift=1),
+    # ADM-style: scale-shift norm, multi-head attention, class table, channel mult (1, 2, 3).
+    "adm": dict(block_out_channels=(16, 32, 48), layers_per_block=1, norm_num_groups=8,
+                down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                attention_head_dim=8, resnet_time_scale_shift="scale_shift", num_class_embeds=5),
+    # Two levels, attention everywhere, "timestep" class embedding, mid block without attention,
+    # scaled mid block, custom temb width.
+    "misc": dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                 down_block_types=("AttnDownBlock2D", "AttnDownBlock2D"),
+                 up_block_types=("AttnUpBlock2D", "AttnUpBlock2D"), attention_head_dim=4,
+                 class_embed_type="timestep", add_attention=False, mid_block_scale_factor=2.0,
+                 time_embedding_dim=24, in_channels=2, out_channels=5),
+    # scale-shift with an explicit mid-attention GroupNorm.
+    "attn_norm": dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                      down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                      up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                      resnet_time_scale_shift="scale_shift", attn_norm_num_groups=2),
+}
+
+
+def torch_unet(cfg, std=0.2):
+    torch.manual_seed(0)
+    m = UNet2DModel(**cfg).eval()
+    for p in m.parameters():
+        p.data.normal_(0, std)
+    return m
+
+
+def compare(m, module, params, hw=(8, 12), atol=1e-4):
+    cfg = m.config
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, *hw, cfg.in_channels)).astype(np.float32)
+    t = np.array([3, 917])
+    y = np.array([1, 4]) if module.conditional else None
+    with torch.no_grad():
+        want = m(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t),
+                 None if y is None else torch.from_numpy(y)).sample.numpy().transpose(0, 2, 3, 1)
+    got = np.asarray(module.apply({"params": params}, x, t, y))
+    assert got.shape == want.shape == (2, *hw, cfg.out_channels)
+    assert np.abs(want).max() > 0.1  # the comparison is not between two near-zero arrays
+    np.testing.assert_allclose(got, want, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_matches_diffusers_from_state_dict(name):
+    cfg = CONFIGS[name]
+    m = torch_unet(cfg)
+    state = {k: v.numpy() for k, v in m.state_dict().items()}
+    module, params = unet.load_diffusers(state, **{k: cfg[k] for k in NOT_IN_STATE if k in cfg})
+    compare(m, module, params)
+
+
+def test_matches_diffusers_from_saved_folder_with_deprecated_names(tmp_path):
+    """config.json + safetensors as on the Hub, attention keys in the pre-0.14 naming that
+    google/ddpm-* checkpoints use; square input at another size."""
+    from safetensors.numpy import save_file
+
+    m = torch_unet(CONFIGS["ddpm"])
+    m.save_pretrained(tmp_path)
+    old = {}
+    for k, v in m.state_dict().items():
+        for new, dep in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")):
+            k = k.replace(f".{new}.", f".{dep}.")
+        old[k] = v.numpy()
+    assert any(".proj_attn." in k for k in old)
+    save_file(old, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    assert json.load(open(tmp_path / "config.json"))["_class_name"] == "UNet2DModel"
+    module, params = unet.load_diffusers(tmp_path)
+    assert module.downsample_padding == 0 and module.flip_sin_to_cos is False
+    compare(m, module, params, hw=(16, 16))
+
+
+def test_ddpm_cifar10_param_count_matches_diffusers():
+    cfg = unet.VARIANTS["ddpm-cifar10-32"]
+    with torch.device("meta"):
+        ref = sum(p.numel() for p in UNet2DModel(**cfg).parameters())
+    module = unet.Model(variant="ddpm-cifar10-32")
+    shapes = jax.eval_shape(module.init, KEY, jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,)))
+    ours = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(nn.unbox(shapes)))
+    assert ours == ref == 35_746_307  # "35.7M" (Ho et al. 2020, Table 1 footnote / HF model card)
+
+
+def small(**kw):
+    return unet.Model(**{**CONFIGS["adm"], **kw})
+
+
+def test_jit_init_shapes_and_logical_axes():
+    module = small()
+    x, t, y = jnp.zeros((2, 8, 4, 3)), jnp.array([1, 2]), jnp.array([0, 3])
+    variables = jax.jit(module.init)(KEY, x, t, y)
+    spec = nn.get_partition_spec(variables)["params"]
+    assert spec["conv_in"]["kernel"] == jax.sharding.PartitionSpec(None, None, "conv_in", "conv_out")
+    assert spec["class_embedding"]["embedding"] == jax.sharding.PartitionSpec(None, "embed")
+    out = jax.jit(module.apply)(variables, x, t, y)
+    assert out.shape == (2, 8, 4, 3) and out.dtype == jnp.float32
+    # A scalar t is broadcast over the batch, as in diffusers.
+    np.testing.assert_allclose(module.apply(variables, x, 7, y),
+                               module.apply(variables, x, jnp.array([7, 7]), y), atol=1e-6)
+
+
+def test_bf16_close_to_f32():
+    m = torch_unet(CONFIGS["adm"])
+    module, params = unet.load_diffusers({k: v.numpy() for k, v in m.state_dict().items()},
+                                         attention_head_dim=8, norm_num_groups=8)
+    x = np.random.default_rng(0).standard_normal((2, 8, 8, 3)).astype(np.float32)
+    t, y = np.array([10, 500]), np.array([0, 2])
+    f32 = np.asarray(module.apply({"params": params}, x, t, y))
+    bf16 = module.clone(dtype=jnp.bfloat16).apply({"params": params}, x, t, y)
+    assert bf16.dtype == jnp.bfloat16
+    err = np.abs(np.asarray(bf16, np.float32) - f32)
+    assert err.max() < 0.05 * np.abs(f32).max(), (err.max(), np.abs(f32).max())
+
+
+def test_remat_same_values_and_grads():
+    x, t = jnp.ones((1, 4, 4, 2)), jnp.array([5])
+    kw = dict(CONFIGS["misc"], class_embed_type=None, down_block_types=("DownBlock2D",) * 2,
+              up_block_types=("UpBlock2D",) * 2, dropout=0.1)
+    plain, remat = unet.Model(**kw), unet.Model(**kw, remat=True)
+    params = plain.init(KEY, x, t)
+    rngs = {"dropout": jax.random.fold_in(KEY, 1)}
+
+    def value_and_grad(module):
+        loss = lambda p: jnp.sum(module.apply(p, x, t, train=True, rngs=rngs) ** 2)  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    (la, ga), (lb, gb) = value_and_grad(plain), value_and_grad(remat)
+    np.testing.assert_allclose(la, lb, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(a).max(), rtol=0),
+                 ga, gb)
+    # Dropout is active in training and off in evaluation.
+    assert not np.allclose(plain.apply(params, x, t, train=True, rngs=rngs), plain.apply(params, x, t))
+
+
+def test_bad_input_raises_user_error():
+    module = small()
+    init = lambda x, t=jnp.zeros((1,)), y=jnp.zeros((1,), jnp.int32): module.init(  # noqa: E731
+        KEY, x, t, y)
+    with pytest.raises(UserError, match="divisible by 2\\*\\*\\(levels-1\\) = 4"):
+        init(jnp.zeros((1, 6, 8, 3)))
+    with pytest.raises(UserError, match="in_channels=3"):
+        init(jnp.zeros((1, 8, 8, 4)))
+    with pytest.raises(UserError, match="class labels"):
+        init(jnp.zeros((1, 8, 8, 3)), y=None)
+    with pytest.raises(UserError, match="t.shape"):
+        init(jnp.zeros((1, 8, 8, 3)), t=jnp.zeros((3,)))
+    with pytest.raises(UserError, match="unconditional"):
+        small(num_class_embeds=None).init(KEY, jnp.zeros((1, 8, 8, 3)),
+                                          jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
+    with pytest.raises(UserError, match="down_block_types"):
+        small(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")).init(
+            KEY, jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
+    with pytest.raises(UserError, match="variant"):
+        unet.Model(variant="ddpm-cifar10-64")
+
+
+def test_load_rejects_wrong_family_and_unsupported_config(tmp_path):
+    m = torch_unet(CONFIGS["misc"])
+    state = {k: v.numpy() for k, v in m.state_dict().items()}
+    with pytest.raises(UserError, match="time_embedding_dim|params"):
+        unet.load_diffusers(state, time_embedding_dim=32, attention_head_dim=4, norm_num_groups=4)
+    with pytest.raises(UserError, match="conv_in"):
+        unet.load_diffusers({"encoder.conv_in.weight": np.zeros((4, 3, 3, 3), np.float32)})
+    with pytest.raises(UserError, match="unexpected"):
+        unet.load_diffusers({**state, "decoder.mid.weight": np.zeros(3, np.float32)},
+                            attention_head_dim=4, norm_num_groups=4)
+    m.save_pretrained(tmp_path)
+    cfg = json.load(open(tmp_path / "config.json"))
+    json.dump({**cfg, "time_embedding_type": "fourier"}, open(tmp_path / "config.json", "w"))
+    with pytest.raises(UserError, match="time_embedding_type"):
+        unet.load_diffusers(tmp_path)
