@@ -140,8 +140,11 @@ def _wait_for_step(proc, workdir, step, timeout=600):
     path = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(path) and max(losses(workdir), default=0) >= step:
-            return
+        try:
+            if os.path.exists(path) and max(losses(workdir), default=0) >= step:
+                return
+        except json.JSONDecodeError:  # a line being written
+            pass
         time.sleep(0.2)
     raise AssertionError(f"run did not reach step {step} (exit {proc.poll()})")
 
