@@ -409,7 +409,7 @@ def Model(*, variant: str | None = None, **kw: Any) -> AutoencoderKL:
     return AutoencoderKL(**{**(VARIANTS[variant] if variant else {}), **kw})
 
 
-_CONFIG_KEYS = {  # diffusers config.json -> our attribute
+_CONFIG_KEYS = {  # diffusers config.json -> AutoencoderKL attribute
     "in_channels": "in_channels", "out_channels": "out_channels",
     "block_out_channels": "block_out_channels", "layers_per_block": "layers_per_block",
     "latent_channels": "latent_channels", "norm_num_groups": "norm_num_groups",
@@ -419,19 +419,24 @@ _CONFIG_KEYS = {  # diffusers config.json -> our attribute
 }
 
 
-def _config_from_diffusers(state: dict[str, np.ndarray], config: dict, r: StateDictReader) -> dict:
+def autoencoder_config(r: StateDictReader, config: dict, keys: dict[str, str]) -> dict[str, Any]:
+    """Module kwargs of a diffusers `AutoencoderKL` / `VQModel` checkpoint.
+
+    With a `config.json`: the entries named in `keys` (diffusers name -> our attribute), after
+    checking that it uses SiLU and only `DownEncoderBlock2D` / `UpDecoderBlock2D`. Without one
+    (a bare state dict): in/out/latent channels, block_out_channels, layers_per_block and
+    mid_block_attention read from the shapes of the encoder / decoder keys; norm_num_groups and
+    other constants keep the module defaults. Raises UserError naming a missing key.
+    """
     if config:
         check(config.get("act_fn", "silu") == "silu", "config.act_fn", config.get("act_fn"), 'must be "silu"')
-        for key in ("down_block_types", "up_block_types"):
-            ok = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}[key]
+        for key, ok in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
             check(all(t == ok for t in config.get(key, [ok])), f"config.{key}", config.get(key),
                   f"every block must be {ok}")
-        kw = {ours: config[theirs] for theirs, ours in _CONFIG_KEYS.items()
-              if config.get(theirs) is not None}
+        kw = {ours: config[theirs] for theirs, ours in keys.items() if config.get(theirs) is not None}
         kw["block_out_channels"] = tuple(kw.get("block_out_channels", (64,)))
         return kw
-    # A bare state dict: read what the shapes tell (norm_num_groups and scaling_factor cannot be
-    # read; they keep their defaults unless overridden). A missing key raises UserError naming it.
+
     def shape(key: str) -> tuple[int, ...]:
         return tuple(r.get(key).shape)
 
@@ -447,8 +452,7 @@ def _config_from_diffusers(state: dict[str, np.ndarray], config: dict, r: StateD
         block_out_channels=tuple(shape(f"encoder.down_blocks.{i}.resnets.0.conv2.weight")[0]
                                  for i in range(levels)),
         layers_per_block=layers, latent_channels=shape("decoder.conv_in.weight")[1],
-        mid_block_attention=any(k.startswith("encoder.mid_block.attentions.0.") for k in state),
-        use_quant_conv=r.has("quant_conv.weight"), use_post_quant_conv=r.has("post_quant_conv.weight"))
+        mid_block_attention=any(k.startswith("encoder.mid_block.attentions.0.") for k in r.state))
 
 
 def _load_mid(r: StateDictReader, prefix: str, attention: bool) -> dict[str, Any]:
@@ -459,9 +463,10 @@ def _load_mid(r: StateDictReader, prefix: str, attention: bool) -> dict[str, Any
     return p
 
 
-def load_encoder(r: StateDictReader, prefix: str, *, levels: int, layers_per_block: int,
-                 mid_block_attention: bool = True) -> dict[str, Any]:
-    """`Encoder` params from diffusers `Encoder` keys under `prefix` ("encoder")."""
+def load_encoder(r: StateDictReader, prefix: str, module: nn.Module) -> dict[str, Any]:
+    """`Encoder` params from diffusers `Encoder` keys under `prefix` ("encoder"), for the
+    `block_out_channels`, `layers_per_block` and `mid_block_attention` of `module`."""
+    levels, layers_per_block = len(module.block_out_channels), module.layers_per_block
     p = {"conv_in": r.conv(f"{prefix}.conv_in")}
     for i in range(levels):
         for j in range(layers_per_block):
@@ -469,17 +474,18 @@ def load_encoder(r: StateDictReader, prefix: str, *, levels: int, layers_per_blo
         if i < levels - 1:
             p[f"down_blocks_{i}_downsamplers_0"] = load_downsample(
                 r, f"{prefix}.down_blocks.{i}.downsamplers.0")
-    p["mid_block"] = _load_mid(r, f"{prefix}.mid_block", mid_block_attention)
+    p["mid_block"] = _load_mid(r, f"{prefix}.mid_block", module.mid_block_attention)
     p["conv_norm_out"] = r.norm(f"{prefix}.conv_norm_out")
     p["conv_out"] = r.conv(f"{prefix}.conv_out")
     return p
 
 
-def load_decoder(r: StateDictReader, prefix: str, *, levels: int, layers_per_block: int,
-                 mid_block_attention: bool = True) -> dict[str, Any]:
-    """`Decoder` params from diffusers `Decoder` keys under `prefix` ("decoder")."""
+def load_decoder(r: StateDictReader, prefix: str, module: nn.Module) -> dict[str, Any]:
+    """`Decoder` params from diffusers `Decoder` keys under `prefix` ("decoder"), for the
+    `block_out_channels`, `layers_per_block` and `mid_block_attention` of `module`."""
+    levels, layers_per_block = len(module.block_out_channels), module.layers_per_block
     p = {"conv_in": r.conv(f"{prefix}.conv_in"),
-         "mid_block": _load_mid(r, f"{prefix}.mid_block", mid_block_attention)}
+         "mid_block": _load_mid(r, f"{prefix}.mid_block", module.mid_block_attention)}
     for i in range(levels):
         for j in range(layers_per_block + 1):
             p[f"up_blocks_{i}_resnets_{j}"] = load_resnet(r, f"{prefix}.up_blocks.{i}.resnets.{j}")
@@ -488,6 +494,13 @@ def load_decoder(r: StateDictReader, prefix: str, *, levels: int, layers_per_blo
     p["conv_norm_out"] = r.norm(f"{prefix}.conv_norm_out")
     p["conv_out"] = r.conv(f"{prefix}.conv_out")
     return p
+
+
+def check_overrides(cls: type, overrides: dict[str, Any]) -> None:
+    """Raise UserError for an override that is not an attribute of the module class `cls`."""
+    fields = sorted(set(cls.__dataclass_fields__) - {"parent", "name"})
+    for k in overrides:
+        check(k in fields, "override", k, f"must be one of {fields}")
 
 
 def check_params_match(module: nn.Module, params: dict, *args: Any, family: str) -> None:
@@ -522,14 +535,13 @@ def load_diffusers(src: Any, **overrides: Any) -> tuple[AutoencoderKL, dict[str,
     """
     state, config = load_state_dict(src)
     r = StateDictReader(state, "AutoencoderKL")
-    fields = set(AutoencoderKL.__dataclass_fields__) - {"parent", "name"}
-    for k in overrides:
-        check(k in fields, "override", k, f"must be one of {sorted(fields)}")
-    module = AutoencoderKL(**{**_config_from_diffusers(state, config, r), **overrides})
-    levels, layers = len(module.block_out_channels), module.layers_per_block
-    kw = dict(levels=levels, layers_per_block=layers, mid_block_attention=module.mid_block_attention)
-    params: dict[str, Any] = {"encoder": load_encoder(r, "encoder", **kw),
-                              "decoder": load_decoder(r, "decoder", **kw)}
+    check_overrides(AutoencoderKL, overrides)
+    kw = autoencoder_config(r, config, _CONFIG_KEYS)
+    if not config:
+        kw.update(use_quant_conv=r.has("quant_conv.weight"), use_post_quant_conv=r.has("post_quant_conv.weight"))
+    module = AutoencoderKL(**{**kw, **overrides})
+    params: dict[str, Any] = {"encoder": load_encoder(r, "encoder", module),
+                              "decoder": load_decoder(r, "decoder", module)}
     if module.use_quant_conv:
         params["quant_conv"] = r.conv("quant_conv")
     if module.use_post_quant_conv:

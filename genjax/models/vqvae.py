@@ -5,19 +5,24 @@ Source: van den Oord, Vinyals, Kavukcuoglu 2017, "Neural Discrete Representation
 Sonnet 2 `snt.nets.VectorQuantizer` / `VectorQuantizerEMA`. The autoencoder around the quantiser
 reuses the LDM `Encoder` / `Decoder` from `genjax.models.vae`, as VQGAN and LDM's `VQModel` do.
 
-Shapes: encoder outputs `z (..., D)` channels-last; the codebook is `(K, D)` (K codes of width D);
+`load_diffusers` reads diffusers `VQModel` checkpoints (e.g. the `vqvae/` of
+CompVis/ldm-super-resolution-4x-openimages). Shapes: encoder outputs `z (..., D)` channels-last; the codebook is `(K, D)` (K codes of width D);
 indices are int32 `(...)` in [0, K).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from genjax.errors import check
+from genjax.io.weights import StateDictReader, load_state_dict
+from genjax.models.conv import conv2d
+from genjax.models.vae import (Decoder, Encoder, autoencoder_config, check_image, check_overrides,
+                               check_params_match, load_decoder, load_encoder)
 from genjax.parallel.axes import EMBED, VOCAB
 
 Dtype = Any
@@ -171,3 +176,140 @@ def restart_dead_codes(codebook: jax.Array, usage_counts: jax.Array, z_batch: ja
     pick = jax.random.randint(rng, (codebook.shape[0],), 0, flat.shape[0])
     dead = usage_counts < threshold
     return jnp.where(dead[:, None], flat[pick].astype(codebook.dtype), codebook)
+
+
+class VQVAE(nn.Module):
+    """Vector-quantised autoencoder: encoder -> quant_conv -> quantiser -> post_quant_conv -> decoder.
+
+    The encoder / decoder are the LDM ones (`genjax.models.vae.Encoder` / `Decoder`, single `z`),
+    as VQGAN (Esser et al. 2021) and LDM / diffusers `VQModel`; the bottleneck is
+    `VectorQuantizer` (van den Oord et al. 2017).
+
+    Methods (`module.apply(variables, ..., method=...)`):
+      encode(x (B, H, W, in_channels) in [-1, 1], *, train=False) -> (z_q, indices, aux):
+        z_q `(B, H/f, W/f, latent_channels)` with straight-through gradients, indices int32
+        `(B, H/f, W/f)`, aux the quantiser's losses and metrics (see `VectorQuantizer`);
+        f = 2 ** (len(block_out_channels) - 1).
+      decode(z_q) -> (B, H, W, out_channels), about [-1, 1].
+      decode_indices(indices (B, h, w) int in [0, num_codes)) -> (B, h*f, w*f, out_channels).
+      __call__(x, *, train=False) -> (recon, indices, aux).
+    With `use_ema`, training calls `apply(..., train=True, mutable=["vq_stats"])`. The training
+    loss is `rec(x, recon) + aux["loss"]` (eq. 3). Outputs in `dtype`.
+
+    Raises:
+      UserError: x not 4-D, wrong channel count, H or W not divisible by f (before compiling).
+    """
+    in_channels: int = 3
+    out_channels: int = 3
+    block_out_channels: Sequence[int] = (64,)
+    layers_per_block: int = 1
+    latent_channels: int = 3
+    num_codes: int = 256
+    beta: float = 0.25
+    use_ema: bool = False
+    ema_decay: float = 0.99
+    norm_num_groups: int = 32
+    mid_block_attention: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    def setup(self):
+        kw = dict(block_out_channels=tuple(self.block_out_channels),
+                  layers_per_block=self.layers_per_block, norm_num_groups=self.norm_num_groups,
+                  mid_block_attention=self.mid_block_attention, dtype=self.dtype,
+                  param_dtype=self.param_dtype)
+        self.encoder = Encoder(self.latent_channels, double_z=False, **kw)
+        self.decoder = Decoder(self.out_channels, **kw)
+        ckw = dict(padding=0, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.quant_conv = conv2d(self.latent_channels, 1, **ckw)
+        self.post_quant_conv = conv2d(self.latent_channels, 1, **ckw)
+        self.quantizer = VectorQuantizer(self.num_codes, self.latent_channels, beta=self.beta,
+                                         use_ema=self.use_ema, ema_decay=self.ema_decay,
+                                         dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def encode(self, x: jax.Array, *, train: bool = False):
+        check_image(x, self.in_channels, self.downsample_factor)
+        return self.quantizer(self.quant_conv(self.encoder(x)), train=train)
+
+    def decode(self, z_q: jax.Array) -> jax.Array:
+        check(z_q.ndim == 4 and z_q.shape[-1] == self.latent_channels, "z_q.shape", tuple(z_q.shape),
+              f"must be (B, h, w, {self.latent_channels}) (latent_channels)")
+        return self.decoder(self.post_quant_conv(z_q.astype(self.dtype)))
+
+    def decode_indices(self, indices: jax.Array) -> jax.Array:
+        check(indices.ndim == 3, "indices.shape", tuple(indices.shape), "must be (B, h, w)")
+        return self.decode(self.quantizer.lookup(indices))
+
+    def __call__(self, x: jax.Array, *, train: bool = False):
+        z_q, indices, aux = self.encode(x, train=train)
+        return self.decode(z_q), indices, aux
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    # The f=4 VQ autoencoder of LDM (CompVis vq-f4; diffusers VQModel in
+    # CompVis/ldm-super-resolution-4x-openimages): 8192 codes of width 3.
+    "ldm-f4": dict(block_out_channels=(128, 256, 512), layers_per_block=2, latent_channels=3,
+                   num_codes=8192, norm_num_groups=32),
+    # A small f=4 model for 28x28 / 32x32 single-channel digits.
+    "mnist": dict(in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
+                  layers_per_block=1, latent_channels=8, num_codes=128, norm_num_groups=16),
+}
+
+
+def Model(*, variant: str | None = None, **kw: Any) -> VQVAE:
+    """`VQVAE` from a named variant (see `VARIANTS`), updated with `kw`. UserError for an unknown variant."""
+    check(variant is None or variant in VARIANTS, "variant", variant,
+          f"must be one of {sorted(VARIANTS)}")
+    return VQVAE(**{**(VARIANTS[variant] if variant else {}), **kw})
+
+
+_CONFIG_KEYS = {  # diffusers VQModel config.json -> VQVAE attribute
+    "in_channels": "in_channels", "out_channels": "out_channels",
+    "block_out_channels": "block_out_channels", "layers_per_block": "layers_per_block",
+    "latent_channels": "latent_channels", "norm_num_groups": "norm_num_groups",
+    "mid_block_add_attention": "mid_block_attention", "num_vq_embeddings": "num_codes",
+}
+
+
+def load_diffusers(src: Any, **overrides: Any) -> tuple[VQVAE, dict[str, Any]]:
+    """Build a `VQVAE` and its params from a diffusers `VQModel` checkpoint.
+
+    Args:
+      src: a diffusers model folder, a `.safetensors` file, or a `{key: array}` dict (then the
+        hyper-parameters come from the shapes, and `norm_num_groups` is 32 unless overridden).
+      **overrides: `VQVAE` attributes replacing the config's (e.g. dtype, use_ema=False).
+
+    Returns:
+      (module, params): plain float32 jax arrays in the tree of `nn.unbox(init(...)["params"])`
+      (the codebook is `params["quantizer"]["codebook"]`, diffusers `quantize.embedding.weight`).
+      Codes, indices and decoder output match diffusers 0.42 `VQModel` (tests/models/test_vqvae.py).
+
+    Raises:
+      UserError: missing / extra keys or shapes that do not fit, `vq_embed_dim` other than
+        `latent_channels`, `norm_type` other than "group", `use_ema=True` (a VQModel codebook is
+        a parameter), unknown overrides.
+    """
+    state, config = load_state_dict(src)
+    r = StateDictReader(state, "VQModel")
+    check_overrides(VQVAE, overrides)
+    kw = autoencoder_config(r, config, _CONFIG_KEYS)
+    if config:
+        check(config.get("norm_type", "group") == "group", "config.norm_type", config.get("norm_type"),
+              'must be "group"')
+        check(config.get("vq_embed_dim") in (None, kw.get("latent_channels", 3)), "config.vq_embed_dim",
+              config.get("vq_embed_dim"), "must be null or equal latent_channels")
+    else:
+        kw["num_codes"] = int(r.get("quantize.embedding.weight").shape[0])
+    module = VQVAE(**{**kw, **overrides})
+    check(not module.use_ema, "use_ema", True, "VQModel checkpoints hold the codebook as a parameter")
+    params = {"encoder": load_encoder(r, "encoder", module), "decoder": load_decoder(r, "decoder", module),
+              "quant_conv": r.conv("quant_conv"), "post_quant_conv": r.conv("post_quant_conv"),
+              "quantizer": {"codebook": r.get("quantize.embedding.weight")}}
+    r.finish()
+    f = module.downsample_factor
+    check_params_match(module, params, jnp.zeros((1, f, f, module.in_channels)), family="VQModel")
+    return module, jax.tree.map(jnp.asarray, params)

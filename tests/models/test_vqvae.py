@@ -4,10 +4,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+import torch
 
 from genjax.errors import UserError
-from genjax.models.vqvae import VectorQuantizer, nearest_code, perplexity, restart_dead_codes
+from genjax.models import vqvae
+from genjax.models.vqvae import (VectorQuantizer, load_diffusers, nearest_code, perplexity,
+                                 restart_dead_codes)
+
+torch.set_num_threads(1)
 
 K, D = 16, 4
 
@@ -126,3 +132,78 @@ def test_wrong_code_dim_raises():
     vq = VectorQuantizer(num_codes=K, code_dim=D)
     with pytest.raises(UserError, match="code_dim"):
         _init(vq, jnp.zeros((2, D + 1)))
+
+
+def _diffusers_vqmodel(**cfg):
+    from diffusers import VQModel
+    levels = len(cfg["block_out_channels"])
+    torch.manual_seed(0)
+    m = VQModel(down_block_types=("DownEncoderBlock2D",) * levels,
+                up_block_types=("UpDecoderBlock2D",) * levels, **cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():  # randomise everything, zero-initialised tensors included
+            p.normal_(0, 0.1)
+    return m
+
+
+def test_vqvae_matches_diffusers_vqmodel():
+    cfg = dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=3,
+               num_vq_embeddings=16, norm_num_groups=8)
+    tm = _diffusers_vqmodel(**cfg)
+    module, params = load_diffusers({k: v.numpy() for k, v in tm.state_dict().items()}, norm_num_groups=8)
+    assert module.num_codes == 16 and module.latent_channels == 3
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 8, 6, 3)).astype(np.float32)
+    with torch.no_grad():
+        h = tm.encode(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).latents
+        z_q_ref, _, (_, _, idx_ref) = tm.quantize(h)
+        recon_ref = tm.decode(h).sample.numpy().transpose(0, 2, 3, 1)
+
+    @jax.jit
+    def run(params, x):
+        z_q, idx, _ = module.apply({"params": params}, x, method=module.encode)
+        return z_q, idx, module.apply({"params": params}, idx, method=module.decode_indices)
+
+    z_q, idx, recon = run(params, x)
+    np.testing.assert_array_equal(np.asarray(idx).reshape(-1), idx_ref.numpy().reshape(-1))
+    np.testing.assert_allclose(np.asarray(z_q), z_q_ref.numpy().transpose(0, 2, 3, 1), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(recon), recon_ref, atol=1e-4, rtol=0)
+    with pytest.raises(UserError, match="divisible"):
+        module.apply({"params": params}, x[:, :7], method=module.encode)
+
+
+def test_ldm_f4_param_count_matches_diffusers():
+    from diffusers import VQModel
+    kw = vqvae.VARIANTS["ldm-f4"]
+    shapes = jax.eval_shape(vqvae.Model(variant="ldm-f4").init, jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 3)))
+    with torch.device("meta"):
+        ref = VQModel(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                      block_out_channels=kw["block_out_channels"], layers_per_block=2, latent_channels=3,
+                      num_vq_embeddings=8192)
+    assert sum(x.size for x in jax.tree.leaves(nn.unbox(shapes))) == sum(p.numel() for p in ref.parameters())
+
+
+@pytest.mark.slow
+def test_small_vqvae_overfits_eight_mnist_digits():
+    from genjax.data.sources import MnistEmbeddedSource
+    x = jnp.asarray(MnistEmbeddedSource("train").images[:8].astype(np.float32) / 127.5 - 1)
+    m = vqvae.VQVAE(in_channels=1, out_channels=1, block_out_channels=(16, 32), norm_num_groups=8,
+                    latent_channels=8, num_codes=32, mid_block_attention=False)
+    params = jax.jit(m.init)(jax.random.PRNGKey(0), x)["params"]
+    opt = optax.adam(2e-3)
+
+    def loss_fn(p):
+        recon, _, aux = m.apply({"params": p}, x)
+        rec = jnp.mean((recon - x) ** 2)
+        return rec + aux["loss"], rec
+
+    @jax.jit
+    def step(p, state):
+        (_, rec), g = jax.value_and_grad(loss_fn, has_aux=True)(p)
+        updates, state = opt.update(g, state, p)
+        return optax.apply_updates(p, updates), state, rec
+
+    state, recs = opt.init(params), []
+    for _ in range(120):
+        params, state, rec = step(params, state)
+        recs.append(float(rec))
+    assert recs[-1] < recs[0] / 5, (recs[0], recs[-1])
