@@ -56,6 +56,15 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     return out
 
 
+def _innermost_user_error(e: BaseException | None) -> UserError | None:
+    found = None
+    while e is not None:
+        if isinstance(e, UserError):
+            found = e
+        e = e.__cause__ or e.__context__
+    return found
+
+
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Load `spec` = `path/to/config.py[:arg]` and apply `--config.a.b=value` overrides.
 
@@ -88,6 +97,9 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     except UserError:
         raise
     except flags.Error as e:  # unknown key, bad type: absl's message names the flag
+        inner = _innermost_user_error(e)
+        if inner is not None:  # a UserError raised inside get_config, wrapped by absl
+            raise UserError(str(inner)) from None
         msg = " ".join(str(e).split())
         raise UserError(f"config override: {msg}") from None
     except (AttributeError, KeyError, TypeError, ValueError) as e:

@@ -25,7 +25,7 @@ def test_user_error_is_one_line_no_traceback(tmp_path):
          "--workdir", str(tmp_path / "w")], capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert len(lines) == 1 and "nope.py" in lines[0] and "Traceback" not in proc.stderr
 
 
 def test_import_genjax_is_light():

@@ -58,6 +58,12 @@ def test_bad_override_is_one_line_user_error(cfg_path, override, needle):
     assert "\n" not in str(e.value)
 
 
+def test_user_error_inside_get_config_is_one_line(cfg_path):
+    with pytest.raises(UserError, match="nope") as e:
+        load_config(f"{cfg_path}:nope=1")
+    assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
+
+
 def test_missing_config_file():
     with pytest.raises(UserError, match="no such config file"):
         load_config("configs/does_not_exist.py")
