@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, choices=["dit", "vae", "unet"])
     p.add_argument("src")
     p.add_argument("--out", required=True)
-    p.set_defaults(run=_not_available("convert", "the image-model issue"))
+    p.set_defaults(run=_lazy("genjax.convert"))
 
     p = sub.add_parser("data", help="look at a dataset",
                        description="genjax data show NAME --out preview.gif: write a GIF (videos) or "
