@@ -22,11 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genjax.errors import UserError, check
+from genjax.errors import check
 from genjax.io.weights import StateDictReader, load_state_dict
 from genjax.models.conv import (Downsample, ResnetBlock, SpatialAttention, Upsample, conv2d,
                                 group_norm, load_attention, load_downsample, load_resnet,
                                 load_upsample)
+from genjax.parallel.axes import CONV_IN, CONV_OUT
 
 Dtype = Any
 EPS = 1e-6  # every GroupNorm of the LDM autoencoder
@@ -117,7 +118,8 @@ class Encoder(nn.Module):
     f = 2 ** (len(block_out_channels) - 1). Downsampling pads bottom/right only, as diffusers'
     VAE (`Downsample2D(padding=0)`). Matches diffusers `Encoder` with `DownEncoderBlock2D`s.
     Params: conv_in, down_blocks_{i}_resnets_{j}, down_blocks_{i}_downsamplers_0, mid_block,
-    conv_norm_out, conv_out (diffusers' module paths with "." -> "_"). Raises UserError when a channel count is not divisible by `norm_num_groups`.
+    conv_norm_out, conv_out (diffusers' module paths with "." -> "_"). Raises UserError when a
+    channel count is not divisible by `norm_num_groups`.
     """
     out_channels: int
     block_out_channels: Sequence[int] = (64,)
@@ -339,7 +341,7 @@ class PatchDiscriminator(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "conv_in", "conv_out"))
+        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, CONV_IN, CONV_OUT))
 
         def conv(features, stride, bias, name):
             return nn.Conv(features, (4, 4), strides=(stride, stride), padding=((1, 1), (1, 1)),

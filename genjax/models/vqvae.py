@@ -80,7 +80,7 @@ class VectorQuantizer(nn.Module):
         The outputs of a step use the codebook from before that step's update, as Sonnet.
 
     Raises:
-      UserError: the last axis of `z` is not `code_dim` (checked before tracing).
+      UserError: the last axis of `z` is not `code_dim` (checked before compiling).
     """
 
     num_codes: int

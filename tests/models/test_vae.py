@@ -79,13 +79,15 @@ def test_matches_diffusers(cfg):
             assert err < 0.03 * np.max(np.abs(theirs)), err
 
 
-def test_init_is_boxed_and_matches_loaded_tree():
-    _, module, params = _load(CONFIGS[0])
-    x = jnp.zeros((1, 8, 8, 3))
+def test_init_under_jit_gives_boxed_params():
+    # small on purpose: compiling ~100 random initialisers dominates this test on CPU
+    module = AutoencoderKL(block_out_channels=(8, 8), norm_num_groups=4, mid_block_attention=False,
+                           use_quant_conv=False, use_post_quant_conv=False)
+    x = jnp.zeros((1, 4, 6, 3))
     boxed = jax.jit(module.init)(jax.random.PRNGKey(0), x)
     kernel = boxed["params"]["encoder"]["conv_in"]["kernel"]
     assert isinstance(kernel, nn.Partitioned) and kernel.names == (None, None, "conv_in", "conv_out")
-    assert jax.tree.map(jnp.shape, nn.unbox(boxed["params"])) == jax.tree.map(jnp.shape, params)
+    assert kernel.value.shape == (3, 3, 3, 8) and float(jnp.std(kernel.value)) > 0
     out = jax.eval_shape(lambda v: module.apply(v, x, sample_posterior=False)[0], boxed)  # boxed apply
     assert out.shape == x.shape
 
@@ -129,8 +131,7 @@ def test_variant_param_counts(variant, count):
     f = module.downsample_factor
     shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, f, f, kw["in_channels"])))
     ours = sum(x.size for x in jax.tree.leaves(nn.unbox(shapes)))
-    theirs = _count_diffusers_params(**{k: v for k, v in kw.items() if k != "scaling_factor"},
-                                     scaling_factor=kw["scaling_factor"])
+    theirs = _count_diffusers_params(**kw)
     assert ours == theirs
     if count is not None:
         assert ours == count
