@@ -5,8 +5,9 @@ and Fig. 3; numbers checked against diffusers `DiTTransformer2DModel` (random we
 paper's Table 4 (parameters, Gflops). Dimension letters are defined in `genjax.models.layers`.
 
   x (B, H, W, C) latents -> PatchEmbed + fixed 2D sin-cos positions -> (B, L, D)
-  c = TimestepEmbedder(t) + LabelEmbed(y)                             -> (B, D)
-  depth x DiTBlock(x, c)   (adaLN-Zero: shift/scale/gate from c, gates zero-initialised)
+  c = TimestepEmbedder(t) + LabelEmbed(y) [+ pooled text]             -> (B, D)
+  depth x DiTBlock(x, c [, text])  (adaLN-Zero: shift/scale/gate from c, gates zero-initialised;
+                                    optional cross-attention to text tokens, PixArt-alpha)
   FinalLayer: adaLN LayerNorm -> Dense(D -> p*p*C_out), zero-initialised -> unpatchify
   -> (B, H, W, C_out), C_out = 2C with learn_sigma (eps and variance interpolation v).
 """
@@ -22,9 +23,9 @@ import numpy as np
 
 from genjax.errors import UserError, check
 from genjax.io.weights import StateDictReader, load_state_dict
-from genjax.models.layers import (Attention, LayerNorm, Mlp, PatchEmbed, TimestepEmbedder,
-                                  sincos_pos_embed_2d, unpatchify)
-from genjax.parallel.axes import BATCH, EMBED, LAYERS, LENGTH, MLP, VOCAB
+from genjax.models.layers import (Attention, LayerNorm, Mlp, PatchEmbed, TimestepEmbedder, attention_mask,
+                                  dot_product_attention, sincos_pos_embed_2d, unpatchify, xavier_uniform)
+from genjax.parallel.axes import BATCH, EMBED, HEADS, KV, LAYERS, LENGTH, MLP, VOCAB
 
 Dtype = Any
 Array = jax.Array
@@ -42,8 +43,135 @@ def _zeros(names: tuple[str | None, ...]):
 
 
 def _modulate(h: Array, shift: Array, scale: Array) -> Array:
-    """adaLN: `h * (1 + scale) + shift`, h `(B, L, D)`, shift/scale `(B, 1, D)`."""
+    """adaLN: `h * (1 + scale) + shift`, h `(B, L, D)`, shift/scale `(B, 1, D)` or `(B, L, D)`."""
     return h * (1 + scale) + shift
+
+
+def per_token(mod: Array, c_index: Array | None = None) -> Array:
+    """Condition rows -> tokens, float32: `(B, F)` -> `(B, 1, F)`; `(B, G, F)` with `c_index (B, L)` -> `(B, L, F)`.
+
+    `c_index[b, l]` in [0, G) names the condition row of token l (its example in a packed sequence,
+    its frame for per-frame timesteps); indices are clipped into range (padding tokens take row 0).
+    """
+    mod = mod.astype(jnp.float32)
+    if mod.ndim == 2:
+        return mod[:, None, :]
+    index = jnp.clip(c_index, 0, mod.shape[1] - 1)[..., None]
+    return jnp.take_along_axis(mod, index, axis=1)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention from tokens to text tokens, output projection zero-initialised.
+
+    `(B, L, D), context (B, S, D)` -> `(B, L, D)`. Submodules `to_q`, `to_k`, `to_v`, `to_out` as
+    `layers.Attention` (same math: `layers.attention_mask` + `layers.dot_product_attention`); the
+    difference is `to_out`'s zero init, so a fresh block is the identity on this path (PixArt-alpha
+    `initialize_weights` zeroes `cross_attn.proj`). Applied without a norm before it, as PixArt-alpha
+    / Open-Sora STDiT (`x = x + cross_attn(x, y, mask)`).
+
+    Call `(x, context, context_mask, segment_ids=None, context_segment_ids=None)`: `context_mask
+    (B, S)` bool, False = text token ignored (exactly: zero weight); with packed sequences the
+    segment ids make query segment j see only context tokens of segment j (0 = padding, sees
+    nothing). A query with no visible context token gets 0 before `to_out`.
+
+    Source: Chen et al. 2023, PixArt-alpha sec. 2.3 / Fig. 4 (cross-attention layer).
+    """
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, context: Array, context_mask: Array, segment_ids: Array | None = None,
+                 context_segment_ids: Array | None = None) -> Array:
+        d = x.shape[-1]
+        check(d % self.num_heads == 0, "num_heads", self.num_heads, f"must divide the width D={d}")
+        k_dim = d // self.num_heads
+
+        def proj(name, inp):
+            return nn.DenseGeneral((self.num_heads, k_dim), dtype=self.dtype, param_dtype=self.param_dtype,
+                                   kernel_init=nn.with_logical_partitioning(xavier_uniform, (EMBED, HEADS, KV)),
+                                   bias_init=_zeros((HEADS, KV)), name=name)(inp)
+
+        q, k, v = proj("to_q", x), proj("to_k", context), proj("to_v", context)
+        mask = attention_mask(segment_ids, context_segment_ids, kv_mask=context_mask)
+        out = dot_product_attention(q, k, v, mask)
+        return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
+                               kernel_init=_zeros((HEADS, KV, EMBED)), bias_init=_zeros((EMBED,)),
+                               name="to_out")(out)
+
+
+class TextEmbedder(nn.Module):
+    """Text-encoder outputs -> cross-attention context and a pooled adaLN condition, with null text for CFG.
+
+    Params: `null_text (Dt,)` (the unconditional token) and `null_pooled (Dt,)`, normal(0.02);
+    `caption_projection` (Mlp Dt -> D -> D, GELU-tanh: PixArt-alpha `caption_projection`) and
+    `pooled_projection` (Mlp Dt -> D -> D, SiLU: SD3 `CombinedTimestepTextProjEmbeddings`).
+
+    Call `(text (N, S, Dt), text_mask (N, S), text_pooled (N, Dt) | None, drop (N,) bool | None)`:
+      - pooled = `text_pooled`, or the masked mean of the text tokens (masked tokens excluded with
+        `jnp.where`, so they never reach the output; an all-masked row pools to 0);
+      - where `drop`: the tokens become `null_text` everywhere with a mask of one valid token
+        (the first), and the pooled vector `null_pooled` (classifier-free guidance dropout, Ho &
+        Salimans 2022; PixArt-alpha replaces the caption by its learned null embedding).
+    Returns `(context (N, S, D) dtype, context_mask (N, S) bool, pooled (N, D) dtype)`.
+    """
+
+    hidden_size: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, text: Array, text_mask: Array, text_pooled: Array | None = None,
+                 drop: Array | None = None) -> tuple[Array, Array, Array]:
+        dt, d = text.shape[-1], self.hidden_size
+        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (EMBED,))
+        null_text = self.param("null_text", init, (dt,), self.param_dtype)
+        null_pooled = self.param("null_pooled", init, (dt,), self.param_dtype)
+        mask = jnp.asarray(text_mask).astype(bool)
+        text = text.astype(jnp.float32)
+        if text_pooled is None:
+            total = jnp.where(mask[..., None], text, 0.0).sum(axis=1)
+            text_pooled = total / jnp.maximum(mask.sum(axis=1, keepdims=True), 1).astype(jnp.float32)
+        pooled = jnp.asarray(text_pooled, jnp.float32)
+        if drop is not None:
+            drop = jnp.asarray(drop).astype(bool)
+            text = jnp.where(drop[:, None, None], jnp.asarray(null_text, jnp.float32), text)
+            first = jnp.arange(mask.shape[1]) == 0
+            mask = jnp.where(drop[:, None], first[None, :], mask)
+            pooled = jnp.where(drop[:, None], jnp.asarray(null_pooled, jnp.float32), pooled)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        context = Mlp(d, d, **kw, name="caption_projection")(text.astype(self.dtype))
+        pooled = Mlp(d, d, activation=nn.silu, **kw, name="pooled_projection")(pooled.astype(self.dtype))
+        return context, mask, pooled
+
+
+def check_text(text, text_mask, text_pooled, lead: tuple[int, ...], text_dim: int | None) -> None:
+    """UserError unless text `(*lead, S, text_dim)`, text_mask `(*lead, S)`, text_pooled `(*lead, text_dim)`
+    are given together (text_pooled optional) when `text_dim` is set, and none of them otherwise."""
+    if text_dim is None:
+        check(text is None and text_mask is None and text_pooled is None, "text", "given",
+              "needs a model built with text_dim")
+        return
+    shape = None if text is None else tuple(jnp.shape(text))
+    check(shape is not None and len(shape) == len(lead) + 2 and shape[:len(lead)] == lead
+          and shape[-1] == text_dim, "text.shape", shape, f"must be {(*lead, 'S_text', text_dim)}")
+    check(text_mask is not None, "text_mask", None, "must be given with text (1 = real token, 0 = padding)")
+    check(tuple(jnp.shape(text_mask)) == shape[:-1], "text_mask.shape", tuple(jnp.shape(text_mask)),
+          f"must be {shape[:-1]}")
+    check(text_pooled is None or tuple(jnp.shape(text_pooled)) == (*lead, text_dim), "text_pooled.shape",
+          None if text_pooled is None else tuple(jnp.shape(text_pooled)), f"must be {(*lead, text_dim)}")
+
+
+def text_drop(module: nn.Module, shape: tuple[int, ...], prob: float, train: bool,
+              force_drop_ids: Array | None = None) -> Array | None:
+    """Which examples get the null text: `force_drop_ids == 1`, else (train, rng "dropout") a
+    Bernoulli(prob) draw of `shape`, else None (keep all)."""
+    if force_drop_ids is not None:
+        return jnp.asarray(force_drop_ids) == 1
+    if train and prob > 0 and module.has_rng("dropout"):
+        return jax.random.uniform(module.make_rng("dropout"), shape) < prob
+    return None
 
 
 class DiTBlock(nn.Module):
@@ -51,26 +179,31 @@ class DiTBlock(nn.Module):
 
     `adaLN_modulation` = Dense(SiLU(c)) -> shift/scale/gate for attention and MLP (this order, as
     DiT and diffusers `AdaLayerNormZero`), zero-initialised so each block starts as the identity.
-    LayerNorms are non-affine, eps 1e-6, in float32.
+    LayerNorms are non-affine, eps 1e-6, in float32. With `cross_attention`, `x + CrossAttention(x,
+    context)` runs between self-attention and the MLP (PixArt-alpha Fig. 4); call
+    `(x, c, context (B, S, D), context_mask (B, S))`.
     """
 
     hidden_size: int
     num_heads: int
     mlp_ratio: float = 4.0
+    cross_attention: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, c: Array) -> Array:
+    def __call__(self, x: Array, c: Array, context: Array | None = None, context_mask: Array | None = None) -> Array:
         d = self.hidden_size
         mod = nn.Dense(6 * d, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_zeros((EMBED, MLP)),
                        bias_init=_zeros((MLP,)), name="adaLN_modulation")(nn.silu(c))
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(
-            mod[:, None, :].astype(jnp.float32), 6, axis=-1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(per_token(mod), 6, axis=-1)
         norm = dict(epsilon=1e-6, use_scale=False, use_bias=False, dtype=jnp.float32)
         h = _modulate(LayerNorm(**norm, name="norm1")(x), shift_msa, scale_msa).astype(self.dtype)
         h = Attention(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(h)
         x = x + (gate_msa * h).astype(self.dtype)
+        if self.cross_attention:
+            x = x + CrossAttention(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+                                   name="cross_attn")(x, context, context_mask)
         h = _modulate(LayerNorm(**norm, name="norm2")(x), shift_mlp, scale_mlp).astype(self.dtype)
         h = Mlp(int(d * self.mlp_ratio), dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(h)
         x = x + (gate_mlp * h).astype(self.dtype)
@@ -80,7 +213,8 @@ class DiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     """adaLN LayerNorm then Dense(D -> P), both zero-initialised (DiT `FinalLayer`).
 
-    `(B, L, D), (B, D)` -> `(B, L, P)` float32, P = ph * pw * C_out.
+    `(B, L, D), (B, D)` -> `(B, L, P)` float32, P = ph * pw * C_out. Per-token conditions: c
+    `(B, G, D)` with `c_index (B, L)` (see `per_token`).
     """
 
     patch_values: int
@@ -88,11 +222,11 @@ class FinalLayer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, c: Array) -> Array:
+    def __call__(self, x: Array, c: Array, c_index: Array | None = None) -> Array:
         mod = nn.Dense(2 * x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
                        kernel_init=_zeros((EMBED, MLP)), bias_init=_zeros((MLP,)),
                        name="adaLN_modulation")(nn.silu(c))
-        shift, scale = jnp.split(mod[:, None, :].astype(jnp.float32), 2, axis=-1)
+        shift, scale = jnp.split(per_token(mod, c_index), 2, axis=-1)
         h = LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, dtype=jnp.float32, name="norm")(x)
         h = _modulate(h, shift, scale).astype(self.dtype)
         out = nn.Dense(self.patch_values, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -100,8 +234,8 @@ class FinalLayer(nn.Module):
         return out.astype(jnp.float32)
 
 
-def _scan_block(block: DiTBlock, x: Array, c: Array):
-    return block(x, c), None
+def _scan_block(block: DiTBlock, x: Array, *args):
+    return block(x, *args), None
 
 
 class DiT(nn.Module):
@@ -112,7 +246,13 @@ class DiT(nn.Module):
       hidden_size: D. depth: number of blocks. num_heads: N (K = D / N). mlp_ratio: MLP width / D.
       num_classes: labels 0..num_classes-1; id `num_classes` is the null class used for
         classifier-free guidance (its embedding row exists when class_dropout_prob > 0).
+        0 = no labels (y must be None; e.g. text-only conditioning).
       class_dropout_prob: label-dropout probability in training (DiT: 0.1).
+      text_dim: Dt of the text-encoder tokens; None = no text conditioning (the model, its
+        parameters and its numbers are exactly the class-conditional DiT). When set, every block
+        cross-attends to the projected text tokens and the pooled text joins the adaLN condition
+        (`TextEmbedder`, PixArt-alpha style).
+      text_dropout_prob: probability of replacing an example's text by the null text in training.
       learn_sigma: output 2C channels (eps, variance interpolation v; Nichol & Dhariwal 2021).
       out_channels: override C_out (default C * (2 if learn_sigma else 1)).
       frequency_embedding_size: timestep sinusoid width (256).
@@ -134,6 +274,8 @@ class DiT(nn.Module):
     mlp_ratio: float = 4.0
     num_classes: int = 1000
     class_dropout_prob: float = 0.1
+    text_dim: int | None = None
+    text_dropout_prob: float = 0.1
     learn_sigma: bool = True
     out_channels: int | None = None
     frequency_embedding_size: int = 256
@@ -150,7 +292,8 @@ class DiT(nn.Module):
         return self.out_channels or self.in_channels * (2 if self.learn_sigma else 1)
 
     @nn.compact
-    def __call__(self, x: Array, t: Array, y: Array, *, train: bool = False,
+    def __call__(self, x: Array, t: Array, y: Array | None = None, *, text: Array | None = None,
+                 text_mask: Array | None = None, text_pooled: Array | None = None, train: bool = False,
                  force_drop_ids: Array | None = None) -> Array:
         """Predict noise (and variance) for noisy latents.
 
@@ -158,17 +301,23 @@ class DiT(nn.Module):
           x: `(B, H, W, C)` noisy latents, float; H and W divisible by patch_size.
           t: `(B,)` (or scalar) diffusion timesteps, int or float, in [0, 1000).
           y: `(B,)` int class labels in [0, num_classes); `num_classes` = the null (unconditional)
-            class, valid when class_dropout_prob > 0.
-          train: apply label dropout (prob class_dropout_prob) when an rng named "dropout" is given.
-          force_drop_ids: `(B,)` int/bool; 1 -> replace that label by the null class (CFG).
+            class, valid when class_dropout_prob > 0. None when num_classes = 0.
+          text: `(B, S, text_dim)` float text-encoder tokens (only with text_dim set, then required).
+          text_mask: `(B, S)` bool/int, 1 = real token, 0 = padding (never influences the output).
+          text_pooled: optional `(B, text_dim)` pooled text embedding (default: masked mean of text).
+          train: apply label / text dropout (probs class_dropout_prob / text_dropout_prob, drawn
+            independently) when an rng named "dropout" is given.
+          force_drop_ids: `(B,)` int/bool; 1 -> replace that label by the null class and its text
+            by the null text (the unconditional branch of classifier-free guidance).
 
         Returns:
           `(B, H, W, C_out)` float32; with learn_sigma the first C channels are eps and the last C
           the variance interpolation v.
 
         Raises:
-          UserError: wrong rank / channels / indivisible size, t or y of the wrong shape,
-            remat policy unknown, force_drop_ids without a null class.
+          UserError: wrong rank / channels / indivisible size, t or y of the wrong shape, y given
+            without labels, text given without text_dim (or missing with it), text_mask missing
+            or misshaped, remat policy unknown, force_drop_ids without a null class or text.
         """
         check(x.ndim == 4, "x.shape", x.shape, "must be (B, H, W, C)")
         b, hgt, wid, c = x.shape
@@ -177,10 +326,16 @@ class DiT(nn.Module):
         check(hgt % p == 0 and wid % p == 0, "x (H, W)", (hgt, wid), f"must be divisible by patch_size={p}")
         t = jnp.asarray(t)
         check(t.shape in ((), (b,)), "t.shape", t.shape, f"must be (B,)=({b},) or ()")
-        check(jnp.shape(y) == (b,), "y.shape", jnp.shape(y), f"must be (B,)=({b},)")
+        if self.num_classes:
+            check(y is not None and jnp.shape(y) == (b,), "y.shape", None if y is None else jnp.shape(y),
+                  f"must be (B,)=({b},)")
+        else:
+            check(y is None, "y", "given", "needs num_classes > 0")
+        check_text(text, text_mask, text_pooled, (b,), self.text_dim)
         check(self.remat in REMAT_POLICIES, "remat", self.remat, f"must be one of {sorted(REMAT_POLICIES)}")
-        check(force_drop_ids is None or self.class_dropout_prob > 0, "force_drop_ids", "given",
-              "needs a null class (class_dropout_prob > 0)")
+        has_null_class = self.num_classes and self.class_dropout_prob > 0
+        check(force_drop_ids is None or has_null_class or (self.text_dim and not self.num_classes),
+              "force_drop_ids", "given", "needs a null class (class_dropout_prob > 0) or text-only conditioning")
         d, grid = self.hidden_size, (hgt // p, wid // p)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
@@ -189,29 +344,38 @@ class DiT(nn.Module):
 
         temb = TimestepEmbedder(d, self.frequency_embedding_size, downscale_freq_shift=self.time_freq_shift,
                                 **kw, name="t_embedder")(jnp.broadcast_to(t, (b,)))
-        y = jnp.asarray(y, jnp.int32)
-        if force_drop_ids is not None:
-            y = jnp.where(jnp.asarray(force_drop_ids) == 1, self.num_classes, y)
-        elif train and self.class_dropout_prob > 0 and self.has_rng("dropout"):
-            drop = jax.random.uniform(self.make_rng("dropout"), (b,)) < self.class_dropout_prob
-            y = jnp.where(drop, self.num_classes, y)
-        table = self.num_classes + int(self.class_dropout_prob > 0)
-        yemb = nn.Embed(table, d, **kw, embedding_init=nn.with_logical_partitioning(
-            nn.initializers.normal(0.02), (VOCAB, EMBED)), name="y_embedder")(y)
-        cond = (temb + yemb).astype(self.dtype)
+        cond = temb
+        if self.num_classes:
+            y = jnp.asarray(y, jnp.int32)
+            if force_drop_ids is not None:
+                y = jnp.where(jnp.asarray(force_drop_ids) == 1, self.num_classes, y)
+            elif train and self.class_dropout_prob > 0 and self.has_rng("dropout"):
+                drop = jax.random.uniform(self.make_rng("dropout"), (b,)) < self.class_dropout_prob
+                y = jnp.where(drop, self.num_classes, y)
+            table = self.num_classes + int(self.class_dropout_prob > 0)
+            cond = cond + nn.Embed(table, d, **kw, embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(0.02), (VOCAB, EMBED)), name="y_embedder")(y)
+        context = context_mask = None
+        if self.text_dim:
+            drop = text_drop(self, (b,), self.text_dropout_prob, train, force_drop_ids)
+            context, context_mask, pooled = TextEmbedder(d, **kw, name="text_embedder")(
+                text, text_mask, text_pooled, drop)
+            cond = cond + pooled
+        cond = cond.astype(self.dtype)
 
-        block_kw = dict(hidden_size=d, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, **kw)
+        block_kw = dict(hidden_size=d, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                        cross_attention=bool(self.text_dim), **kw)
         block_cls = DiTBlock
         if self.remat != "none":
             block_cls = nn.remat(DiTBlock, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
         if self.scan:
             stack = nn.scan(_scan_block, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast,), length=self.depth,
+                            in_axes=(nn.broadcast,) * 3, length=self.depth,
                             metadata_params={nn.PARTITION_NAME: LAYERS})
-            h, _ = stack(block_cls(**block_kw, name="blocks"), h, cond)
+            h, _ = stack(block_cls(**block_kw, name="blocks"), h, cond, context, context_mask)
         else:
             for i in range(self.depth):
-                h = block_cls(**block_kw, name=f"blocks_{i}")(h, cond)
+                h = block_cls(**block_kw, name=f"blocks_{i}")(h, cond, context, context_mask)
 
         out = FinalLayer(p * p * self.out_dim, **kw, name="final_layer")(h, cond)
         return unpatchify(out, grid, (p, p))

@@ -189,3 +189,97 @@ def test_bad_variant_and_remat():
     m = dit.Model(variant="S/8", remat="some")
     with pytest.raises(UserError, match="remat"):
         jax.eval_shape(m.init, jax.random.key(0), X, T, Y)
+
+
+# --------------------------------------------------------------------------- text conditioning
+
+def _text_dit(**kw):
+    return dit.DiT(**{**dict(patch_size=2, in_channels=4, hidden_size=16, depth=2, num_heads=2, num_classes=0,
+                             text_dim=6), **kw})
+
+
+def _random_params(module, *args, seed=0, **kwargs):
+    shapes = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), *args, **kwargs))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: rng.normal(0, 0.3, s.shape).astype(np.float32), shapes)
+
+
+def _text_inputs(b=2, s=5, seed=1):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(b, 8, 6, 4)).astype(np.float32)
+    t = np.array([10.0, 700.0][:b], np.float32)
+    text = rng.normal(size=(b, s, 6)).astype(np.float32)
+    mask = np.ones((b, s), bool)
+    mask[0, 3:] = False
+    mask[1, 1:] = False
+    return x, t, text, mask
+
+
+def test_text_padding_never_influences_output_and_real_tokens_do():
+    m = _text_dit()
+    x, t, text, mask = _text_inputs()
+    params = _random_params(m, x, t, text=text, text_mask=mask)
+    apply = jax.jit(m.apply)
+    base = np.asarray(apply(params, x, t, text=text, text_mask=mask))
+    garbage = np.where(mask[..., None], text, 1e3).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(apply(params, x, t, text=garbage, text_mask=mask)), base)
+    changed = text.copy()
+    changed[0, 0] += 1.0  # a real token of example 0: changes example 0 only
+    out = np.asarray(apply(params, x, t, text=changed, text_mask=mask))
+    assert np.abs(out[0] - base[0]).max() > 1e-3
+    np.testing.assert_array_equal(out[1], base[1])
+    # the pooled vector is the masked mean unless given explicitly
+    pooled = np.stack([text[i][mask[i]].mean(0) for i in range(2)])
+    np.testing.assert_allclose(np.asarray(apply(params, x, t, text=text, text_mask=mask, text_pooled=pooled)),
+                               base, atol=1e-5)
+
+
+def test_text_null_dropout_and_fresh_cross_attention_is_zero():
+    m = _text_dit(text_dropout_prob=1.0)
+    x, t, text, mask = _text_inputs()
+    init = jax.jit(m.init)(jax.random.key(0), x, t, text=text, text_mask=mask)["params"]
+    to_out = nn.unbox(init)["blocks_0"]["cross_attn"]["to_out"]
+    assert not np.asarray(to_out["kernel"]).any() and not np.asarray(to_out["bias"]).any()
+    params = _random_params(m, x, t, text=text, text_mask=mask)
+    null = params["params"]["text_embedder"]
+    # the unconditional input by hand: null token first (the only valid one), null pooled vector
+    null_text = np.broadcast_to(null["null_text"], text.shape).copy()
+    null_mask = np.zeros_like(mask)
+    null_mask[:, 0] = True
+    pooled = np.broadcast_to(null["null_pooled"], (2, 6))
+    apply = jax.jit(m.apply, static_argnames="train")
+    want = np.asarray(apply(params, x, t, text=null_text, text_mask=null_mask, text_pooled=pooled))
+    forced = np.asarray(apply(params, x, t, text=text, text_mask=mask, force_drop_ids=np.array([1, 0])))
+    cond = np.asarray(apply(params, x, t, text=text, text_mask=mask))
+    np.testing.assert_allclose(forced[0], want[0], atol=1e-6)
+    np.testing.assert_allclose(forced[1], cond[1], atol=1e-6)
+    assert np.abs(want - cond).max() > 1e-3
+    dropped = apply(params, x, t, text=text, text_mask=mask, train=True, rngs={"dropout": jax.random.key(1)})
+    np.testing.assert_allclose(np.asarray(dropped), want, atol=1e-6)
+
+
+def test_text_with_labels_and_scan_equal_unrolled():
+    m = _text_dit(num_classes=10)
+    x, t, text, mask = _text_inputs()
+    y = np.array([3, 10], np.int32)
+    params = _random_params(m, x, t, y, text=text, text_mask=mask)
+    want = np.asarray(jax.jit(m.apply)(params, x, t, y, text=text, text_mask=mask))
+    blocks = [params["params"].pop(f"blocks_{i}") for i in range(2)]
+    params["params"]["blocks"] = jax.tree.map(lambda *a: np.stack(a), *blocks)
+    got = jax.jit(m.clone(scan=True, remat="full").apply)(params, x, t, y, text=text, text_mask=mask)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(), "text.shape"),                                          # text_dim set, text missing
+    (dict(text=np.zeros((2, 5, 6), np.float32)), "text_mask"),         # text without its mask
+    (dict(text=np.zeros((2, 5, 7), np.float32), text_mask=np.ones((2, 5))), "text.shape"),
+    (dict(text=np.zeros((2, 5, 6), np.float32), text_mask=np.ones((2, 4))), "text_mask.shape"),
+])
+def test_text_bad_input_raises(kw, match):
+    x, t, _, _ = _text_inputs()
+    with pytest.raises(UserError, match=match):
+        jax.eval_shape(_text_dit().init, jax.random.key(0), x, t, **kw)
+    with pytest.raises(UserError, match="text_dim"):
+        jax.eval_shape(dit.DiT(hidden_size=16, depth=1, num_heads=2, num_classes=10).init, jax.random.key(0), x, t,
+                       np.zeros(2, np.int32), text=np.zeros((2, 5, 6)), text_mask=np.ones((2, 5)))
