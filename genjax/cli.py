@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the main end-to-end job",
                        description="Run the main end-to-end job into --workdir (default runs/demo).")
     p.add_argument("--workdir", default="runs/demo")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps (default: the demo config's; more gives better samples)")
     p.set_defaults(run=_lazy("genjax.demo"))
     return parser
 

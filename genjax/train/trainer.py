@@ -5,6 +5,7 @@ Read `main` top to bottom; the helpers above it build the pieces (train step, mo
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -125,10 +126,12 @@ def build_dit(config):
 
     loss_fn: `diffusion_loss` (Ho et al. 2020 L_simple, + VLB with learn_sigma) on
     `batch["image"]` (B, H, W, C) float32 in [-1, 1] and `batch["label"]` (B,) int32, with label
-    dropout from the model's "dropout" rng. sample_fn(ema_params, rng) -> uint8
-    (num_samples, H, W, C): a `samplers.sample` loop with classifier-free guidance
-    (`guidance.cfg_denoiser`, null class = num_classes), labels 0, 1, ... num_classes-1, 0, ...;
-    with learn_sigma the variance channels are dropped (DDIM and the ODE samplers ignore them).
+    dropout from the model's "dropout" rng. sample_fn(ema_params, rng, labels=None,
+    trajectory=False) -> uint8 (N, H, W, C) [and uint8 (steps + 1, N, H, W, C) with trajectory]:
+    a `samplers.sample` loop with classifier-free guidance (`guidance.cfg_denoiser`, null class =
+    num_classes) for `labels` (N,) int32, default 0, 1, ... num_classes-1, 0, ... (N =
+    eval.num_samples); with learn_sigma the variance channels are dropped (DDIM and the ODE
+    samplers ignore them).
     """
     from genjax.diffusion import guidance, losses, samplers, schedules
     from genjax.models import dit
@@ -158,10 +161,13 @@ def build_dit(config):
                                      learn_sigma=m.learn_sigma)
 
     e = config.eval
-    labels = jnp.arange(e.num_samples, dtype=jnp.int32) % m.num_classes
+    default_labels = jnp.arange(e.num_samples, dtype=jnp.int32) % m.num_classes
 
-    @jax.jit
-    def _sample(params, rng):
+    def to_uint8(x):
+        return jnp.round((jnp.clip(x, -1, 1) + 1) * 127.5).astype(jnp.uint8)
+
+    @functools.partial(jax.jit, static_argnames=("trajectory",))
+    def _sample(params, rng, labels=default_labels, trajectory=False):
         def denoise(x_t, t, y):
             return module.apply({"params": params}, x_t, t, y).astype(jnp.float32)
 
@@ -169,10 +175,11 @@ def build_dit(config):
         guided = guidance.cfg_denoiser(denoise, e.cfg_scale, null_cond={"y": m.num_classes})
         prediction = lambda x_t, t, y: guided(x_t, t, y=y)[..., :channels]  # noqa: E731
         noise_rng, loop_rng = jax.random.split(rng)
-        noise = jax.random.normal(noise_rng, (e.num_samples, size, size, channels))
-        x0 = samplers.sample(prediction, noise, schedule=schedule, sampler=e.sampler,
-                             num_steps=e.num_sampling_steps, rng=loop_rng, cond={"y": labels})
-        return jnp.round((jnp.clip(x0, -1, 1) + 1) * 127.5).astype(jnp.uint8)
+        noise = jax.random.normal(noise_rng, (labels.shape[0], size, size, channels))
+        out = samplers.sample(prediction, noise, schedule=schedule, sampler=e.sampler,
+                              num_steps=e.num_sampling_steps, rng=loop_rng, cond={"y": labels},
+                              return_trajectory=trajectory)
+        return jax.tree.map(to_uint8, out)
 
     return module, init_params, loss_fn, _sample
 
@@ -426,3 +433,35 @@ def cli_main(args) -> int:
         print(f"genjax train: error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def restore_trained(workdir: str, *, devices=None):
+    """The model trained in `workdir`: `(config, module, ema_params, sample_fn)`.
+
+    Reads `WORKDIR/config.json` and restores the newest checkpoint's state onto a mesh of
+    `devices` (default all), returning its EMA params; `sample_fn(ema_params, rng)` is the
+    trainer's sampler for this config (see `build_dit`).
+
+    Raises:
+      UserError: `workdir` holds no config.json or no finished checkpoint (no trained model).
+    """
+    import ml_collections
+
+    from genjax.train import checkpoint
+
+    cfg_path = os.path.join(workdir, "config.json")
+    check(os.path.isfile(cfg_path), "--workdir", workdir, "holds no trained model (no config.json)")
+    with open(cfg_path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    manager = checkpoint.make_manager(workdir, config.ckpt)
+    try:
+        check(manager.latest_step() is not None, "--workdir", workdir,
+              "holds no checkpoint (no trained model)")
+        module, init_params, _, sample_fn = build_dit(config)
+        tx, _ = state_lib.make_optimizer(config.optim, config.num_steps)
+        mesh = mesh_lib.make_mesh(config.mesh, devices)
+        abstract, _ = state_lib.abstract_train_state(init_params, tx, seed=config.seed, mesh=mesh)
+        state = checkpoint.restore(manager, abstract)
+    finally:
+        manager.close()
+    return config, module, state.ema_params, sample_fn
