@@ -2,6 +2,7 @@
 scan == loop, parameter counts vs transformers, bf16, bad input, Moving MNIST training."""
 
 import functools
+import os
 
 import flax.linen as nn
 import jax
@@ -18,16 +19,13 @@ from genjax.models.layers import PatchEmbed, sincos_pos_embed_1d
 torch.set_num_threads(1)
 
 
-def _randomize(params, seed=0, scale=0.3):
-    """Every leaf replaced by normal(0, scale) (zero-initialised heads included), unboxed."""
-    leaves, tree = jax.tree.flatten(nn.unbox(params))
+def _init(module, *args, seed=0, scale=0.3, **kw):
+    """Random params normal(0, scale) for every leaf (zero-initialised heads included), unboxed;
+    shapes from `jax.eval_shape` of `module.init` (nothing compiled). `kw` are static call args."""
+    shapes = nn.unbox(jax.eval_shape(functools.partial(module.init, **kw), jax.random.key(0), *args))
+    leaves, tree = jax.tree.flatten(shapes)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     return jax.tree.unflatten(tree, [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
-
-
-def _init(module, *args, seed=0, scale=0.3, **kw):
-    init = jax.jit(functools.partial(module.init, **kw))  # kw (grid) static
-    return _randomize(init(jax.random.key(seed), *args), seed + 1, scale)
 
 
 def _t2n(t):
@@ -177,35 +175,23 @@ def test_joint_encoder_matches_transformers_vivit_layers():
     np.testing.assert_allclose(jax.jit(enc.apply)(params, x), _t2n(h), atol=1e-4)
 
 
-SMALL = dict(num_layers=2, num_heads=2, mlp_dim=32, num_temporal_layers=2)
+SMALL = dict(num_layers=1, num_heads=2, mlp_dim=32, num_temporal_layers=1)
 
 
-@pytest.mark.parametrize("attention", vivit.ATTENTION_KINDS)
-def test_classifier_shapes_and_jit_init(attention):
-    m = vivit.Model(variant="smoke", num_classes=7, attention=attention, patch_size=(2, 4, 4))
+def test_classifier_shapes_and_jit_init():
     x = jnp.zeros((3, 4, 8, 12, 1))
-    params = jax.jit(m.init)(jax.random.key(0), x)
-    assert isinstance(params["params"]["tubelet_embed"]["kernel"], nn.Partitioned)
-    assert params["params"]["tubelet_embed"]["kernel"].names[-2:] == ("conv_in", "conv_out")
-    assert jax.jit(m.apply)(params, x).shape == (3, 7)
-    enc = vivit.ViViTEncoder(**SMALL, attention=attention)
     tokens = jnp.zeros((3, 2 * 2 * 3, 16))
-    assert jax.jit(enc.init_with_output, static_argnames="grid")(
-        jax.random.key(0), tokens, grid=(2, 2, 3))[0].shape == (3, 12, 16)
-
-
-@pytest.mark.parametrize("attention", ["factorised_encoder", "factorised_self_attention"])
-def test_factorised_grid_equals_packed_masks(attention):
-    grid, b, d = (3, 2, 3), 2, 16
-    enc = vivit.ViViTEncoder(**SMALL, attention=attention)
-    x = np.random.default_rng(0).normal(size=(b, np.prod(grid), d)).astype(np.float32)
-    params = _init(enc, x, grid=grid)
-    want = jax.jit(enc.apply, static_argnames="grid")(params, x, grid=grid)
-    # Packed: the same tokens in a shuffled order; the layout comes only from positions.
-    perm = np.random.default_rng(1).permutation(x.shape[1])
-    pos = np.broadcast_to(vivit.grid_positions(grid)[perm], (b, len(perm), 3))
-    got = jax.jit(enc.apply)(params, x[:, perm], segment_ids=np.ones((b, len(perm)), np.int32), positions=pos)
-    np.testing.assert_allclose(got, np.asarray(want)[:, perm], atol=1e-5)
+    for attention in vivit.ATTENTION_KINDS:
+        m = vivit.Model(variant="smoke", num_classes=7, attention=attention, patch_size=(2, 4, 4))
+        params = jax.eval_shape(m.init, jax.random.key(0), x)
+        assert jax.eval_shape(m.apply, params, x).shape == (3, 7)
+        enc = vivit.ViViTEncoder(**SMALL, attention=attention)
+        out, _ = jax.eval_shape(functools.partial(enc.init_with_output, grid=(2, 2, 3)), jax.random.key(0), tokens)
+        assert out.shape == (3, 12, 16)
+    params = jax.jit(m.init)(jax.random.key(0), x)
+    kernel = params["params"]["tubelet_embed"]["kernel"]
+    assert isinstance(kernel, nn.Partitioned) and kernel.names[-2:] == ("conv_in", "conv_out")
+    assert kernel.value.shape == (2, 4, 4, 1, 16) and np.isfinite(kernel.value).all()
 
 
 def _pack(examples, seq_len):
@@ -222,13 +208,19 @@ def _pack(examples, seq_len):
 
 @pytest.mark.parametrize("attention", vivit.ATTENTION_KINDS)
 def test_packing_invariance_encoder(attention):
+    """Two videos packed in one sequence (in a shuffled token order, with padding) give each
+    token the output it gets alone. For the factorised kinds "alone" runs the regular-grid
+    reshapes and "packed" the segment/position masks, so this also checks grid == packed."""
     enc = vivit.ViViTEncoder(**SMALL, attention=attention)
     rng = np.random.default_rng(0)
     grids = [(2, 2, 2), (1, 2, 3)]
     xs = [rng.normal(size=(np.prod(g), 16)).astype(np.float32) for g in grids]
     params = _init(enc, xs[0][None], grid=grids[0])
     tokens, seg, pos = _pack(list(zip(xs, grids)), 16)
-    packed = np.asarray(jax.jit(enc.apply)(params, tokens, segment_ids=seg, positions=pos))[0]
+    perm = rng.permutation(16)
+    shuffled = jax.jit(enc.apply)(params, tokens[:, perm], segment_ids=seg[:, perm], positions=pos[:, perm])
+    packed = np.empty((16, 16), np.float32)
+    packed[perm] = shuffled[0]
     start = 0
     for x, g in zip(xs, grids):
         alone = jax.jit(enc.apply, static_argnames="grid")(params, x[None], grid=g)[0]
@@ -236,9 +228,10 @@ def test_packing_invariance_encoder(attention):
         start += len(x)
 
 
-@pytest.mark.parametrize("attention,pos_embed", [("joint", "fractional"), ("factorised_encoder", "learned")])
-def test_packing_invariance_classifier(attention, pos_embed):
-    m = vivit.Model(variant="smoke", num_classes=5, attention=attention, pos_embed=pos_embed,
+def test_packing_invariance_classifier():
+    """Per-segment logits of a packed sequence == logits of each video alone (tubelets, fractional
+    positions with grid sizes derived per segment, model 2, per-segment mean pooling)."""
+    m = vivit.Model(variant="smoke", num_classes=5, attention="factorised_encoder", pos_embed="fractional",
                     patch_size=(2, 4, 4), **SMALL)
     rng = np.random.default_rng(0)
     videos = [rng.uniform(-1, 1, size=(1, *s, 1)).astype(np.float32) for s in ((4, 8, 8), (2, 8, 12))]
@@ -254,8 +247,9 @@ def test_packing_invariance_classifier(attention, pos_embed):
 @pytest.mark.parametrize("attention", ["factorised_encoder", "factorised_self_attention"])
 def test_scan_equals_unrolled(attention):
     grid, x = (2, 2, 2), np.random.default_rng(0).normal(size=(2, 8, 16)).astype(np.float32)
-    loop = vivit.ViViTEncoder(**SMALL, attention=attention)
-    scan = vivit.ViViTEncoder(**SMALL, attention=attention, scan=True, remat="full")
+    kw = dict(SMALL, num_layers=2, num_temporal_layers=3, attention=attention)
+    loop = vivit.ViViTEncoder(**kw)
+    scan = vivit.ViViTEncoder(**kw, scan=True, remat="full")
     params = _init(loop, x, grid=grid)["params"]
     stacked = {}
     for prefix in ("blocks", "spatial", "temporal"):
@@ -319,7 +313,8 @@ def _count(module, shape):
     return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
 
 
-@pytest.mark.parametrize("variant", ["Ti", "S", "B"])
+@pytest.mark.parametrize("variant", [pytest.param("Ti", marks=pytest.mark.slow),
+                                     pytest.param("S", marks=pytest.mark.slow), "B"])
 def test_param_counts_match_transformers_vivit(variant):
     """Model 1 with a CLS token = transformers ViViT (32 x 224^2, 400 classes) with its
     (L+1, D) position table replaced by the factorised (16 + 14 + 14, D) ones; model 3 adds one
@@ -348,19 +343,41 @@ def test_param_counts_match_transformers_vivit(variant):
 # --------------------------------------------------------------------------- training smoke
 
 
+def _config(arg):
+    from genjax.config import load_config
+
+    return load_config(f"{os.path.dirname(__file__)}/../../configs/vivit_moving_mnist.py:{arg}")
+
+
+def test_config_builds_every_attention_kind():
+    for attention in vivit.ATTENTION_KINDS:
+        c = _config(f"attention={attention}")
+        model = {k: v for k, v in c.model.items() if k != "name"}
+        m = vivit.ViViTClassifier(**model)
+        x = jax.ShapeDtypeStruct((1, c.data.num_frames, c.data.image_size, c.data.image_size, c.data.channels),
+                                 jnp.float32)
+        assert jax.eval_shape(m.apply, jax.eval_shape(m.init, jax.random.key(0), x), x).shape == (1, 10)
+    with pytest.raises(UserError, match="attention"):
+        _config("attention=divided")
+
+
 def test_trains_on_moving_mnist_digits():
-    """The smoke ViViT (model 2, ~7k params) learns Moving MNIST digit labels: after 400 adam
-    steps of batch 16 the train accuracy is far above the 10 % chance level and the loss fell."""
+    """configs/vivit_moving_mnist.py:smoke=True (model 2, ~7k params) learns Moving MNIST digit
+    labels: after 400 Adam steps of batch 16 the train accuracy is far above the 10 % chance
+    level and the loss fell."""
     from genjax.data.sources import MovingMnistSource
 
-    src = MovingMnistSource("train", num_examples=2048, num_frames=8, image_size=32, num_digits=1)
+    c = _config("smoke=True")
+    d = c.data
+    src = MovingMnistSource(d.split, num_examples=d.num_examples, num_frames=d.num_frames,
+                            image_size=d.image_size, num_digits=d.num_digits, seed=c.seed)
     examples = [src[i] for i in range(len(src))]
     videos = np.stack([e["video"] for e in examples]).astype(np.float32) / 127.5 - 1
-    labels = np.array([e["labels"][0] for e in examples])
-    m = vivit.Model(variant="smoke", num_classes=10, attention="factorised_encoder")
-    params = nn.unbox(jax.jit(m.init)(jax.random.key(0), videos[:2]))
+    labels = np.array([e[d.label_key][0] for e in examples])
+    m = vivit.ViViTClassifier(**{k: v for k, v in c.model.items() if k != "name"})
+    params = nn.unbox(jax.jit(m.init)(jax.random.key(c.seed), videos[:2]))
     assert 4_000 < sum(p.size for p in jax.tree.leaves(params)) < 10_000
-    opt = optax.adam(3e-3)
+    opt = optax.adam(c.optim.lr)
 
     @jax.jit
     def step(params, opt_state, x, y):
@@ -373,8 +390,8 @@ def test_trains_on_moving_mnist_digits():
         return optax.apply_updates(params, updates), opt_state, loss, correct.mean()
 
     opt_state, rng, history = opt.init(params), np.random.default_rng(0), []
-    for _ in range(400):
-        idx = rng.integers(0, len(labels), 16)
+    for _ in range(c.num_steps):
+        idx = rng.integers(0, len(labels), d.batch_size)
         params, opt_state, loss, acc = step(params, opt_state, videos[idx], labels[idx])
         history.append((float(loss), float(acc)))
     first_loss = np.mean([h[0] for h in history[:10]])
