@@ -242,12 +242,14 @@ def sincos_split(features: int) -> tuple[int, int, int]:
 def segment_grid_sizes(segment_ids: Array, positions: Array) -> Array:
     """Per-token grid size of its example, `max position + 1` over its segment: `(B, L, 3)` int32.
 
-    Exact for whole examples; with NaViT token dropping the last row / column may be gone, so
-    pass the packer's `example_shape` instead. Padding tokens (segment 0) get 1.
+    Segment ids must lie in [0, L] (the packer numbers them 1..k). Exact for whole examples; with
+    NaViT token dropping the last row / column may be gone, so pass the packer's `example_shape`
+    instead. Padding tokens (segment 0) get their padding group's value (unused).
     """
-    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids != 0)[:, :, None]
-    pos = jnp.where(same[..., None], positions[:, None, :, :], -1)  # (B, L, S, 3)
-    return jnp.maximum(pos.max(axis=2) + 1, 1).astype(jnp.int32)
+    b, l = segment_ids.shape
+    flat = (jnp.arange(b)[:, None] * (l + 1) + segment_ids).reshape(-1)  # one id per (row, segment)
+    top = jax.ops.segment_max(positions.reshape(-1, 3), flat, num_segments=b * (l + 1))
+    return (top[flat] + 1).reshape(b, l, 3).astype(jnp.int32)
 
 
 class FactorizedPosEmbed(nn.Module):
