@@ -442,7 +442,8 @@ class ViViTEncoder(nn.Module):
       UserError: unknown attention / remat; factorised without grid or packing, or both; L not
         `prod(grid)`; segment_ids / positions of the wrong shape.
 
-    Source: ViViT sec. 3.3 (models 1-3); joint stack matches transformers `VivitEncoder` (tested).
+    Source: ViViT sec. 3.3 (models 1-3); the joint stack matches a stack of
+      transformers `VivitLayer`s (tested).
     """
 
     num_layers: int = 12
