@@ -54,9 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_not_available("sample", "the main-job issue"))
 
     p = sub.add_parser("eval", help="evaluate samples or a trained model",
-                       description="Evaluate a trained model in --workdir.")
-    p.add_argument("--workdir", required=True)
-    p.set_defaults(run=_not_available("eval", "the main-job issue"))
+                       description="Evaluate generated digit videos: genjax eval --samples FILE.npz "
+                                   "(videos uint8 (N,T,H,W,C), prompts) [--reference moving_mnist:test] "
+                                   "[--num-reference N] [--out metrics.json]; prints a table, writes JSON.")
+    p.add_argument("--samples", default=None, help=".npz with videos (and prompts); default WORKDIR/samples.npz")
+    p.add_argument("--workdir", default=None, help="run folder holding samples.npz")
+    p.add_argument("--reference", default="moving_mnist:test",
+                   type=lambda s: None if s.lower() == "none" else s,
+                   help="real videos for the Frechet distance (moving_mnist:test; 'none' to skip)")
+    p.add_argument("--num-reference", type=int, default=500, help="number of reference videos")
+    p.add_argument("--out", default=None, help="JSON file (default: <samples>.metrics.json)")
+    p.add_argument("--classifier-cache", default=None,
+                   help="folder of the digit classifier's cached params (default ~/.cache/genjax)")
+    p.set_defaults(run=_lazy("genjax.eval.evaluate"))
 
     p = sub.add_parser("convert", help="convert reference weights (diffusers) to genjax",
                        description="genjax convert --from diffusers --model dit|vae|unet SRC --out DIR")
