@@ -56,6 +56,8 @@ def per_token(mod: Array, c_index: Array | None = None) -> Array:
     mod = mod.astype(jnp.float32)
     if mod.ndim == 2:
         return mod[:, None, :]
+    if mod.shape[1] == 1:
+        return mod
     index = jnp.clip(c_index, 0, mod.shape[1] - 1)[..., None]
     return jnp.take_along_axis(mod, index, axis=1)
 
@@ -163,10 +165,13 @@ def check_text(text, text_mask, text_pooled, lead: tuple[int, ...], text_dim: in
           None if text_pooled is None else tuple(jnp.shape(text_pooled)), f"must be {(*lead, text_dim)}")
 
 
-def text_drop(module: nn.Module, shape: tuple[int, ...], prob: float, train: bool,
+def cfg_drop(module: nn.Module, shape: tuple[int, ...], prob: float, train: bool,
               force_drop_ids: Array | None = None) -> Array | None:
-    """Which examples get the null text: `force_drop_ids == 1`, else (train, rng "dropout") a
-    Bernoulli(prob) draw of `shape`, else None (keep all)."""
+    """Which examples get the null condition (CFG dropout), bool of `shape` or None (keep all).
+
+    `force_drop_ids == 1` if given; else, with train and an rng named "dropout", a Bernoulli(prob)
+    draw of `shape`; else None.
+    """
     if force_drop_ids is not None:
         return jnp.asarray(force_drop_ids) == 1
     if train and prob > 0 and module.has_rng("dropout"):
@@ -357,7 +362,7 @@ class DiT(nn.Module):
                 nn.initializers.normal(0.02), (VOCAB, EMBED)), name="y_embedder")(y)
         context = context_mask = None
         if self.text_dim:
-            drop = text_drop(self, (b,), self.text_dropout_prob, train, force_drop_ids)
+            drop = cfg_drop(self, (b,), self.text_dropout_prob, train, force_drop_ids)
             context, context_mask, pooled = TextEmbedder(d, **kw, name="text_embedder")(
                 text, text_mask, text_pooled, drop)
             cond = cond + pooled
