@@ -86,8 +86,8 @@ def _logits_and_features(params, images_uint8):
 
 def logits_and_features(params, images, *, batch_size: int = 2048) -> tuple[np.ndarray, np.ndarray]:
     """Logits float32 `(N, 10)` and penultimate features float32 `(N, 128)` of uint8 digits
-    `(N, 28, 28, 1)` in [0, 255], computed in batches of `batch_size` (the last one padded so
-    only two shapes compile)."""
+    `(N, 28, 28, 1)` in [0, 255], in batches of `batch_size` (a short last batch is zero-padded
+    to full size, so large N compiles one shape). Raises `UserError` for another dtype / shape."""
     images = np.asarray(images)
     check(images.dtype == np.uint8 and images.shape[1:] == (DIGIT_SIZE, DIGIT_SIZE, 1),
           "images", f"{images.dtype}{images.shape}", "must be uint8 (N, 28, 28, 1)")
