@@ -39,7 +39,7 @@ DIT_S2 = dict(num_layers=12, hidden_size=384, num_heads=6, patch_size=2)
 
 # --------------------------------------------------------------------------- threads, machine
 
-def configure_threads(n: int | None) -> dict[str, Any]:
+def configure_threads(n: int | None, torch: bool = True) -> dict[str, Any]:
     """Give JAX and torch `n` intra-op threads (default os.cpu_count()); see the module docstring.
 
     Must run before `import jax` to affect XLA. Returns what was set, for the record.
@@ -57,9 +57,10 @@ def configure_threads(n: int | None) -> dict[str, Any]:
         info["XLA_FLAGS"], info["NPROC"] = os.environ["XLA_FLAGS"], n
     else:
         info["jax"] = "imported before configure_threads: XLA keeps its own thread count"
-    import torch
+    if torch:
+        import torch as torch_lib
 
-    torch.set_num_threads(n)
+        torch_lib.set_num_threads(n)
     return info
 
 
@@ -234,9 +235,9 @@ def check_agree(what: str, got, want, tol: float) -> float:
     return diff
 
 
-def start(args: argparse.Namespace) -> dict[str, Any]:
+def start(args: argparse.Namespace, torch: bool = True) -> dict[str, Any]:
     """Configure threads (before jax / torch are imported) and note the load average."""
-    return {"threads": configure_threads(args.threads), "load_before": loadavg()}
+    return {"threads": configure_threads(args.threads, torch), "load_before": loadavg()}
 
 
 def finish(name: str, title: str, args: argparse.Namespace, argv: list[str] | None,
