@@ -5,7 +5,6 @@ Read `main` top to bottom; the helpers above it build the pieces (train step, mo
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
@@ -22,6 +21,7 @@ from genjax.errors import check
 from genjax.parallel import mesh as mesh_lib
 from genjax.parallel.axes import RULES
 from genjax.train import state as state_lib
+from genjax.train import tasks
 
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -115,89 +115,18 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
     return train_step
 
 
-# --------------------------------------------------------------------------- model: "dit"
-
-MODEL_NAMES = ("dit",)
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def build_dit(config):
-    """Class-conditional pixel-space DiT: (module, init_params, loss_fn, sample_fn).
-
-    loss_fn: `diffusion_loss` (Ho et al. 2020 L_simple, + VLB with learn_sigma) on
-    `batch["image"]` (B, H, W, C) float32 in [-1, 1] and `batch["label"]` (B,) int32, with label
-    dropout from the model's "dropout" rng. sample_fn(ema_params, rng, labels=None,
-    trajectory=False) -> uint8 (N, H, W, C) [and uint8 (steps + 1, N, H, W, C) with trajectory]:
-    a `samplers.sample` loop with classifier-free guidance (`guidance.cfg_denoiser`, null class =
-    num_classes) for `labels` (N,) int32, default 0, 1, ... num_classes-1, 0, ... (N =
-    eval.num_samples); with learn_sigma the variance channels are dropped (DDIM and the ODE
-    samplers ignore them).
-    """
-    from genjax.diffusion import guidance, losses, samplers, schedules
-    from genjax.models import dit
-
-    m, d = config.model, config.diffusion
-    module = dit.DiT(
-        patch_size=m.patch_size, in_channels=config.data.channels, hidden_size=m.hidden_size,
-        depth=m.depth, num_heads=m.num_heads, num_classes=m.num_classes,
-        class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma,
-        scan=m.scan, remat=m.remat, dtype=_DTYPES[m.dtype])
-    schedule = schedules.make(d.schedule, d.num_timesteps, prediction_type=d.prediction_type)
-    size, channels = config.data.image_size, config.data.channels
-
-    def init_params(key):
-        x = jnp.zeros((1, size, size, channels), jnp.float32)
-        return module.init(key, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))["params"]
-
-    def loss_fn(params, batch, rng):
-        model_rng, loss_rng = jax.random.split(rng)
-
-        def denoise(x_t, t, y):
-            return module.apply({"params": params}, x_t, t, y, train=True,
-                                rngs={"dropout": model_rng}).astype(jnp.float32)
-
-        return losses.diffusion_loss(denoise, batch["image"], loss_rng, schedule=schedule,
-                                     cond={"y": batch["label"]}, weighting=d.weighting,
-                                     learn_sigma=m.learn_sigma)
-
-    e = config.eval
-    default_labels = jnp.arange(e.num_samples, dtype=jnp.int32) % m.num_classes
-
-    def to_uint8(x):
-        return jnp.round((jnp.clip(x, -1, 1) + 1) * 127.5).astype(jnp.uint8)
-
-    @functools.partial(jax.jit, static_argnames=("trajectory",))
-    def _sample(params, rng, labels=default_labels, trajectory=False):
-        def denoise(x_t, t, y):
-            return module.apply({"params": params}, x_t, t, y).astype(jnp.float32)
-
-        # The samplers here (not "ddpm" with learned_range) use only the prediction channels.
-        guided = guidance.cfg_denoiser(denoise, e.cfg_scale, null_cond={"y": m.num_classes})
-        prediction = lambda x_t, t, y: guided(x_t, t, y=y)[..., :channels]  # noqa: E731
-        noise_rng, loop_rng = jax.random.split(rng)
-        noise = jax.random.normal(noise_rng, (labels.shape[0], size, size, channels))
-        out = samplers.sample(prediction, noise, schedule=schedule, sampler=e.sampler,
-                              num_steps=e.num_sampling_steps, rng=loop_rng, cond={"y": labels},
-                              return_trajectory=trajectory)
-        return jax.tree.map(to_uint8, out)
-
-    return module, init_params, loss_fn, _sample
-
-
 # --------------------------------------------------------------------------- config, data, logs
 
 def validate(config) -> None:
     """Config checks that need no devices (the mesh-dependent ones run once the mesh exists).
 
     Raises:
-      UserError: unknown model name or dtype, num_steps < 1, log_every_steps < 1, negative
+      UserError: the model section's errors (`tasks.validate`: unknown model name or dtype, a
+        missing frozen-model path, ...), num_steps < 1, log_every_steps < 1, negative
         ckpt.max_to_keep, ckpt.save_interval_steps < 1, optim.max_nonfinite_steps < 1,
         eval.sample_every_steps < 0.
     """
-    check(config.model.name in MODEL_NAMES, "model.name", config.model.name,
-          f"must be one of {MODEL_NAMES}")
-    check(config.model.dtype in _DTYPES, "model.dtype", config.model.dtype,
-          f"must be one of {tuple(_DTYPES)}")
+    tasks.validate(config)
     check(config.num_steps >= 1, "num_steps", config.num_steps, "must be >= 1")
     check(config.log_every_steps >= 1, "log_every_steps", config.log_every_steps, "must be >= 1")
     check(config.ckpt.max_to_keep >= 0, "ckpt.max_to_keep", config.ckpt.max_to_keep,
@@ -208,21 +137,6 @@ def validate(config) -> None:
           config.optim.max_nonfinite_steps, "must be >= 1")
     check(config.eval.sample_every_steps >= 0, "eval.sample_every_steps",
           config.eval.sample_every_steps, "must be >= 0 (0 disables samples)")
-
-
-def make_data(config):
-    """This process's grain iterator of batches `{"image": float32 (B/P, H, W, C) in [-1, 1],
-    "label": int32 (B/P,)}` (P processes), shuffled with `config.seed`, repeating forever."""
-    from genjax.data import pipeline, sources, transforms
-
-    source = sources.make_source(config.data.dataset, split=config.data.split)
-    return pipeline.make_dataset(
-        source, batch_size=config.data.batch_size, seed=config.seed,
-        transforms=(transforms.ToFloat(keys=("image",)), _model_inputs))
-
-
-def _model_inputs(example):
-    return {"image": example["image"], "label": np.int32(example["label"])}
 
 
 class NonFiniteError(RuntimeError):
@@ -286,6 +200,26 @@ class MetricsLog:
             self.tb.close()
 
 
+def write_samples(task: tasks.Task, params, rng: jax.Array, workdir: str, step: int,
+                  log: MetricsLog) -> None:
+    """The task's samples -> WORKDIR/samples/step_XXXXXX.png (images, a grid) or .gif (videos),
+    and its evaluation metrics -> a metrics record `{"step": step, **metrics}`."""
+    from genjax.io import media
+
+    with nn.logical_axis_rules(RULES):
+        out = None if task.sample_fn is None else np.asarray(task.sample_fn(params, rng))
+        metrics = None if task.evaluate is None else task.evaluate(params)
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, "samples", f"step_{step:06d}")
+    if out is not None and out.ndim == 5:
+        media.write_gif(path + ".gif", out)
+    elif out is not None:
+        media.write_png_grid(path + ".png", out)
+    if metrics:
+        log.write({"step": step, **metrics})
+
+
 # --------------------------------------------------------------------------- main
 
 def main(config, workdir: str, *, devices=None) -> dict[str, Any]:
@@ -293,8 +227,11 @@ def main(config, workdir: str, *, devices=None) -> dict[str, Any]:
 
     `devices`: the devices of the mesh (default all of `jax.devices()`).
 
-    Writes WORKDIR/config.json, checkpoints/, metrics.jsonl, tb/ and samples/step_XXXXXX.png
-    (process 0 writes logs and media). Returns the last logged metrics record.
+    The model, its loss, sampler and data come from `tasks.build(config)` (any of
+    `tasks.MODEL_NAMES`). Writes WORKDIR/config.json, checkpoints/, metrics.jsonl, tb/ and
+    samples/step_XXXXXX.png (images) or .gif (videos) every eval.sample_every_steps, with the
+    task's evaluation metrics (if any) logged as a record `{"step", **metrics}` at the same
+    steps (process 0 writes logs and media). Returns the last logged metrics record.
 
     Raises:
       UserError (before anything compiles): a bad config value, a mesh that does not match the
@@ -304,7 +241,6 @@ def main(config, workdir: str, *, devices=None) -> dict[str, Any]:
     """
     from tqdm import tqdm
 
-    from genjax.io import media
     from genjax.train import checkpoint
 
     # 1. Config and mesh: every user error is raised here, before anything compiles.
@@ -320,9 +256,10 @@ def main(config, workdir: str, *, devices=None) -> dict[str, Any]:
                                       "model")
 
     # 2. Model, optimizer, data.
-    _, init_params, loss_fn, sample_fn = build_dit(config)
+    task = tasks.build(config, mesh=mesh)
+    init_params, loss_fn = task.init_params, task.loss_fn
     tx, lr_schedule = state_lib.make_optimizer(config.optim, config.num_steps)
-    data = make_data(config)
+    data = task.make_data(workdir)
 
     # 3. Fresh state, or the newest checkpoint restored onto this mesh (with the data position).
     if resume_step is None:
@@ -392,11 +329,7 @@ def main(config, workdir: str, *, devices=None) -> dict[str, Any]:
             checkpoint.save(manager, done, state, data_iterator=data, config=config_dict)
             every = config.eval.sample_every_steps
             if every and done % every == 0:
-                with nn.logical_axis_rules(RULES):
-                    images = np.asarray(sample_fn(state.ema_params, sample_rng))
-                if is_main:
-                    media.write_png_grid(os.path.join(workdir, "samples", f"step_{done:06d}.png"),
-                                         images)
+                write_samples(task, state.ema_params, sample_rng, workdir, done, log)
             if preemption.requested():
                 bar.write(f"SIGTERM: saving step {done} and stopping")
                 break
@@ -438,30 +371,12 @@ def cli_main(args) -> int:
 def restore_trained(workdir: str, *, devices=None):
     """The model trained in `workdir`: `(config, module, ema_params, sample_fn)`.
 
-    Reads `WORKDIR/config.json` and restores the newest checkpoint's state onto a mesh of
-    `devices` (default all), returning its EMA params; `sample_fn(ema_params, rng)` is the
-    trainer's sampler for this config (see `build_dit`).
+    Reads `WORKDIR/config.json` and restores the newest checkpoint's state onto a data-parallel
+    mesh of `devices` (default all), returning its EMA params; `sample_fn(ema_params, rng, ...)`
+    is the task's sampler (`tasks.Task.sample_fn`; None for models without samples, e.g. CLIP).
 
     Raises:
       UserError: `workdir` holds no config.json or no finished checkpoint (no trained model).
     """
-    import ml_collections
-
-    from genjax.train import checkpoint
-
-    cfg_path = os.path.join(workdir, "config.json")
-    check(os.path.isfile(cfg_path), "--workdir", workdir, "holds no trained model (no config.json)")
-    with open(cfg_path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    manager = checkpoint.make_manager(workdir, config.ckpt)
-    try:
-        check(manager.latest_step() is not None, "--workdir", workdir,
-              "holds no checkpoint (no trained model)")
-        module, init_params, _, sample_fn = build_dit(config)
-        tx, _ = state_lib.make_optimizer(config.optim, config.num_steps)
-        mesh = mesh_lib.make_mesh(config.mesh, devices)
-        abstract, _ = state_lib.abstract_train_state(init_params, tx, seed=config.seed, mesh=mesh)
-        state = checkpoint.restore(manager, abstract)
-    finally:
-        manager.close()
-    return config, module, state.ema_params, sample_fn
+    config, task, ema_params = tasks.restore(workdir, devices=devices)
+    return config, task.module, ema_params, task.sample_fn

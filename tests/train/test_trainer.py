@@ -16,7 +16,7 @@ from PIL import Image
 from genjax.config import load_config
 from genjax.errors import UserError
 from genjax.parallel import mesh as mesh_lib
-from genjax.train import checkpoint, trainer
+from genjax.train import checkpoint, tasks, trainer
 from genjax.train import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -63,7 +63,7 @@ def test_eight_devices_match_one_device_and_shard_params(reference, tmp_path):
     one, eight = losses(reference), losses(str(tmp_path))
     np.testing.assert_allclose([eight[s] for s in range(1, 21)], [one[s] for s in range(1, 21)], rtol=1e-5)
     # Restored with main's shardings: an MLP kernel is split 4 ways over fsdp on its embed dim.
-    _, init_params, _, _ = trainer.build_dit(config)
+    init_params = tasks.build(config).init_params
     tx, _ = state_lib.make_optimizer(config.optim, config.num_steps)
     mesh = mesh_lib.make_mesh(config.mesh)
     abstract, _ = state_lib.abstract_train_state(init_params, tx, seed=0, mesh=mesh)
@@ -111,7 +111,7 @@ def test_bad_input_fails_before_compiling(tmp_path, overrides, message):
 def test_consecutive_nonfinite_steps_stop_training(tmp_path, monkeypatch):
     def nan_images(example):
         return {"image": np.full_like(example["image"], np.nan), "label": np.int32(example["label"])}
-    monkeypatch.setattr(trainer, "_model_inputs", nan_images)
+    monkeypatch.setattr(tasks, "_image_inputs", nan_images)
     config = smoke(*ONE, "--config.optim.max_nonfinite_steps=3", "--config.ckpt.save_interval_steps=1")
     with pytest.raises(trainer.NonFiniteError, match="3 consecutive steps with NaN/Inf gradients"):
         trainer.main(config, str(tmp_path), devices=jax.devices()[:1])
@@ -120,7 +120,7 @@ def test_consecutive_nonfinite_steps_stop_training(tmp_path, monkeypatch):
     assert [r["nonfinite_steps"] for r in records] == [1, 2]  # step 3's record is the stop
     manager = checkpoint.make_manager(str(tmp_path), config.ckpt)
     assert manager.all_steps()  # checkpoints were written, and every one is the finite initial state
-    _, init_params, _, _ = trainer.build_dit(config)
+    init_params = tasks.build(config).init_params
     tx, _ = state_lib.make_optimizer(config.optim, config.num_steps)
     mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
     abstract, _ = state_lib.abstract_train_state(init_params, tx, seed=0, mesh=mesh)
@@ -190,10 +190,11 @@ if num_processes > 1:
     mesh_lib.initialize_distributed(f"localhost:{port}", num_processes, process_id)
 import jax
 from genjax.config import load_config
-from genjax.train import state as state_lib, trainer
+from genjax.train import state as state_lib, tasks, trainer
 config = load_config(sys.argv[4] + ":smoke=True", ["--config.mesh.data=2", "--config.mesh.fsdp=4"])
 mesh = mesh_lib.make_mesh(config.mesh)
-_, init_params, loss_fn, _ = trainer.build_dit(config)
+task = tasks.build(config)
+init_params, loss_fn = task.init_params, task.loss_fn
 tx, schedule = state_lib.make_optimizer(config.optim, 10)
 state, shardings = state_lib.create_train_state(init_params, tx, seed=0, mesh=mesh)
 step = trainer.make_train_step(loss_fn, tx, mesh=mesh, state_shardings=shardings, ema_decay=0.99,

@@ -1,0 +1,135 @@
+"""A latent cache: per-example arrays (a frozen VAE's posterior mean and std) computed once and
+stored as an array_record file, read back as a grain random-access source.
+
+    WORKDIR/latents/NAME.array_record   one record per example, the fields' raw bytes concatenated
+    WORKDIR/latents/NAME.json           spec: {"fields": {field: {"shape", "dtype"}}, "num_examples",
+                                        "meta": {...what the cache was computed from}}
+
+Both files are written under temporary names and renamed when complete, the spec last, so a cache
+whose spec exists is whole; a killed run leaves at most `*.tmp` files, overwritten on the next try.
+`ensure` reuses a cache whose spec's `meta` equals the caller's (same VAE, dataset, split, size)
+and recomputes it otherwise. `LatentCacheSource` (over `ArrayRecordDataSource`) goes through the
+same `genjax.data.pipeline.make_dataset` as any other source (shard, shuffle, batch, checkpoint).
+
+Caching the posterior (mean, std) rather than one latent sample keeps the diffusion model's input
+stochastic: the train step draws `z = mean + std * eps` with its own rng, exactly as encoding on the
+fly with `AutoencoderKL.encode_latents(x, rng)` (LDM, Rombach et al. 2022, Sec. 3.1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+
+from genjax.errors import check
+
+SPEC_VERSION = 1
+
+
+def paths(directory: str, name: str) -> tuple[str, str]:
+    """`(records path, spec path)` of cache `name` in `directory`."""
+    return os.path.join(directory, f"{name}.array_record"), os.path.join(directory, f"{name}.json")
+
+
+def write(directory: str, name: str, batches: Iterable[Mapping[str, np.ndarray]], *,
+          meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Write the examples of `batches` (dicts of numpy arrays with a leading batch axis, the same
+    fields, per-example shapes and dtypes in every batch) as cache `name`; returns the spec.
+
+    Raises:
+      UserError: no examples, or a batch whose fields / shapes / dtypes differ from the first.
+    """
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    os.makedirs(directory, exist_ok=True)
+    records, spec_path = paths(directory, name)
+    fields: dict[str, dict[str, Any]] | None = None
+    count = 0
+    writer = ArrayRecordWriter(records + ".tmp", "group_size:1")
+    try:
+        for batch in batches:
+            arrays = {k: np.asarray(v) for k, v in batch.items()}
+            these = {k: {"shape": list(v.shape[1:]), "dtype": v.dtype.str} for k, v in sorted(arrays.items())}
+            fields = these if fields is None else fields
+            check(these == fields, "latent cache batch", these, f"must match the first batch's fields {fields}")
+            for i in range(len(next(iter(arrays.values())))):
+                writer.write(b"".join(np.ascontiguousarray(arrays[k][i]).tobytes() for k in fields))
+                count += 1
+    finally:
+        writer.close()
+    check(count > 0 and fields is not None, "latent cache", name, "got no examples to write")
+    os.replace(records + ".tmp", records)
+    spec = {"version": SPEC_VERSION, "fields": fields, "num_examples": count, "meta": dict(meta)}
+    with open(spec_path + ".tmp", "w") as f:
+        json.dump(spec, f, indent=2)
+    os.replace(spec_path + ".tmp", spec_path)
+    return spec
+
+
+def read_spec(directory: str, name: str) -> dict[str, Any] | None:
+    """The spec of cache `name`, or None if there is no complete cache."""
+    _, spec_path = paths(directory, name)
+    if not os.path.isfile(spec_path):
+        return None
+    with open(spec_path) as f:
+        return json.load(f)
+
+
+class LatentCacheSource:
+    """grain random-access source over a cache: example i is `{field: np.ndarray}` with the
+    spec's shapes and dtypes (read-only views of the record's bytes).
+
+    Raises:
+      UserError: `directory` holds no complete cache `name`.
+    """
+
+    def __init__(self, directory: str, name: str):
+        from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+        spec = read_spec(directory, name)
+        check(spec is not None, "latent cache", os.path.join(directory, name),
+              "does not exist (no spec file); build it with `latent_cache.ensure`")
+        self.spec = spec
+        self._layout = []
+        offset = 0
+        for key, f in spec["fields"].items():
+            dtype, shape = np.dtype(f["dtype"]), tuple(f["shape"])
+            size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            self._layout.append((key, dtype, shape, offset, size))
+            offset += size
+        self._data = ArrayRecordDataSource(paths(directory, name)[0])
+        check(len(self._data) == spec["num_examples"], "latent cache", name,
+              f"holds {len(self._data)} records but its spec says {spec['num_examples']}")
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        record = self._data[i]
+        return {key: np.frombuffer(record, dtype, count=size // dtype.itemsize, offset=offset).reshape(shape)
+                for key, dtype, shape, offset, size in self._layout}
+
+
+def ensure(directory: str, name: str, *, meta: Mapping[str, Any],
+           compute: Callable[[], Iterable[Mapping[str, np.ndarray]]]) -> LatentCacheSource:
+    """Open cache `name`, computing and writing it first if it is missing or was computed from a
+    different `meta` (JSON-serialisable: what the cache depends on).
+
+    With several processes, process 0 computes and writes (the directory must be shared) while
+    the others wait at a barrier.
+    """
+    import jax
+
+    meta = json.loads(json.dumps(dict(meta)))  # compare as JSON (tuples -> lists)
+    spec = read_spec(directory, name)
+    if jax.process_index() == 0 and (spec is None or spec.get("meta") != meta
+                                     or spec.get("version") != SPEC_VERSION):
+        write(directory, name, compute(), meta=meta)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"latent_cache:{name}")
+    return LatentCacheSource(directory, name)
