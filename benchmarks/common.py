@@ -204,13 +204,14 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
 
 
 def record(name: str, title: str, result: dict[str, Any], rows: list[tuple[str, str]],
-           argv: list[str], path: Path = RECORD_FILE) -> None:
+           argv: list[str], path: Path | None = None) -> None:
     """Write (or replace) the section of benchmark `name` in BENCHMARKS.md.
 
     The section sits between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` markers; a missing
     file or section is created / appended. It holds the result table, the machine, the load
     averages before and after, and the exact command.
     """
+    path = path or RECORD_FILE
     info = result["machine"]
     command = " ".join(["python", f"benchmarks/{name}.py", *argv])
     lines = [f"<!-- bench:{name} -->", f"### {title}", "", "| | |", "|---|---|"]
@@ -248,5 +249,5 @@ def finish(name: str, title: str, args: argparse.Namespace, argv: list[str] | No
     print_table(title, rows)
     if args.record:
         record(name, title, result, rows, list(sys.argv[1:] if argv is None else argv))
-        print(f"recorded in {RECORD_FILE}")
+        print(f"recorded in {RECORD_FILE.name}")
     return result

@@ -16,6 +16,7 @@ Both models must have the same number of parameters. Reported: seconds per varia
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -86,14 +87,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--channels", type=int, default=4)
     for flag in ("depth", "hidden-size", "num-heads", "patch-size"):
         parser.add_argument(f"--{flag}", type=int, default=None, help="override the variant's value")
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                        help="compile a 1-block model first")
     args = parser.parse_args(argv)
     context = common.start(args, torch=False)
 
     import jax
 
     jax.config.update("jax_enable_compilation_cache", False)
-    compile_train_step(args, scan=False, variant=None, depth=1, hidden_size=32, num_heads=2,
-                       patch_size=args.size // 4 or 1)  # warm-up
+    if args.warmup:
+        compile_train_step(args, scan=False, variant=None, depth=1, hidden_size=32, num_heads=2,
+                           patch_size=args.size // 4 or 1)
     runs: dict[str, list[dict[str, float]]] = {"unrolled": [], "scan": []}
     common.time_interleaved({name: (lambda name=name: runs[name].append(
         compile_train_step(args, scan=name == "scan"))) for name in runs}, args.repeats)

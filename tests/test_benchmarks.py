@@ -1,0 +1,88 @@
+"""Smoke tests of benchmarks/: each script's main() at tiny sizes, 1 repeat.
+
+Each run also checks (inside main) that genjax and the torch reference agree on what they
+computed, so these tests fail if the two sides stop computing the same thing.
+"""
+
+import math
+import os
+
+import pytest
+
+from benchmarks import common, compile_time, ddim_loop, dit_fwd_bwd, train_step
+
+TINY_DIT = ["--num-layers", "1", "--hidden-size", "32", "--num-heads", "2", "--batch", "2", "--size", "4",
+            "--num-classes", "10", "--repeats", "1"]
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """configure_threads may pin the process and sets torch's thread count; undo it for other tests."""
+    import torch
+
+    affinity, torch_threads = os.sched_getaffinity(0), torch.get_num_threads()
+    env = {k: os.environ.get(k) for k in ("NPROC", "XLA_FLAGS")}
+    yield
+    os.sched_setaffinity(0, affinity)
+    torch.set_num_threads(torch_threads)
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _check_result(result, ratio_keys=("jax_s", "torch_s")):
+    assert math.isfinite(result["ratio"]) and result["ratio"] > 0
+    for key in ratio_keys:
+        assert result[key] > 0
+    assert result["machine"]["cores"] and result["load_before"] and result["load_after"]
+
+
+def test_ddim_loop():
+    result = ddim_loop.main(TINY_DIT + ["--num-steps", "3"])
+    _check_result(result, ("jax_s_per_step", "torch_s_per_step"))
+    assert result["denoiser_traces"] == 1  # 3 steps, one trace: the loop is a scan, not unrolled
+    assert result["max_rel_diff"] <= 1e-3
+
+
+def test_dit_fwd_bwd():
+    result = dit_fwd_bwd.main(TINY_DIT)
+    _check_result(result)
+    assert result["loss_rel_diff"] <= 1e-3 and result["grad_norm_rel_diff"] <= 1e-3
+
+
+def test_train_step():
+    result = train_step.main(TINY_DIT)
+    _check_result(result)
+    assert len(result["losses"]["jax"]) == len(result["losses"]["torch"]) == 2  # warm-up + 1
+    assert result["change_norms"][0] > 0  # the parameters moved
+
+
+@pytest.mark.slow  # two XLA compiles of a train step: ~30 s of CPU
+def test_compile_time():
+    result = compile_time.main(["--variant", "S/8", "--depth", "2", "--hidden-size", "32", "--num-heads", "2",
+                                "--size", "8", "--batch", "2", "--repeats", "1", "--no-warmup"])
+    assert math.isfinite(result["ratio"]) and result["ratio"] > 0
+    assert result["scan"]["compile_s"] > 0 and result["unrolled"]["compile_s"] > 0
+
+
+def test_check_agree_raises_on_mismatch():
+    assert common.check_agree("x", [1.0, 2.0], [1.0, 2.0005], 1e-3) <= 1e-3
+    with pytest.raises(AssertionError, match="differ"):
+        common.check_agree("x", [1.0, 2.0], [1.0, 2.01], 1e-3)
+
+
+def test_record_writes_and_replaces_its_section(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\nintro\n")
+    machine = dict(cpu="cpu", cores="2", python="3", jax="j", flax="f", torch="t", diffusers="d", date="now")
+    result = {"machine": machine, "threads": {"threads": 2}, "load_before": "1 1 1", "load_after": "2 2 2"}
+    common.record("a", "A", result, [("ratio", "1.50")], ["--x"], path)
+    common.record("b", "B", result, [("ratio", "3.00")], [], path)
+    common.record("a", "A", result, [("ratio", "2.50")], [], path)
+    text = path.read_text()
+    assert text.startswith("# Benchmarks\n\nintro\n")
+    assert text.count("<!-- bench:a -->") == 1 and "| ratio | 2.50 |" in text and "1.50" not in text
+    assert text.index("<!-- bench:a -->") < text.index("<!-- bench:b -->") and "| ratio | 3.00 |" in text
+    assert "Command: `python benchmarks/a.py`" in text
