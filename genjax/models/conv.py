@@ -10,6 +10,8 @@ tests/models/test_conv.py and test_unet.py):
   Upsample          diffusers `Upsample2D(use_conv=True)`: nearest x2 + conv3x3
   SpatialAttention  diffusers `Attention` over H*W tokens, `residual_connection=True`
                     (the DDPM / LDM "AttnBlock")
+  SpatialCrossAttention  H*W tokens attend to text tokens (LDM SpatialTransformer's cross-attention
+                    sub-layer), zero-initialised output projection
 
 GroupNorm and softmax compute in float32 whatever the compute `dtype`. Each block has a matching
 `load_*` function that converts the block's diffusers state-dict entries (via
@@ -26,6 +28,7 @@ import numpy as np
 
 from genjax.errors import check
 from genjax.io.weights import StateDictReader
+from genjax.models.layers import Attention, LayerNorm
 from genjax.parallel.axes import CONV_IN, CONV_OUT, EMBED, MLP, NORM
 
 Dtype = Any
@@ -247,6 +250,60 @@ class SpatialAttention(nn.Module):
         o = jnp.einsum("bnqs,bsnk->bqnk", weights.astype(self.dtype), v).reshape(b, -1, c)
         o = dense(c, (MLP, EMBED), name="to_out", **kw)(o).reshape(b, height, width, c)
         return ((o + x) / self.rescale_output_factor).astype(self.dtype)
+
+
+class SpatialCrossAttention(nn.Module):
+    """Cross-attention from an image's H*W positions to context (text) tokens, with a residual.
+
+        h = layer_norm(x)                                  per position over C, float32
+        o = Attention(h, context, context_mask)            `layers.Attention`: to_q C -> (N, K),
+                                                           to_k / to_v Dc -> (N, K), to_out -> C
+        out = x + proj_out(o)                              proj_out (C -> C) zero-initialised
+
+    The cross-attention sub-layer of LDM's SpatialTransformer (Rombach et al. 2022, Sec. 3.3,
+    eq. 3: Q from the image features, K and V from the conditioning tokens tau(y)) as in diffusers
+    `BasicTransformerBlock` (`norm2` LayerNorm eps 1e-5 -> `attn2` with bias-free q/k/v and a
+    biased `to_out`), followed by a zero-initialised projection as LDM's `proj_out`
+    (`zero_module`), so a freshly initialised block is the identity and adding it to a trained
+    U-Net changes nothing until it learns. Numbers checked against torch `LayerNorm` + diffusers
+    `Attention(cross_attention_dim=Dc, bias=False)` + `Linear` in tests/models/test_conv.py.
+
+    Attributes:
+      head_dim: K; None means one head of width C.
+      eps: LayerNorm epsilon.
+
+    Call: `(x (B, H, W, C), context (B, S, Dc) float, context_mask (B, S) bool, True = attend)
+    -> (B, H, W, C)` in `dtype`. Masked context tokens get weight exactly 0, so their values never
+    reach the output; a row whose mask is all False gets 0 before `to_out` (output x +
+    proj_out(to_out.bias)).
+
+    Raises:
+      UserError: C not divisible by `head_dim`; context not 3-D or not of batch B; context_mask
+        not (B, S).
+    """
+    head_dim: int | None = None
+    eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, context: jnp.ndarray, context_mask: jnp.ndarray) -> jnp.ndarray:
+        b, height, width, c = x.shape
+        head_dim = self.head_dim or c
+        check(c % head_dim == 0, "attention_head_dim", head_dim,
+              f"must divide the attention block's channel count {c}")
+        check(context.ndim == 3 and context.shape[0] == b, "context.shape", context.shape,
+              f"must be (B, S, Dc) with B={b}")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = x.astype(self.dtype)
+        h = LayerNorm(epsilon=self.eps, name="norm", **kw)(x.reshape(b, height * width, c))
+        o = Attention(c // head_dim, head_dim=head_dim, qkv_bias=False, name="attn", **kw)(
+            h, context.astype(self.dtype), context_mask=jnp.asarray(context_mask).astype(bool))
+        zeros = nn.initializers.zeros_init()
+        o = nn.Dense(c, name="proj_out", **kw,
+                     kernel_init=nn.with_logical_partitioning(zeros, (MLP, EMBED)),
+                     bias_init=nn.with_logical_partitioning(zeros, (EMBED,)))(o)
+        return (x + o.reshape(b, height, width, c)).astype(self.dtype)
 
 
 # --- diffusers state dict -> Flax params (numpy), one function per block ----------------------

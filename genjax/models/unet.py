@@ -1,8 +1,9 @@
 """DDPM / ADM U-Net: the diffusers `UNet2DModel`, channels-last, in Flax Linen.
 
-    x (B, H, W, C_in), t (B,) [, y (B,)] -> eps / v / x0 prediction (B, H, W, C_out)
+    x (B, H, W, C_in), t (B,) [, y (B,)] [, text (B, S, Dc), text_mask (B, S)]
+        -> eps / v / x0 prediction (B, H, W, C_out)
 
-    temb = MLP(sinusoid(t)) [+ class_embedding(y)]                       (B, 4 * C0)
+    temb = MLP(sinusoid(t)) [+ class_embedding(y)] [+ Dense(masked_mean(text))]   (B, 4 * C0)
     h = conv_in(x);  skips = [h]
     for each level i: layers_per_block x (ResnetBlock [+ SpatialAttention]) [+ Downsample],
                       every output pushed to skips
@@ -11,11 +12,20 @@
                       [+ SpatialAttention]) [+ Upsample]
     out = conv_out(silu(group_norm(h)))
 
+With `cross_attention_dim` set, every SpatialAttention is followed by a cross-attention to the
+text tokens (`conv.SpatialCrossAttention`) and the pooled text joins the time embedding; both
+are zero-initialised, so a fresh text U-Net computes exactly the U-Net without text.
+
 Sources: Ho et al. 2020 (DDPM) Appendix B (the Wide-ResNet / PixelCNN++ U-Net, attention at
 16x16); Dhariwal & Nichol 2021 (ADM) Sec. 3 (scale-shift norm "AdaGN", multi-head attention,
 class embedding). Structure, parameter names and numbers match diffusers 0.42 `UNet2DModel` with
 `time_embedding_type="positional"`, `act_fn="silu"`, conv down/up-sampling (checked to <= 1e-4 in
 tests/models/test_unet.py), so `load_diffusers` reads checkpoints such as google/ddpm-cifar10-32.
+Text conditioning: cross-attention as LDM (Rombach et al. 2022, Sec. 3.3, eq. 3; its
+SpatialTransformer / diffusers `UNet2DConditionModel`), pooled text added to the time embedding
+as GLIDE (Nichol et al. 2022, Sec. 2.3: the text's final token embedding "in place of a class
+embedding") and SDXL (Podell et al. 2023, Sec. 2.1: pooled text embedding added to the timestep
+embedding); a learned null text for classifier-free guidance (Ho & Salimans 2022, Sec. 3.2).
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from genjax.errors import UserError, check
 from genjax.io.weights import StateDictReader, load_state_dict
 from genjax.models import conv
 from genjax.models.layers import TimestepEmbedder
-from genjax.parallel.axes import EMBED
+from genjax.parallel.axes import EMBED, MLP
 
 Dtype = Any
 
@@ -42,10 +52,12 @@ UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D")
 class DownBlock(nn.Module):
     """One encoder level: `num_layers` x (ResnetBlock [+ SpatialAttention]) [+ Downsample].
 
-    diffusers `DownBlock2D` (`attention=False`) / `AttnDownBlock2D` (`attention=True`).
-    Call: `(x (B, H, W, C_in), temb (B, E), train) -> (h, skips)`, `h (B, H', W', C_out)` with
-    H' = H/2 when `add_downsample`, and `skips` the tuple of every layer's output (the
-    downsampled one last).
+    diffusers `DownBlock2D` (`attention=False`) / `AttnDownBlock2D` (`attention=True`); with
+    `cross_attention` each SpatialAttention is followed by a `conv.SpatialCrossAttention` to the
+    text tokens (`cross_attentions_{j}`).
+    Call: `(x (B, H, W, C_in), temb (B, E), train, text (B, S, Dc) | None, text_mask (B, S) | None)
+    -> (h, skips)`, `h (B, H', W', C_out)` with H' = H/2 when `add_downsample`, and `skips` the
+    tuple of every layer's output (the downsampled one last).
     """
     out_channels: int
     num_layers: int
@@ -58,11 +70,12 @@ class DownBlock(nn.Module):
     dropout: float
     downsample_padding: int
     temb_channels: int
+    cross_attention: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, temb, train: bool = False):
+    def __call__(self, x, temb, train: bool = False, text=None, text_mask=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         skips = []
         for j in range(self.num_layers):
@@ -73,6 +86,9 @@ class DownBlock(nn.Module):
             if self.attention:
                 x = conv.SpatialAttention(head_dim=self.attention_head_dim, num_groups=self.num_groups,
                                           eps=self.eps, name=f"attentions_{j}", **kw)(x)
+                if self.cross_attention:
+                    x = conv.SpatialCrossAttention(head_dim=self.attention_head_dim,
+                                                   name=f"cross_attentions_{j}", **kw)(x, text, text_mask)
             skips.append(x)
         if self.add_downsample:
             x = conv.Downsample(out_channels=self.out_channels, padding=self.downsample_padding,
@@ -86,7 +102,8 @@ class MidBlock(nn.Module):
 
     diffusers `UNetMidBlock2D`. `attn_num_groups=None` drops the attention's GroupNorm (diffusers
     does this with `resnet_time_scale_shift="scale_shift"` unless `attn_norm_num_groups` is set).
-    Call: `(x (B, H, W, C), temb (B, E), train) -> (B, H, W, C)`.
+    With `cross_attention` (and `attention`) a `conv.SpatialCrossAttention` follows the attention.
+    Call: `(x (B, H, W, C), temb (B, E), train, text, text_mask) -> (B, H, W, C)`.
     """
     attention: bool
     attention_head_dim: int | None
@@ -97,11 +114,12 @@ class MidBlock(nn.Module):
     dropout: float
     output_scale_factor: float
     temb_channels: int
+    cross_attention: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, temb, train: bool = False):
+    def __call__(self, x, temb, train: bool = False, text=None, text_mask=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         resnet = dict(temb_channels=self.temb_channels, num_groups=self.num_groups, eps=self.eps,
                       time_embedding_norm=self.time_embedding_norm, dropout=self.dropout,
@@ -111,15 +129,19 @@ class MidBlock(nn.Module):
             x = conv.SpatialAttention(head_dim=self.attention_head_dim, num_groups=self.attn_num_groups,
                                       eps=self.eps, rescale_output_factor=self.output_scale_factor,
                                       name="attentions_0", **kw)(x)
+            if self.cross_attention:
+                x = conv.SpatialCrossAttention(head_dim=self.attention_head_dim,
+                                               name="cross_attentions_0", **kw)(x, text, text_mask)
         return conv.ResnetBlock(name="resnets_1", **resnet)(x, temb, train=train)
 
 
 class UpBlock(nn.Module):
     """One decoder level: `num_layers` x (concat skip -> ResnetBlock [+ SpatialAttention]) [+ Upsample].
 
-    diffusers `UpBlock2D` / `AttnUpBlock2D`. Call: `(x (B, H, W, C), skips, temb (B, E), train)
-    -> (B, H', W', out_channels)`, H' = 2H when `add_upsample`; `skips` holds `num_layers`
-    tensors, consumed last-first and concatenated on channels.
+    diffusers `UpBlock2D` / `AttnUpBlock2D`; `cross_attention` as in `DownBlock`. Call: `(x (B, H,
+    W, C), skips, temb (B, E), train, text, text_mask) -> (B, H', W', out_channels)`, H' = 2H when
+    `add_upsample`; `skips` holds `num_layers` tensors, consumed last-first and concatenated on
+    channels.
     """
     out_channels: int
     num_layers: int
@@ -131,11 +153,12 @@ class UpBlock(nn.Module):
     time_embedding_norm: str
     dropout: float
     temb_channels: int
+    cross_attention: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, skips, temb, train: bool = False):
+    def __call__(self, x, skips, temb, train: bool = False, text=None, text_mask=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for j in range(self.num_layers):
             x = jnp.concatenate([x, skips[-1 - j].astype(x.dtype)], axis=-1)
@@ -146,9 +169,49 @@ class UpBlock(nn.Module):
             if self.attention:
                 x = conv.SpatialAttention(head_dim=self.attention_head_dim, num_groups=self.num_groups,
                                           eps=self.eps, name=f"attentions_{j}", **kw)(x)
+                if self.cross_attention:
+                    x = conv.SpatialCrossAttention(head_dim=self.attention_head_dim,
+                                                   name=f"cross_attentions_{j}", **kw)(x, text, text_mask)
         if self.add_upsample:
             x = conv.Upsample(out_channels=self.out_channels, name="upsamplers_0", **kw)(x)
         return x
+
+
+class TextEmbedding(nn.Module):
+    """Text tokens -> cross-attention context, its mask and a pooled time-embedding term.
+
+    Params: `null_text (Dc,)` normal(0.02), the learned unconditional prompt; `pooled_proj`
+    Dense(Dc -> features), zero-initialised (a fresh text U-Net has the time embedding of the
+    U-Net without text).
+
+    Call: `(text (B, S, Dc) float, text_mask (B, S) bool, True = real token, drop (B,) bool or
+    None) -> (context (B, S, Dc) in dtype, context_mask (B, S) bool, pooled (B, features) in dtype)`:
+      - where `drop`: every token becomes `null_text` and the mask keeps only the first, i.e. the
+        null prompt is one valid token (classifier-free guidance dropout, Ho & Salimans 2022);
+      - pooled = pooled_proj(masked mean of the tokens over valid positions), computed in float32
+        with `jnp.where`, so padding values never reach it (an all-padding row pools to 0).
+    """
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, text, text_mask, drop=None):
+        null_text = self.param("null_text", nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), (EMBED,)), (text.shape[-1],), self.param_dtype)
+        text = text.astype(jnp.float32)
+        mask = jnp.asarray(text_mask).astype(bool)
+        if drop is not None:
+            drop = jnp.asarray(drop, bool)[:, None]
+            text = jnp.where(drop[..., None], jnp.asarray(null_text, jnp.float32), text)
+            mask = jnp.where(drop, jnp.arange(mask.shape[1]) == 0, mask)
+        total = jnp.where(mask[..., None], text, 0.0).sum(axis=1)
+        pooled = total / jnp.maximum(mask.sum(axis=1, keepdims=True), 1).astype(jnp.float32)
+        zeros = nn.initializers.zeros_init()
+        pooled = nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="pooled_proj",
+                          kernel_init=nn.with_logical_partitioning(zeros, (EMBED, MLP)),
+                          bias_init=nn.with_logical_partitioning(zeros, (MLP,)))(pooled.astype(self.dtype))
+        return text.astype(self.dtype), mask, pooled
 
 
 class UNet(nn.Module):
@@ -177,20 +240,37 @@ class UNet(nn.Module):
       class_embed_type / num_class_embeds: None + an int -> learned class table `(num_class_embeds,
         E)`; "timestep" -> sinusoid + MLP of the label. None + None: unconditional.
       time_embedding_dim: E; None means 4 * block_out_channels[0].
+      cross_attention_dim: Dc, the width of the text tokens; None (default) means no text
+        conditioning, and then the parameters and numbers are exactly diffusers' UNet2DModel's.
+        When set, every attention layer (AttnDownBlock2D / AttnUpBlock2D / the mid attention) is
+        followed by `conv.SpatialCrossAttention` to the text tokens (`cross_attentions_{j}`), and
+        `TextEmbedding` ("text_embedding") adds the pooled text to temb; both zero-initialised.
+      text_dropout_prob: probability, with `train=True`, of replacing an example's text by the
+        learned null text (classifier-free guidance training; SD and PixArt use 0.1).
       remat: rematerialise each block in the backward pass (less memory, same numbers).
       dtype, param_dtype: compute and storage dtypes; GroupNorm, softmax and the timestep
         sinusoid compute in float32.
 
     Call: `(x (B, H, W, C_in) float, t (B,) or () int/float timesteps (e.g. in [0, 1000)),
-    y (B,) int class labels in [0, num_class_embeds) or None, *, train=False)
-    -> (B, H, W, C_out)` in `dtype`. Dropout needs the "dropout" rng when `train`.
+    y (B,) int class labels in [0, num_class_embeds) or None, *, text (B, S, Dc) float or None,
+    text_mask (B, S) bool (True = real token, False = padding; padding never influences the
+    output) or None, force_drop_text (B,) or () bool or None, train=False) -> (B, H, W, C_out)`
+    in `dtype`. text and text_mask are required when cross_attention_dim is set. Where
+    force_drop_text is True the example's text is replaced by the null text (the unconditional
+    branch of classifier-free guidance: pass `force_drop_text=jnp.zeros((B,), bool)` with the
+    text and `null_cond={"force_drop_text": True}` to `genjax.diffusion.guidance.cfg_denoiser`);
+    with `train` and text_dropout_prob > 0 each example's text is also dropped with that
+    probability. Dropout (residual and text) needs the "dropout" rng when `train`.
 
     Raises:
       UserError (at trace time, before compiling): an unknown block type, time scale-shift or
         class_embed_type; lists of different lengths; x not 4-D, C != in_channels, H or W not
         divisible by 2 ** (levels - 1); t not of shape () or (B,); y missing, given to an
         unconditional model or not of shape (B,); channels not divisible by the group counts or
-        attention_head_dim.
+        attention_head_dim; cross_attention_dim < 1 or set without any attention layer,
+        text_dropout_prob outside [0, 1]; text / text_mask / force_drop_text given without
+        cross_attention_dim, text missing with it, text not (B, S, cross_attention_dim),
+        text_mask not (B, S), force_drop_text not () or (B,).
     """
     sample_size: int | tuple[int, int] | None = None
     in_channels: int = 3
@@ -216,6 +296,8 @@ class UNet(nn.Module):
     class_embed_type: str | None = None
     num_class_embeds: int | None = None
     time_embedding_dim: int | None = None
+    cross_attention_dim: int | None = None
+    text_dropout_prob: float = 0.0
     remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -235,6 +317,33 @@ class UNet(nn.Module):
         check(self.class_embed_type in (None, "timestep"), "class_embed_type",
               self.class_embed_type, 'must be None (with num_class_embeds) or "timestep"')
         check(self.layers_per_block >= 1, "layers_per_block", self.layers_per_block, "must be >= 1")
+        check(0.0 <= self.text_dropout_prob <= 1.0, "text_dropout_prob", self.text_dropout_prob,
+              "must be in [0, 1]")
+        if self.cross_attention_dim is not None:
+            check(isinstance(self.cross_attention_dim, int) and self.cross_attention_dim >= 1,
+                  "cross_attention_dim", self.cross_attention_dim, "must be None or an int >= 1")
+            has_attention = (any(k.startswith("Attn") for k in self.down_block_types + self.up_block_types)
+                             or (self.mid_block and self.add_attention))
+            check(has_attention, "cross_attention_dim", self.cross_attention_dim,
+                  "needs at least one attention layer (an Attn*Block2D or the mid attention)")
+
+    def _check_text(self, text, text_mask, force_drop_text, b: int) -> None:
+        if self.cross_attention_dim is None:
+            given = [k for k, v in (("text", text), ("text_mask", text_mask),
+                                    ("force_drop_text", force_drop_text)) if v is not None]
+            check(not given, given[0] if given else "text", "given",
+                  "needs a UNet built with cross_attention_dim")
+            return
+        shape = None if text is None else tuple(jnp.shape(text))
+        check(shape is not None and len(shape) == 3 and shape[0] == b
+              and shape[2] == self.cross_attention_dim, "text.shape", shape,
+              f"must be (B, S, cross_attention_dim) = ({b}, S, {self.cross_attention_dim})")
+        check(text_mask is not None, "text_mask", None,
+              "must be given with text (True = real token, False = padding)")
+        check(tuple(jnp.shape(text_mask)) == shape[:2], "text_mask.shape", tuple(jnp.shape(text_mask)),
+              f"must be (B, S) = {shape[:2]}")
+        check(force_drop_text is None or jnp.shape(force_drop_text) in ((), (b,)), "force_drop_text.shape",
+              None if force_drop_text is None else jnp.shape(force_drop_text), f"must be () or (B,) = ({b},)")
 
     @property
     def conditional(self) -> bool:
@@ -243,7 +352,8 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, t: jnp.ndarray, y: jnp.ndarray | None = None, *,
-                 train: bool = False) -> jnp.ndarray:
+                 text: jnp.ndarray | None = None, text_mask: jnp.ndarray | None = None,
+                 force_drop_text: jnp.ndarray | None = None, train: bool = False) -> jnp.ndarray:
         self._check_config()
         levels = len(self.block_out_channels)
         factor = 2 ** (levels - 1)
@@ -261,6 +371,7 @@ class UNet(nn.Module):
         else:
             check(y is None, "y", jnp.shape(y), "must be None for an unconditional model "
                   "(set num_class_embeds or class_embed_type)")
+        self._check_text(text, text_mask, force_drop_text, b)
 
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         c0 = self.block_out_channels[0]
@@ -275,10 +386,20 @@ class UNet(nn.Module):
                              embedding_init=nn.with_logical_partitioning(
                                  nn.initializers.normal(1.0), (None, EMBED)), **kw)
             temb = temb + table(y)
+        if self.cross_attention_dim is not None:
+            drop = None
+            if force_drop_text is not None:
+                drop = jnp.broadcast_to(jnp.asarray(force_drop_text, bool), (b,))
+            if train and self.text_dropout_prob > 0:
+                sampled = jax.random.bernoulli(self.make_rng("dropout"), self.text_dropout_prob, (b,))
+                drop = sampled if drop is None else drop | sampled
+            text, text_mask, pooled = TextEmbedding(temb_dim, name="text_embedding", **kw)(text, text_mask, drop)
+            temb = temb + pooled
 
         block = dict(attention_head_dim=self.attention_head_dim, num_groups=self.norm_num_groups,
                      eps=self.norm_eps, time_embedding_norm=self.resnet_time_scale_shift,
-                     dropout=self.dropout, temb_channels=temb_dim, **kw)
+                     dropout=self.dropout, temb_channels=temb_dim,
+                     cross_attention=self.cross_attention_dim is not None, **kw)
         # `train` is positional and static (argnum 3 / 4 counting self) so remat can branch on it.
         down_cls, mid_cls, up_cls = DownBlock, MidBlock, UpBlock
         if self.remat:
@@ -294,7 +415,7 @@ class UNet(nn.Module):
             h, out = down_cls(ch, self.layers_per_block, kind == "AttnDownBlock2D",
                               add_downsample=i < levels - 1,
                               downsample_padding=self.downsample_padding,
-                              name=f"down_blocks_{i}", **block)(h, temb, train)
+                              name=f"down_blocks_{i}", **block)(h, temb, train, text, text_mask)
             skips.extend(out)
 
         if self.mid_block:
@@ -303,13 +424,13 @@ class UNet(nn.Module):
                 attn_groups = self.norm_num_groups
             h = mid_cls(self.add_attention, attn_num_groups=attn_groups,
                         output_scale_factor=self.mid_block_scale_factor, name="mid_block",
-                        **block)(h, temb, train)
+                        **block)(h, temb, train, text, text_mask)
 
         n_up = self.layers_per_block + 1
         for i, (kind, ch) in enumerate(zip(self.up_block_types, self.block_out_channels[::-1])):
             level_skips, skips = tuple(skips[-n_up:]), skips[:-n_up]
             h = up_cls(ch, n_up, kind == "AttnUpBlock2D", add_upsample=i < levels - 1,
-                       name=f"up_blocks_{i}", **block)(h, level_skips, temb, train)
+                       name=f"up_blocks_{i}", **block)(h, level_skips, temb, train, text, text_mask)
 
         h = nn.silu(conv.group_norm(h, num_groups=self.norm_num_groups, eps=self.norm_eps,
                                     name="conv_norm_out", **kw))
@@ -439,6 +560,8 @@ def load_diffusers(src: Any, **overrides) -> tuple[UNet, dict[str, Any]]:
     module = Model(**{**(_kwargs_from_config(config) if config else _kwargs_from_state(state)),
                       **overrides})
     module._check_config()
+    check(module.cross_attention_dim is None, "cross_attention_dim", module.cross_attention_dim,
+          "UNet2DModel checkpoints have no text cross-attention; load without it")
     r = StateDictReader(state, family="UNet2DModel")
     levels, n = len(module.block_out_channels), module.layers_per_block
 

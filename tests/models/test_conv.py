@@ -1,4 +1,5 @@
-"""conv.py blocks against diffusers' ResnetBlock2D / Downsample2D / Upsample2D / Attention.
+"""conv.py blocks against diffusers' ResnetBlock2D / Downsample2D / Upsample2D / Attention (self-
+and cross-attention).
 
 Each torch block gets random weights (all of them, including zero-initialised ones), is converted
 with the block's `load_*` function, and both run on the same NHWC / NCHW input.
@@ -133,6 +134,40 @@ def test_attention_loads_deprecated_names():
     b = conv.load_attention(r, "")
     r.finish()
     jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.mark.parametrize("head_dim,hw", [(None, (4, 6)), (8, (3, 5))])
+def test_spatial_cross_attention_matches_torch(head_dim, hw):
+    """LayerNorm -> diffusers cross-Attention (bias-free q/k/v) -> Linear -> residual, with a
+    padding mask (diffusers' additive -10000 bias, as UNet2DConditionModel builds it)."""
+    c, dc, s = 32, 12, 5
+    heads, k = c // (head_dim or c), head_dim or c
+    norm, proj = randomise(torch.nn.LayerNorm(c)), randomise(torch.nn.Linear(c, c))
+    attn = randomise(Attention(c, cross_attention_dim=dc, heads=heads, dim_head=k, bias=False,
+                               out_bias=True), std=0.2)
+    w = {n: v.numpy() for n, v in attn.state_dict().items()}
+    params = {
+        "norm": {"norm": {"scale": norm.weight.detach().numpy(), "bias": norm.bias.detach().numpy()}},
+        "attn": {"to_q": {"kernel": w["to_q.weight"].T.reshape(c, heads, k)},
+                 "to_k": {"kernel": w["to_k.weight"].T.reshape(dc, heads, k)},
+                 "to_v": {"kernel": w["to_v.weight"].T.reshape(dc, heads, k)},
+                 "to_out": {"kernel": w["to_out.0.weight"].T.reshape(heads, k, c),
+                            "bias": w["to_out.0.bias"]}},
+        "proj_out": {"kernel": proj.weight.detach().numpy().T, "bias": proj.bias.detach().numpy()},
+    }
+    x, context = inputs((2, *hw, c)), inputs((2, s, dc), seed=2)
+    mask = np.array([[1, 1, 0, 1, 0], [1, 0, 0, 0, 0]], bool)
+    block = conv.SpatialCrossAttention(head_dim=head_dim)
+    check_params_tree(block, params, x, context, mask)
+    got = block.apply({"params": params}, x, context, mask)
+    tokens = torch.from_numpy(x.reshape(2, -1, c))
+    bias = torch.from_numpy((~mask[:, None, :]).astype(np.float32) * -10000.0)
+    with torch.no_grad():
+        want = tokens + proj(attn(norm(tokens), torch.from_numpy(context), attention_mask=bias))
+    np.testing.assert_allclose(np.asarray(got), want.numpy().reshape(got.shape), atol=1e-4, rtol=0)
+    # A fresh block is the identity (zero-initialised proj_out), whatever the context.
+    fresh = block.init(KEY, x, context, mask)
+    np.testing.assert_array_equal(block.apply(fresh, x, context, mask), x)
 
 
 def test_bf16_close_to_f32_and_logical_axes():

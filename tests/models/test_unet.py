@@ -205,3 +205,136 @@ def test_load_rejects_wrong_family_and_unsupported_config(tmp_path):
     json.dump({**cfg, "time_embedding_type": "fourier"}, open(tmp_path / "config.json", "w"))
     with pytest.raises(UserError, match="time_embedding_type"):
         unet.load_diffusers(tmp_path)
+
+
+# --- text conditioning (cross_attention_dim) ----------------------------------------------------
+
+TEXT = dict(in_channels=2, out_channels=2, block_out_channels=(8, 16), layers_per_block=1,
+            norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4, cross_attention_dim=6)
+
+
+def text_inputs():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, 6, 2)).astype(np.float32)
+    text = rng.standard_normal((2, 5, 6)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 0, 1, 1, 0]], bool)
+    return x, np.array([3, 700]), text, mask
+
+
+def random_params(module, *args, std=0.3, **kw):
+    """Every parameter (zero-initialised ones included) drawn N(0, std), so the text path is live."""
+    shapes = nn.unbox(jax.eval_shape(module.init, KEY, *args, **kw))["params"]
+    rng = np.random.default_rng(1)
+    return jax.tree.map(lambda s: (std * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+
+
+def without_text(tree):
+    """The param tree minus the text-conditioning entries (text_embedding, cross_attentions_*)."""
+    if not isinstance(tree, dict):
+        return tree
+    return {k: without_text(v) for k, v in tree.items()
+            if k != "text_embedding" and not k.startswith("cross_attentions_")}
+
+
+def test_fresh_text_unet_equals_unet_without_text():
+    """Zero-initialised cross-attention output and pooled projection: a fresh text U-Net is exactly
+    the U-Net without text on the shared parameters, which are the same tree."""
+    x, t, text, mask = text_inputs()
+    module = unet.Model(**TEXT)
+    variables = jax.jit(module.init)(KEY, x, t, text=text, text_mask=mask)
+    spec = nn.get_partition_spec(variables)["params"]
+    P = jax.sharding.PartitionSpec
+    assert spec["mid_block"]["cross_attentions_0"]["attn"]["to_k"]["kernel"] == P("embed", "heads", "kv")
+    assert spec["text_embedding"]["null_text"] == P("embed")
+    params = nn.unbox(variables)["params"]
+    assert {"cross_attentions_0"} <= set(params["down_blocks_1"]) and "cross_attentions_1" in params["up_blocks_0"]
+    assert "cross_attentions_0" not in params["down_blocks_0"]  # plain DownBlock2D: no attention
+
+    base = module.clone(cross_attention_dim=None)
+    base_shapes = nn.unbox(jax.eval_shape(base.init, KEY, x, t))["params"]
+    stripped = without_text(params)
+    assert jax.tree.map(np.shape, stripped) == jax.tree.map(lambda s: s.shape, base_shapes)
+    got = jax.jit(module.apply)({"params": params}, x, t, text=text, text_mask=mask)
+    want = jax.jit(base.apply)({"params": stripped}, x, t)
+    assert got.shape == (2, 4, 6, 2) and np.abs(want).max() > 0.1
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+
+
+def test_padding_tokens_never_influence_output():
+    x, t, text, mask = text_inputs()
+    module = unet.Model(**TEXT)
+    params = random_params(module, x, t, text=text, text_mask=mask)
+    apply = jax.jit(module.apply)
+    out = np.asarray(apply({"params": params}, x, t, text=text, text_mask=mask))
+    other = np.where(mask[..., None], text, 1e3 * np.random.default_rng(2).standard_normal(text.shape))
+    np.testing.assert_array_equal(apply({"params": params}, x, t, text=other.astype(np.float32),
+                                        text_mask=mask), out)
+    # ...while a real token does (the test can fail): change example 1's last valid token.
+    changed = text.copy()
+    changed[1, 3] += 1.0
+    diff = np.abs(np.asarray(apply({"params": params}, x, t, text=changed, text_mask=mask)) - out)
+    assert diff[1].max() > 1e-3 and diff[0].max() == 0
+
+
+def test_null_text_force_drop_cfg_and_training_dropout():
+    from genjax.diffusion.guidance import cfg_denoiser
+
+    x, t, text, mask = text_inputs()
+    module = unet.Model(**TEXT, text_dropout_prob=1.0)
+    params = random_params(module, x, t, text=text, text_mask=mask)
+    apply = jax.jit(module.apply, static_argnames="train")
+    cond = np.asarray(apply({"params": params}, x, t, text=text, text_mask=mask))
+    # force_drop_text == passing the null embedding as a one-token prompt (here padded to S=5).
+    null_text = np.broadcast_to(params["text_embedding"]["null_text"], text.shape)
+    null_mask = np.broadcast_to(np.arange(5) == 0, mask.shape)
+    uncond = np.asarray(apply({"params": params}, x, t, text=null_text, text_mask=null_mask))
+    assert np.abs(uncond - cond).max() > 1e-3
+    mixed = apply({"params": params}, x, t, text=text, text_mask=mask,
+                  force_drop_text=np.array([True, False]))
+    np.testing.assert_allclose(mixed[0], uncond[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(mixed[1], cond[1], atol=1e-5, rtol=0)
+    # text_dropout_prob = 1 in training drops every example's text.
+    dropped = apply({"params": params}, x, t, text=text, text_mask=mask, train=True,
+                    rngs={"dropout": KEY})
+    np.testing.assert_allclose(dropped, uncond, atol=1e-5, rtol=0)
+
+    # Classifier-free guidance: null_cond={"force_drop_text": True} against force_drop_text=False.
+    @jax.jit
+    def guided(scale):
+        denoise = lambda x_t, t_, **c: module.apply({"params": params}, x_t, t_, **c)  # noqa: E731
+        g = cfg_denoiser(denoise, scale, null_cond={"force_drop_text": True})
+        return g(x, t, text=text, text_mask=mask, force_drop_text=np.zeros(2, bool))
+
+    np.testing.assert_allclose(guided(1.0), cond, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(guided(0.0), uncond, atol=1e-5, rtol=0)
+
+
+def test_text_bad_input_raises_user_error():
+    x, t, text, mask = text_inputs()
+
+    def init(*, y=None, model=None, **kw):
+        module = unet.Model(**{**TEXT, **(model or {})})
+        return jax.eval_shape(module.init, KEY, x, t, y, **kw)
+
+    assert init(text=text, text_mask=mask)  # the valid call goes through
+    with pytest.raises(UserError, match="text_mask=None"):
+        init(text=text)
+    with pytest.raises(UserError, match=r"text.shape=\(2, 5, 4\)"):
+        init(text=text[..., :4], text_mask=mask)
+    with pytest.raises(UserError, match="text.shape=None"):
+        init()
+    with pytest.raises(UserError, match="text_mask.shape"):
+        init(text=text, text_mask=mask[:, :3])
+    with pytest.raises(UserError, match="force_drop_text.shape"):
+        init(text=text, text_mask=mask, force_drop_text=np.zeros(3, bool))
+    with pytest.raises(UserError, match="needs a UNet built with cross_attention_dim"):
+        init(text=text, text_mask=mask, model=dict(cross_attention_dim=None))
+    with pytest.raises(UserError, match="at least one attention layer"):
+        init(text=text, text_mask=mask, model=dict(down_block_types=("DownBlock2D",) * 2,
+                                                   up_block_types=("UpBlock2D",) * 2, add_attention=False))
+    with pytest.raises(UserError, match="text_dropout_prob"):
+        init(text=text, text_mask=mask, model=dict(text_dropout_prob=1.5))
+    with pytest.raises(UserError, match="cross_attention_dim"):
+        unet.load_diffusers({k: v.numpy() for k, v in torch_unet(CONFIGS["misc"]).state_dict().items()},
+                            attention_head_dim=4, norm_num_groups=4, cross_attention_dim=8)
