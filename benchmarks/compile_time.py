@@ -31,6 +31,12 @@ OPTIM = dict(lr=1e-4, schedule="constant", warmup_steps=0, end_lr_ratio=0.0, b1=
              weight_decay=0.0, grad_clip_norm=0.0)
 
 
+def _overrides(args) -> dict[str, int]:
+    """The model sizes given on the command line (they override the variant's)."""
+    return {k: getattr(args, k) for k in ("depth", "hidden_size", "num_heads", "patch_size")
+            if getattr(args, k) is not None}
+
+
 def compile_train_step(args, scan: bool, **model_kw) -> dict[str, float]:
     """Lower and compile one train step on abstract inputs; returns seconds and the param count."""
     import jax
@@ -42,10 +48,8 @@ def compile_train_step(args, scan: bool, **model_kw) -> dict[str, float]:
     from genjax.train import state as state_lib
     from genjax.train import trainer
 
-    overrides = {k: getattr(args, k) for k in ("depth", "hidden_size", "num_heads", "patch_size")
-                 if getattr(args, k) is not None}
     module = dit.Model(variant=model_kw.pop("variant", args.variant), in_channels=args.channels,
-                       learn_sigma=True, scan=scan, **{**overrides, **model_kw})
+                       learn_sigma=True, scan=scan, **{**_overrides(args), **model_kw})
     schedule = schedules.make("linear")
     mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     tx, _ = state_lib.make_optimizer(OPTIM, total_steps=1)
@@ -102,11 +106,11 @@ def main(argv: list[str] | None = None) -> dict:
     common.time_interleaved({name: (lambda name=name: runs[name].append(
         compile_train_step(args, scan=name == "scan"))) for name in runs}, args.repeats)
     if runs["unrolled"][0]["params"] != runs["scan"][0]["params"]:
-        raise AssertionError(f"parameter counts differ: {runs['unrolled'][0]['params']} vs {runs['scan'][0]['params']}")
+        raise AssertionError(f"parameter counts differ: {runs['unrolled'][0]['params']} (unrolled) vs "
+                             f"{runs['scan'][0]['params']} (scan)")
     med = {name: {k: common.median([r[k] for r in rs]) for k in ("lower_s", "compile_s", "total_s")}
            for name, rs in runs.items()}
-    overrides = {k: v for k, v in vars(args).items()
-                 if k in ("depth", "hidden_size", "num_heads", "patch_size") and v is not None}
+    overrides = _overrides(args)
     ratio = med["unrolled"]["total_s"] / med["scan"]["total_s"]
     result = {"unrolled": med["unrolled"], "scan": med["scan"], "ratio": ratio,
               "params": runs["scan"][0]["params"], "runs": runs}

@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     loss_diff = common.check_agree("loss", out["jax"][0], out["torch"][0], args.tol)
     norm_diff = common.check_agree("grad global norm", out["jax"][1], out["torch"][1], args.tol)
     jax_s, torch_s = common.median(times["jax"]), common.median(times["torch"])
-    result = {"jax_s": jax_s, "torch_s": torch_s, "ratio": torch_s / jax_s, "loss": out["jax"][0], "grad_norm": (out["jax"][1], out["torch"][1]),
+    result = {"jax_s": jax_s, "torch_s": torch_s, "ratio": torch_s / jax_s, "loss": out["jax"][0],
+              "grad_norm": (out["jax"][1], out["torch"][1]),
               "loss_rel_diff": loss_diff, "grad_norm_rel_diff": norm_diff, "times": times}
     rows = [("genjax s (jit value_and_grad)", f"{jax_s:.3f}"),
             ("torch s (eager forward + backward)", f"{torch_s:.3f}"),

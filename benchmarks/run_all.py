@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
         parser.error(f"--only: unknown benchmark(s) {unknown}; choose from {BENCHMARKS}")
-    extra = ([] if args.no_record else ["--record"]) + ([] if args.threads is None else ["--threads", str(args.threads)])
+    extra = [] if args.no_record else ["--record"]
+    extra += [] if args.threads is None else ["--threads", str(args.threads)]
     failed = []
     for name in names:
         print(f"== {name} {' '.join(extra)}", flush=True)
