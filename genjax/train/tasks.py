@@ -10,7 +10,9 @@
     "video_vae"  causal video KL autoencoder on Moving MNIST clips; samples are reconstructions.
     "clip"       contrastive text <-> image or video (byte tokenizer); no samples, zero-shot
                  accuracy as its evaluation.
-    "video_dit"  text-to-video latent diffusion (see `build_video_dit`).
+
+Not yet here: "video_dit" (text-to-video latent diffusion on a frozen video VAE), waiting for
+`genjax.models.video_dit` to land.
 
 `build(config)` is a plain if-chain over these names. A `Task` holds pure functions; the trainer
 (`genjax.train.trainer.main`) owns the mesh, the state, the loop and the files.
@@ -32,9 +34,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from genjax.errors import check
 
-MODEL_NAMES = ("dit", "unet", "vae", "video_vae", "clip", "video_dit")
+MODEL_NAMES = ("dit", "unet", "vae", "video_vae", "clip")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LATENT_MODES = ("on_the_fly", "cache")
+CACHE_BATCH = 500  # examples per VAE forward while filling a latent cache
 
 
 class Task(NamedTuple):
@@ -72,28 +75,21 @@ def validate(config) -> None:
 
     Raises:
       UserError: unknown model.name or model.dtype; for a latent DiT, a `model.vae` that is not a
-        trained VAE workdir or a `genjax convert` folder, or an unknown `data.latents`; for
-        video_dit, a missing `model.video_vae`.
+        trained VAE workdir or a `genjax convert` folder, or an unknown `data.latents`.
     """
     m = config.model
     check(m.name in MODEL_NAMES, "model.name", m.name, f"must be one of {MODEL_NAMES}")
     check(m.get("dtype", "float32") in DTYPES, "model.dtype", m.get("dtype"), f"must be one of {tuple(DTYPES)}")
-    for field in ("vae", "video_vae"):
-        path = m.get(field, "")
-        if path:
-            check(_is_model_dir(path), f"model.{field}", path,
-                  "must be a trained workdir (genjax train) or a `genjax convert` folder holding config.json")
     if m.name == "dit" and m.get("vae", ""):
+        check(_is_model_dir(m.vae), "model.vae", m.vae, "must be a trained VAE workdir (genjax "
+              "train) or a `genjax convert --model vae` folder holding config.json")
         latents = config.data.get("latents", "on_the_fly")
         check(latents in LATENT_MODES, "data.latents", latents, f"must be one of {LATENT_MODES}")
-    if m.name == "video_dit":
-        check(_is_model_dir(m.get("video_vae", "")), "model.video_vae", m.get("video_vae", ""),
-              "must be a trained video_vae workdir (genjax train with model.name='video_vae')")
 
 
 def build(config, *, mesh: Mesh | None = None) -> Task:
     """The `Task` of `config.model.name`. `mesh` (default: all devices, one data axis) is where
-    frozen models (a VAE, a video VAE) are placed, replicated.
+    a frozen VAE is placed, replicated.
 
     Raises:
       UserError: see `validate` and each builder.
@@ -108,9 +104,7 @@ def build(config, *, mesh: Mesh | None = None) -> Task:
         return build_vae(config)
     if name == "video_vae":
         return build_video_vae(config)
-    if name == "clip":
-        return build_clip(config)
-    return build_video_dit(config, mesh=mesh)
+    return build_clip(config)
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -362,7 +356,7 @@ def build_dit(config, *, mesh: Mesh | None = None) -> Task:
 def _cached_latent_data(config, vae_module, vae_params, workdir, shard_index=None, shard_count=None):
     """Batches `{"mean", "std": float32 (B, h, w, c), "label": int32 (B,)}` from the latent cache
     of `config.data.split` in WORKDIR/latents (computed on first use)."""
-    from genjax.data import latent_cache
+    from genjax.data import latent_cache, pipeline
 
     source = _source(config, config.data.split)
 
@@ -372,8 +366,9 @@ def _cached_latent_data(config, vae_module, vae_params, workdir, shard_index=Non
         return q.mean, q.std
 
     def compute():
-        ds = _dataset(config, source, _pixel_transforms(config, source, (_image_inputs,)),
-                      shuffle=False, num_epochs=1, drop_remainder=False, shard_index=0, shard_count=1)
+        ds = pipeline.make_dataset(source, batch_size=CACHE_BATCH, shuffle=False, num_epochs=1,
+                                   drop_remainder=False, shard_index=0, shard_count=1,
+                                   transforms=_pixel_transforms(config, source, (_image_inputs,)))
         for batch in ds:
             mean, std = posterior(batch["image"])
             yield {"mean": np.asarray(mean), "std": np.asarray(std), "label": batch["label"]}
@@ -542,12 +537,6 @@ def build_clip(config) -> Task:
         return {"zero_shot_accuracy": acc}
 
     return Task(module, init_params, loss_fn, None, make_data, evaluate=evaluate)
-
-
-# --------------------------------------------------------------------------- video dit
-
-def build_video_dit(config, *, mesh: Mesh | None = None) -> Task:
-    raise NotImplementedError("video_dit")
 
 
 # --------------------------------------------------------------------------- restore
