@@ -1,6 +1,7 @@
 """The trainer: `main(config, workdir)` runs mesh -> data -> init/restore -> train_step loop.
 
-Read `main` top to bottom; the helpers above it build the pieces (train step, model, data).
+Read `main` top to bottom; the helpers above it build the pieces (train step, logs, samples). What
+is trained (model, loss, sampler, data) comes from `genjax.train.tasks.build(config)`.
 """
 
 from __future__ import annotations
