@@ -184,7 +184,8 @@ class DiTBlock(nn.Module):
 
     `adaLN_modulation` = Dense(SiLU(c)) -> shift/scale/gate for attention and MLP (this order, as
     DiT and diffusers `AdaLayerNormZero`), zero-initialised so each block starts as the identity.
-    LayerNorms are non-affine, eps 1e-6, in float32. With `cross_attention`, `x + CrossAttention(x,
+    LayerNorms are non-affine, in float32, eps 1e-6 (DiT) except `mlp_norm_eps` before the MLP
+    (diffusers' `norm3` uses the config's `norm_eps`, 1e-5 by default). With `cross_attention`, `x + CrossAttention(x,
     context)` runs between self-attention and the MLP (PixArt-alpha Fig. 4); call
     `(x, c, context (B, S, D), context_mask (B, S))`.
     """
@@ -193,6 +194,7 @@ class DiTBlock(nn.Module):
     num_heads: int
     mlp_ratio: float = 4.0
     cross_attention: bool = False
+    mlp_norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -209,6 +211,7 @@ class DiTBlock(nn.Module):
         if self.cross_attention:
             x = x + CrossAttention(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
                                    name="cross_attn")(x, context, context_mask)
+        norm["epsilon"] = self.mlp_norm_eps
         h = _modulate(LayerNorm(**norm, name="norm2")(x), shift_mlp, scale_mlp).astype(self.dtype)
         h = Mlp(int(d * self.mlp_ratio), dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(h)
         x = x + (gate_mlp * h).astype(self.dtype)
@@ -261,6 +264,8 @@ class DiT(nn.Module):
       learn_sigma: output 2C channels (eps, variance interpolation v; Nichol & Dhariwal 2021).
       out_channels: override C_out (default C * (2 if learn_sigma else 1)).
       frequency_embedding_size: timestep sinusoid width (256).
+      mlp_norm_eps: eps of the LayerNorm before each block's MLP; 1e-6 in the DiT code, the
+        config's `norm_eps` (default 1e-5) in diffusers.
       time_freq_shift: sinusoid `downscale_freq_shift`; 0 in the DiT code, 1 in diffusers'
         `DiTTransformer2DModel` (set by `load_diffusers`).
       pos_embed_base_size: None -> positions are patch indices (DiT); an int -> diffusers-style
@@ -285,6 +290,7 @@ class DiT(nn.Module):
     out_channels: int | None = None
     frequency_embedding_size: int = 256
     time_freq_shift: float = 0.0
+    mlp_norm_eps: float = 1e-6
     pos_embed_base_size: int | None = None
     scan: bool = False
     remat: str = "none"
@@ -369,7 +375,7 @@ class DiT(nn.Module):
         cond = cond.astype(self.dtype)
 
         block_kw = dict(hidden_size=d, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-                        cross_attention=bool(self.text_dim), **kw)
+                        cross_attention=bool(self.text_dim), mlp_norm_eps=self.mlp_norm_eps, **kw)
         block_cls = DiTBlock
         if self.remat != "none":
             block_cls = nn.remat(DiTBlock, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
@@ -467,6 +473,7 @@ def load_diffusers(src: str | Mapping[str, Any], **overrides) -> tuple[DiT, dict
               mlp_ratio=r.get("transformer_blocks.0.ff.net.0.proj.weight").shape[0] / d,
               num_classes=num_classes, class_dropout_prob=0.1 if table.shape[0] > num_classes else 0.0,
               out_channels=r.get("proj_out_2.weight").shape[0] // (p * p), time_freq_shift=1.0,
+              mlp_norm_eps=float(config.get("norm_eps", 1e-5)),
               pos_embed_base_size=sample_size // p if sample_size else None)
     module = DiT(**{**kw, **overrides})
     k = d // num_heads

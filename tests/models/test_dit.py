@@ -76,6 +76,7 @@ def _torch_forward(m, x, t, y):
     ({}, 8),                                                   # learn_sigma: 2C out
     (dict(patch_size=4, out_channels=4, in_channels=3), 8),    # C out, patch 4
     (dict(num_attention_heads=4, attention_head_dim=4, num_layers=3), 12),  # input != sample_size
+    (dict(norm_eps=0.5), 8),  # diffusers' MLP LayerNorm eps comes from the config (1e-6 elsewhere)
 ])
 def test_matches_diffusers(kw, size, tmp_path):
     ref = _torch_dit(**kw)
