@@ -334,8 +334,10 @@ class UNet(nn.Module):
             check(not given, given[0] if given else "text", "given",
                   "needs a UNet built with cross_attention_dim")
             return
-        shape = None if text is None else tuple(jnp.shape(text))
-        check(shape is not None and len(shape) == 3 and shape[0] == b
+        check(text is not None, "text", None, f"(B, S, {self.cross_attention_dim}) text tokens are "
+              f"required (cross_attention_dim={self.cross_attention_dim})")
+        shape = tuple(jnp.shape(text))
+        check(len(shape) == 3 and shape[0] == b
               and shape[2] == self.cross_attention_dim, "text.shape", shape,
               f"must be (B, S, cross_attention_dim) = ({b}, S, {self.cross_attention_dim})")
         check(text_mask is not None, "text_mask", None,
