@@ -10,9 +10,9 @@
     "video_vae"  causal video KL autoencoder on Moving MNIST clips; samples are reconstructions.
     "clip"       contrastive text <-> image or video (byte tokenizer); no samples, zero-shot
                  accuracy as its evaluation.
-
-Not yet here: "video_dit" (text-to-video latent diffusion on a frozen video VAE), waiting for
-`genjax.models.video_dit` to land.
+    "video_dit"  text-to-video latent diffusion (Sora-style `genjax.models.video_dit.VideoDiT`) on
+                 the latents of a frozen video VAE, conditioned on Moving MNIST captions through
+                 a text tower trained jointly (or a frozen CLIP text tower); samples are videos.
 
 `build(config)` is a plain if-chain over these names. A `Task` holds pure functions; the trainer
 (`genjax.train.trainer.main`) owns the mesh, the state, the loop and the files.
@@ -34,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from genjax.errors import check
 
-MODEL_NAMES = ("dit", "unet", "vae", "video_vae", "clip")
+MODEL_NAMES = ("dit", "unet", "vae", "video_vae", "clip", "video_dit")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LATENT_MODES = ("on_the_fly", "cache")
 CACHE_BATCH = 500  # examples per VAE forward while filling a latent cache
@@ -75,7 +75,8 @@ def validate(config) -> None:
 
     Raises:
       UserError: unknown model.name or model.dtype; for a latent DiT, a `model.vae` that is not a
-        trained VAE workdir or a `genjax convert` folder, or an unknown `data.latents`.
+        trained VAE workdir or a `genjax convert` folder, or an unknown `data.latents`; for a video
+        DiT, a `model.vae` / `model.text_encoder` that is not a workdir holding config.json.
     """
     m = config.model
     check(m.name in MODEL_NAMES, "model.name", m.name, f"must be one of {MODEL_NAMES}")
@@ -85,6 +86,12 @@ def validate(config) -> None:
               "train) or a `genjax convert --model vae` folder holding config.json")
         latents = config.data.get("latents", "on_the_fly")
         check(latents in LATENT_MODES, "data.latents", latents, f"must be one of {LATENT_MODES}")
+    if m.name == "video_dit":
+        check(_is_model_dir(m.get("vae", "")), "model.vae", m.get("vae", ""),
+              "must be a trained video VAE workdir (genjax train, model.name=video_vae)")
+        text_encoder = m.get("text_encoder", "")
+        check(not text_encoder or _is_model_dir(text_encoder), "model.text_encoder", text_encoder,
+              "must be empty (a text tower trained jointly) or a trained CLIP workdir")
 
 
 def build(config, *, mesh: Mesh | None = None) -> Task:
@@ -104,6 +111,8 @@ def build(config, *, mesh: Mesh | None = None) -> Task:
         return build_vae(config)
     if name == "video_vae":
         return build_video_vae(config)
+    if name == "video_dit":
+        return build_video_dit(config, mesh=mesh)
     return build_clip(config)
 
 
@@ -537,6 +546,210 @@ def build_clip(config) -> Task:
         return {"zero_shot_accuracy": acc}
 
     return Task(module, init_params, loss_fn, None, make_data, evaluate=evaluate)
+
+
+# --------------------------------------------------------------------------- video dit
+
+def _frame_mask_probs(p: float) -> dict[str, float]:
+    """`frame_conditioning.random_frame_mask` probs: no known frames with probability 1 - p, the
+    other kinds sharing p in Open-Sora's proportions (`DEFAULT_PROBS`)."""
+    from genjax.diffusion import frame_conditioning
+
+    rest = {k: v for k, v in frame_conditioning.DEFAULT_PROBS.items() if k != "none"}
+    total = sum(rest.values())
+    return {"none": 1.0 - p, **{k: p * v / total for k, v in rest.items()}}
+
+
+def build_video_dit(config, *, mesh: Mesh | None = None) -> Task:
+    """Text-to-video latent diffusion: `genjax.models.video_dit.VideoDiT` (config.model holds its
+    attributes) on the latents of a frozen video VAE, conditioned on the clips' captions.
+
+    Latents: x0 = `(z - shift_factor) * latent_scale` of the video VAE in model.vae (a
+    `video_vae` workdir, frozen EMA params; latent_scale = model.latent_scale, or the VAE's
+    scaling_factor when 0), z ~ q(z | video) drawn with the step's rng inside the jitted step
+    (LDM, Rombach et al. 2022, sec. 3 and appendix D.1): videos (B, T, S, S, C) in [-1, 1] ->
+    (B, 1 + (T - 1) / ft, S / fs, S / fs, latent_channels).
+    Text: captions ("digit N") byte-tokenized (`tokenizer.ByteTokenizer`, model.text_length
+    tokens) and encoded by `clip.TextTransformer` (model.text: width, num_layers, num_heads),
+    trained jointly, or, with model.text_encoder = a CLIP workdir, by that CLIP's frozen text
+    tower; the DiT cross-attends to its hidden states `(B, L, Dt)` under text_mask (PixArt-alpha /
+    Stable Diffusion use a frozen encoder's last hidden states). Params: `{"dit": VideoDiT
+    params, "text": TextTransformer params}` (no "text" with a frozen encoder).
+
+    loss_fn: `losses.diffusion_loss` (diffusion.schedule / prediction_type / weighting;
+    model.learn_sigma adds the VLB) with the DiT's classifier-free text dropout
+    (model.text_dropout_prob -> its learned null text, Ho & Salimans 2022). With
+    diffusion.frame_condition_prob p > 0, a fraction p of the examples get known latent frames
+    (`frame_conditioning.random_frame_mask`: first, first k, first + last, random) and the loss is
+    `frame_conditioning.frame_conditioned_diffusion_loss` (Open-Sora v1.1).
+
+    sample_fn(params, rng, prompts=None, num=None, trajectory=False, cfg_scale=None,
+    num_steps=None, sampler=None, init_frames=None) -> uint8 videos (N, T, S, S, C) [and with
+    trajectory the decoded x_t of every step, uint8 (num_steps + 1, N, T, S, S, C)]:
+      prompts: list of str, cycled to N = num (default len(prompts)); default "digit 0" ...
+        "digit 9" cycled to num or eval.num_samples. Tokenized outside jit.
+      cfg_scale (default eval.cfg_scale; a traced value, any float reuses the compiled loop):
+        `guidance.cfg_denoiser`, the unconditional half with the null text (force_drop_ids = 1).
+      num_steps, sampler: default eval.num_sampling_steps / eval.sampler (`samplers.sample`).
+      init_frames: optional uint8 (N, K, S, S, C) first frames, K = 1 + j * ft < T: encoded by the
+        VAE (posterior mode) and kept as the first 1 + j latent frames
+        (`frame_conditioning.frame_conditioned_sampling`: image-to-video with K = 1, extension
+        otherwise); meaningful for a model trained with frame_condition_prob > 0.
+    The sampler loop is one jitted function of (params, rng, ids, mask, cfg_scale[, known
+    frames]), compiled once per (N, trajectory, num_steps, sampler, init_frames or not).
+
+    Raises:
+      UserError: data.dataset not moving_mnist; data.num_frames / image_size not fitting the VAE
+        (T = 1 + k * ft, S divisible by fs); model.text_length < 2 or above a frozen CLIP's
+        context_length; the latent grid not divisible by model.patch_size; in sample_fn, num < 1,
+        prompts not a non-empty list of str, a non-finite cfg_scale, or init_frames of the wrong
+        shape / dtype (before compiling).
+    """
+    import math
+
+    from genjax.diffusion import frame_conditioning, guidance, losses, samplers, schedules
+    from genjax.models import clip, tokenizer, video_dit
+
+    d, m, diff, e = config.data, config.model, config.diffusion, config.eval
+    check(d.dataset == "moving_mnist", "data.dataset", d.dataset, "video_dit trains on moving_mnist")
+    vae_module, vae_params = load_frozen(m.vae, mesh=mesh, family="video_vae")
+    if m.get("latent_scale", 0.0):
+        vae_module = vae_module.clone(scaling_factor=float(m.latent_scale))
+    fs, ft = vae_module.downsample_factor, vae_module.temporal_downsample_factor
+    check(d.image_size % fs == 0, "data.image_size", d.image_size, f"must be divisible by the VAE's {fs}")
+    check((d.num_frames - 1) % ft == 0, "data.num_frames", d.num_frames, f"must be 1 + k * {ft} (the VAE's)")
+    x_shape = (1 + (d.num_frames - 1) // ft, d.image_size // fs, d.image_size // fs, vae_module.latent_channels)
+    video_shape = (d.num_frames, d.image_size, d.image_size, d.channels)
+
+    tok = tokenizer.ByteTokenizer()
+    length = int(m.text_length)
+    check(length >= 2, "model.text_length", length, "must be >= 2 (bos and eos)")
+    frozen_text = bool(m.get("text_encoder", ""))
+    if frozen_text:
+        clip_module, clip_params = load_frozen(m.text_encoder, mesh=mesh, family="clip")
+        check(length <= clip_module.context_length, "model.text_length", length,
+              f"must be <= the CLIP's context_length {clip_module.context_length}")
+        text_module, text_dim = clip_module, clip_module.text_width
+    else:
+        text_module = clip.TextTransformer(**module_kwargs(
+            clip.TextTransformer, m.text, vocab_size=tok.vocab_size, context_length=length,
+            dtype=DTYPES[m.get("dtype", "float32")]))
+        text_dim = text_module.width
+    module = video_dit.VideoDiT(**module_kwargs(video_dit.VideoDiT, m, in_channels=x_shape[-1], text_dim=text_dim,
+                                                num_classes=0))
+    check(all(s % p == 0 for s, p in zip(x_shape[:3], module.patch_size)), "model.patch_size",
+          tuple(module.patch_size), f"must divide the latent grid {x_shape[:3]}")
+    schedule = schedules.make(diff.schedule, diff.num_timesteps, prediction_type=diff.prediction_type)
+    channels, learn_sigma = x_shape[-1], module.learn_sigma
+    frame_prob = float(diff.get("frame_condition_prob", 0.0))
+    check(0.0 <= frame_prob <= 1.0, "diffusion.frame_condition_prob", frame_prob, "must be in [0, 1]")
+
+    def init_params(key):
+        dit_key, text_key = jax.random.split(key)
+        text = jnp.zeros((1, length, text_dim), jnp.float32)
+        params = {"dit": module.init(dit_key, jnp.zeros((1, *x_shape), jnp.float32), jnp.zeros((1,), jnp.int32),
+                                     text=text, text_mask=jnp.ones((1, length), bool))["params"]}
+        if not frozen_text:
+            ids = jnp.zeros((1, length), jnp.int32)
+            params["text"] = text_module.init(text_key, ids, jnp.ones((1, length), bool))["params"]
+        return params
+
+    def encode_text(params, ids, mask):
+        """ids, mask (B, L) -> hidden states (B, L, Dt) float32."""
+        if frozen_text:
+            hidden = text_module.apply({"params": clip_params}, ids, mask, method=lambda mdl, i, k: mdl.text(i, k)[0])
+        else:
+            hidden = text_module.apply({"params": params["text"]}, ids, mask)[0]
+        return hidden.astype(jnp.float32)
+
+    def encode(batch, rng):
+        return vae_module.apply({"params": vae_params}, batch["video"], rng,
+                                method=vae_module.encode_latents).astype(jnp.float32)
+
+    def decode(z):
+        return vae_module.apply({"params": vae_params}, z, method=vae_module.decode_latents)
+
+    def loss_fn(params, batch, rng):
+        vae_rng, model_rng, loss_rng, mask_rng = jax.random.split(rng, 4)
+        x0 = encode(batch, vae_rng)
+        cond = {"text": encode_text(params, batch["ids"], batch["mask"]), "text_mask": batch["mask"]}
+
+        def denoise_fn(x_t, t, **c):
+            return module.apply({"params": params["dit"]}, x_t, t, **c, train=True,
+                                rngs={"dropout": model_rng}).astype(jnp.float32)
+
+        kw = dict(schedule=schedule, cond=cond, weighting=diff.weighting, learn_sigma=learn_sigma)
+        if frame_prob == 0:
+            return losses.diffusion_loss(denoise_fn, x0, loss_rng, **kw)
+        frame_mask = frame_conditioning.random_frame_mask(mask_rng, x0.shape[0], x0.shape[1],
+                                                          probs=_frame_mask_probs(frame_prob))
+        return frame_conditioning.frame_conditioned_diffusion_loss(denoise_fn, x0, loss_rng,
+                                                                   frame_mask=frame_mask, **kw)
+
+    def tokenize(example):
+        ids, mask = tok.encode([str(example["caption"])], length)
+        return {"video": example["video"], "ids": ids[0], "mask": mask[0]}
+
+    def make_data(workdir, shard_index=None, shard_count=None):
+        del workdir
+        source = _source(config, d.split)
+        return _dataset(config, source, _pixel_transforms(config, source, (tokenize,)),
+                        shard_index=shard_index, shard_count=shard_count)
+
+    @functools.partial(jax.jit, static_argnames=("trajectory", "num_steps", "sampler"))
+    def generate(params, rng, ids, mask, cfg_scale, init_frames=None, *, trajectory, num_steps, sampler):
+        def denoise_fn(x_t, t, **c):
+            return module.apply({"params": params["dit"]}, x_t, t, **c).astype(jnp.float32)
+
+        guided = guidance.cfg_denoiser(denoise_fn, cfg_scale, null_cond={"force_drop_ids": 1})
+
+        def prediction(x_t, t, **c):
+            return guided(x_t, t, **c)[..., :channels]  # learn_sigma: DDIM / ODE samplers ignore v
+
+        n = ids.shape[0]
+        cond = {"text": encode_text(params, ids, mask), "text_mask": mask,
+                "force_drop_ids": jnp.zeros((n,), jnp.int32)}
+        noise_rng, loop_rng = jax.random.split(rng)
+        noise = jax.random.normal(noise_rng, (n, *x_shape))
+        kw = dict(denoise_fn=prediction, cond=cond, known=None)
+        if init_frames is not None:
+            z = vae_module.apply({"params": vae_params}, init_frames.astype(jnp.float32) / 127.5 - 1,
+                                 method=vae_module.encode_latents).astype(jnp.float32)
+            k = z.shape[1]
+            x_known = jnp.concatenate([z, jnp.zeros((n, x_shape[0] - k, *x_shape[1:]))], axis=1)
+            frame_mask = jnp.broadcast_to(jnp.arange(x_shape[0]) < k, (n, x_shape[0]))
+            kw = frame_conditioning.frame_conditioned_sampling(prediction, x_known, frame_mask, cond)
+        out = samplers.sample(kw["denoise_fn"], noise, schedule=schedule, sampler=sampler, num_steps=num_steps,
+                              rng=loop_rng, cond=kw["cond"], known=kw["known"], return_trajectory=trajectory)
+        if trajectory:
+            out = (decode(out[0]), jax.lax.map(decode, out[1]))
+        else:
+            out = decode(out)
+        return jax.tree.map(to_uint8, out)
+
+    def sample_fn(params, rng, prompts=None, num=None, trajectory=False, cfg_scale=None, num_steps=None,
+                  sampler=None, init_frames=None):
+        if num is None:
+            num = len(prompts) if prompts else e.num_samples
+        check(isinstance(num, int) and num >= 1, "num", num, "must be an int >= 1")
+        prompts = [f"digit {i}" for i in range(10)] if prompts is None else prompts
+        check(isinstance(prompts, (list, tuple)) and len(prompts) > 0, "prompts", prompts,
+              "must be a non-empty list of str")
+        ids, mask = tok.encode([prompts[i % len(prompts)] for i in range(num)], length)
+        cfg_scale = e.cfg_scale if cfg_scale is None else cfg_scale
+        check(math.isfinite(float(cfg_scale)), "cfg_scale", cfg_scale, "must be a finite number")
+        if init_frames is not None:
+            init_frames = np.asarray(init_frames)
+            k = init_frames.shape[1] if init_frames.ndim == 5 else None
+            check(init_frames.dtype == np.uint8 and init_frames.ndim == 5 and init_frames.shape[0] == num
+                  and init_frames.shape[2:] == video_shape[1:] and (k - 1) % ft == 0 and k < video_shape[0],
+                  "init_frames", f"{init_frames.dtype}{tuple(init_frames.shape)}",
+                  f"must be uint8 (N={num}, 1 + j * {ft} < {video_shape[0]}, {', '.join(map(str, video_shape[1:]))})")
+        return generate(params, rng, jnp.asarray(ids), jnp.asarray(mask), jnp.float32(cfg_scale), init_frames,
+                        trajectory=bool(trajectory), num_steps=int(num_steps or e.num_sampling_steps),
+                        sampler=str(sampler or e.sampler))
+
+    return Task(module, init_params, loss_fn, sample_fn, make_data, encode=encode)
 
 
 # --------------------------------------------------------------------------- restore

@@ -118,13 +118,37 @@ def test_clip_trains_and_logs_zero_shot_accuracy(tmp_path):
     assert sample_fn is None and module.__class__.__name__ == "CLIP"
 
 
-def test_video_vae_trains_and_writes_a_gif(tmp_path):
-    records = train(config_of("video_vae_moving_mnist"), str(tmp_path))
+@pytest.fixture(scope="module")
+def video_vae_dir(tmp_path_factory):
+    """A smoke video VAE (5 frames of 32 x 32, f = 2 in space and time) trained for 4 steps."""
+    workdir = str(tmp_path_factory.mktemp("video_vae"))
+    return workdir, train(config_of("video_vae_moving_mnist"), workdir)
+
+
+def test_video_vae_trains_and_writes_a_gif(video_vae_dir):
+    workdir, records = video_vae_dir
     assert records[-1]["loss"] < records[0]["loss"]
-    gif = os.path.join(tmp_path, "samples", "step_000004.gif")
+    gif = os.path.join(workdir, "samples", "step_000004.gif")
     assert media.count_frames(gif) == 5
-    out = restored_samples(str(tmp_path))
+    out = restored_samples(workdir)
     assert out.shape == (4, 5, 32, 32, 1) and out.dtype == np.uint8
+
+
+def test_video_dit_trains_on_a_frozen_video_vae_and_samples_from_prompts(video_vae_dir, tmp_path):
+    workdir = str(tmp_path)
+    config = config_of("video_dit_moving_mnist", f"smoke=True,vae={video_vae_dir[0]}", *NO_SAMPLES)
+    train(config, workdir)
+    config, module, params, sample_fn = trainer.restore_trained(workdir, devices=jax.devices()[:1])
+    assert module.__class__.__name__ == "VideoDiT" and set(params) == {"dit", "text"}
+    prompts = ["digit 3", "digit 5"]
+    out = np.asarray(sample_fn(params, jax.random.PRNGKey(1), prompts=prompts))
+    assert out.shape == (2, 5, 32, 32, 1) and out.dtype == np.uint8
+    # The same rng and prompts give the same videos (one compiled loop, deterministic DDIM) ...
+    np.testing.assert_array_equal(np.asarray(sample_fn(params, jax.random.PRNGKey(1), prompts=prompts)), out)
+    # ... and the videos depend on the prompt's text and on the rng's noise.
+    swapped = np.asarray(sample_fn(params, jax.random.PRNGKey(1), prompts=prompts[::-1]))
+    assert not np.array_equal(swapped[0], out[0])
+    assert not np.array_equal(np.asarray(sample_fn(params, jax.random.PRNGKey(2), prompts=prompts)), out)
 
 
 @pytest.mark.parametrize("name, arg, overrides, message", [
