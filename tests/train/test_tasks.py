@@ -149,6 +149,14 @@ def test_video_dit_trains_on_a_frozen_video_vae_and_samples_from_prompts(video_v
     swapped = np.asarray(sample_fn(params, jax.random.PRNGKey(1), prompts=prompts[::-1]))
     assert not np.array_equal(swapped[0], out[0])
     assert not np.array_equal(np.asarray(sample_fn(params, jax.random.PRNGKey(2), prompts=prompts)), out)
+    # Image-to-video: the given first frame is kept as latent frame 0, and the causal VAE decodes
+    # frame 0 from latent frame 0 alone, so it equals the VAE's reconstruction of that frame.
+    first = np.asarray(tasks.to_uint8(tasks.fixed_examples(config, 2)["video"][:, :1]))
+    vae_module, vae_params = tasks.load_frozen(video_vae_dir[0], family="video_vae")
+    recon, _ = vae_module.apply({"params": vae_params}, first / 127.5 - 1.0, sample_posterior=False)
+    out = np.asarray(sample_fn(params, jax.random.PRNGKey(1), prompts=prompts, init_frames=first))
+    assert out.shape == (2, 5, 32, 32, 1)
+    np.testing.assert_allclose(out[:, :1], np.asarray(tasks.to_uint8(recon)), atol=1)
 
 
 @pytest.mark.parametrize("name, arg, overrides, message", [
