@@ -48,10 +48,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(run=_lazy("genjax.train.trainer", "cli_main"))
 
-    p = sub.add_parser("sample", help="sample from a trained model",
-                       description="Generate samples from the model trained in --workdir.")
-    p.add_argument("--workdir", required=True)
-    p.set_defaults(run=_not_available("sample", "the main-job issue"))
+    p = sub.add_parser("sample", help="generate videos from a trained text-to-video model",
+                       description="genjax sample --workdir W --prompt TEXT [--num N] [--seed S] "
+                                   "--out FILE.npz: writes videos uint8 (N, T, H, W, C) and prompts "
+                                   "to FILE.npz, and FILE.gif / FILE.mp4 beside it.")
+    p.add_argument("--workdir", required=True, help="a `genjax demo` workdir or its dit/ stage folder")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="text prompt, e.g. 'digit 3' (repeat for several)")
+    p.add_argument("--num", type=int, default=4, help="videos per prompt (default 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output .npz")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the demo's, 50)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale "
+                   "(default: the demo's, 4; 1 = no guidance)")
+    p.add_argument("--sampler", default="ddim", help="ddpm | ddim | dpmpp (DPM-Solver++ 2M)")
+    p.add_argument("--frames", type=int, default=None, help="frames (default: the training clips')")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--init-frame", default=None, help="image file used as the first frame "
+                   "(image-to-video)")
+    p.set_defaults(run=_lazy("genjax.sample"))
 
     p = sub.add_parser("eval", help="evaluate samples or a trained model",
                        description="Evaluate generated digit videos: genjax eval --samples FILE.npz "
@@ -93,10 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(run=_lazy("genjax.data.preview"))
 
     p = sub.add_parser("demo", help="run the main end-to-end job",
-                       description="Run the main end-to-end job into --workdir (default runs/demo).")
+                       description="Train the text-to-video stack (video VAE -> text encoder -> "
+                                   "video DiT) on Moving MNIST, sample and evaluate, into --workdir "
+                                   "(default runs/demo). Finished stages are reused on a re-run.")
     p.add_argument("--workdir", default="runs/demo")
-    p.add_argument("--steps", type=int, default=None,
-                   help="training steps (default: the demo config's; more gives better samples)")
+    p.add_argument("--steps-scale", type=float, default=1.0,
+                   help="multiply every stage's training steps (default 1: ~30 min on 2 CPU cores)")
+    p.add_argument("--smoke", action="store_true", help="tiny models, a few steps (seconds)")
+    p.add_argument("--classifier-cache", default=None,
+                   help="folder of the digit classifier's cached params (default ~/.cache/genjax)")
     p.set_defaults(run=_lazy("genjax.demo"))
     return parser
 
