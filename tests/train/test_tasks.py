@@ -163,6 +163,7 @@ def test_video_dit_trains_on_a_frozen_video_vae_and_samples_from_prompts(video_v
     ("vae_mnist", "smoke=True", ["--config.model.name=vqgan"], r"^model.name='vqgan': must be one of"),
     ("dit_latent", "smoke=True,vae=/nonexistent/vae", [], r"^model.vae='/nonexistent/vae': must be a trained"),
     ("dit_latent", "smoke=True", ["--config.data.latents=disk"], None),
+    ("video_dit_moving_mnist", "smoke=True", [], r"^model.vae='': must be a trained video VAE workdir"),
 ])
 def test_bad_config_fails_before_compiling(tmp_path, name, arg, overrides, message):
     if message is None:  # data.latents is only checked for a latent DiT: point it at a real folder
