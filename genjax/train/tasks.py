@@ -202,7 +202,7 @@ def fixed_examples(config, num: int, split: str = "test") -> dict[str, np.ndarra
     source = _source(config, split)
     inputs = _video_inputs if config.data.dataset == "moving_mnist" else _image_inputs
     ds = _dataset(config, source, _pixel_transforms(config, source, (inputs,)), shuffle=False,
-                  shard_index=0, shard_count=1, num_epochs=1)
+                  shard_index=0, shard_count=1, num_epochs=1, drop_remainder=False)
     batches, have = [], 0
     for batch in ds:
         batches.append(batch)
