@@ -188,7 +188,9 @@ def generate(pipe: Pipeline, prompts, *, seed: int = 0, num_steps: int = 50, cfg
     from genjax.diffusion import frame_conditioning, guidance, samplers
 
     d = pipe.config.data
-    num_frames, height, width = num_frames or d.num_frames, height or d.image_size, width or d.image_size
+    num_frames = d.num_frames if num_frames is None else num_frames
+    height = d.image_size if height is None else height
+    width = d.image_size if width is None else width
     check_request(pipe, num=len(prompts), num_frames=num_frames, height=height, width=width,
                   num_steps=num_steps, sampler=sampler)
     text, text_mask = text_states(pipe.clip, pipe.clip_params, prompts)

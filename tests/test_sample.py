@@ -1,0 +1,99 @@
+"""`genjax sample` on the smoke demo's trained stack (tests/test_demo.py's session fixture):
+output files and shapes, same seed -> identical videos, image-to-video keeps the given first
+frame's content, and one-line user errors for bad input."""
+
+import os
+
+import numpy as np
+import pytest
+
+from genjax import cli
+from genjax.errors import UserError
+from tests.test_demo import smoke_demo  # noqa: F401  (session fixture: one smoke run for both files)
+
+
+def _sample(workdir, out, *extra):
+    return cli.main(["sample", "--workdir", workdir, "--prompt", "digit 3", "--num", "2", "--seed", "7",
+                     "--steps", "3", "--out", str(out), *extra])
+
+
+def test_sample_files_shapes_and_determinism(smoke_demo, tmp_path):  # noqa: F811
+    workdir = smoke_demo[0]
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    assert _sample(workdir, a) == 0
+    assert _sample(os.path.join(workdir, "dit"), b) == 0  # the DiT stage folder works too
+    with np.load(a) as fa, np.load(b) as fb:
+        assert fa["videos"].dtype == np.uint8 and fa["videos"].shape == (2, 8, 32, 32, 1)
+        assert list(fa["prompts"]) == ["digit 3", "digit 3"]
+        np.testing.assert_array_equal(fa["videos"], fb["videos"])
+        assert not np.array_equal(fa["videos"][0], fa["videos"][1])  # different noise per video
+    for ext in (".gif", ".mp4"):
+        assert os.path.getsize(tmp_path / f"a{ext}") > 0
+
+
+def test_sample_other_seed_sampler_and_size(smoke_demo, tmp_path):  # noqa: F811
+    workdir = smoke_demo[0]
+    base, other = tmp_path / "base.npz", tmp_path / "other.npz"
+    assert _sample(workdir, base) == 0
+    assert cli.main(["sample", "--workdir", workdir, "--prompt", "digit 3", "--num", "2", "--seed", "8",
+                     "--steps", "3", "--sampler", "dpmpp", "--frames", "4", "--height", "16",
+                     "--width", "48", "--out", str(other)]) == 0
+    with np.load(other) as f:
+        assert f["videos"].shape == (2, 4, 16, 48, 1)
+    with np.load(base) as f:
+        assert f["videos"].shape == (2, 8, 32, 32, 1)
+
+
+def test_image_to_video_first_frame(smoke_demo, tmp_path):  # noqa: F811
+    """The first latent frame is pinned to the init frame's latent, so the first decoded frame is
+    the VAE's reconstruction of the image (the VAE is frame-wise: temporal kernel 1)."""
+    import jax
+    from PIL import Image
+
+    from genjax import sample
+    from genjax.data.sources import MovingMnistSource
+
+    workdir = smoke_demo[0]
+    source = MovingMnistSource("test", num_examples=1, num_frames=1, image_size=32)
+    frame = source[0]["video"][0]
+    Image.fromarray(frame[..., 0]).save(tmp_path / "first.png")
+    out = tmp_path / "i2v.npz"
+    assert _sample(workdir, out, "--init-frame", str(tmp_path / "first.png")) == 0
+    pipe = sample.load(workdir)
+    x = frame[None, None].astype(np.float32) / 127.5 - 1
+    recon = pipe.vae.apply({"params": pipe.vae_params}, x, sample_posterior=False)[0]
+    recon = np.asarray(jax.numpy.round((jax.numpy.clip(recon, -1, 1) + 1) * 127.5)).astype(np.int32)
+    with np.load(out) as f:
+        first = f["videos"][:, 0].astype(np.int32)
+    assert np.abs(first - recon[0, 0][None]).max() <= 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--prompt", ""], "--prompt='': must be a non-empty string"),
+    (["--prompt", "digit 1", "--num", "0"], "--num=0: must be an integer >= 1"),
+    (["--prompt", "digit 1", "--height", "30"], "--height=30: must be a positive multiple of 8"),
+    (["--prompt", "digit 1", "--frames", "0"], "--frames=0: must be a positive multiple of"),
+    (["--prompt", "digit 1", "--sampler", "euler"], "--sampler='euler': must be one of"),
+])
+def test_sample_bad_input(smoke_demo, tmp_path, capsys, extra, message):  # noqa: F811
+    code = cli.main(["sample", "--workdir", smoke_demo[0], "--out", str(tmp_path / "x.npz"), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("genjax sample: error: " + message)
+    assert not os.path.exists(tmp_path / "x.npz")
+
+
+def test_sample_workdir_without_model(tmp_path, capsys):
+    code = cli.main(["sample", "--workdir", str(tmp_path), "--prompt", "digit 1", "--out",
+                     str(tmp_path / "x.npz")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "holds no trained text-to-video model" in err
+
+
+def test_non_string_prompt(smoke_demo):  # noqa: F811
+    from genjax import sample
+
+    pipe = sample.load(smoke_demo[0])
+    with pytest.raises(UserError, match="--prompt=3: must be a non-empty string"):
+        sample.generate(pipe, ["digit 1", 3], num_steps=2)
