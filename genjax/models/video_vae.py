@@ -110,11 +110,16 @@ class CausalConv3d(nn.Module):
         spatial = self.spatial_padding
         if spatial is None:
             spatial = ((kh // 2, kh // 2), (kw // 2, kw // 2))
+        # The kt taps as channels, then one 2D conv over (B * T_out) frames: the same sums as a
+        # VALID conv3d, and ~5x faster than XLA:CPU's conv3d (forward + backward).
+        st = self.strides[0]
+        b, t_out = x.shape[0], (x.shape[1] - kt) // st + 1
+        x = jnp.concatenate([x[:, k:k + st * (t_out - 1) + 1:st] for k in range(kt)], axis=-1)
+        kernel = jnp.asarray(kernel, self.dtype).transpose(1, 2, 0, 3, 4).reshape(kh, kw, -1, self.features)
         y = jax.lax.conv_general_dilated(
-            x, jnp.asarray(kernel, self.dtype), window_strides=tuple(self.strides),
-            padding=((0, 0),) + tuple(tuple(p) for p in spatial),
-            dimension_numbers=("NTHWC", "THWIO", "NTHWC"))
-        return y + jnp.asarray(bias, self.dtype)
+            x.reshape((b * t_out,) + x.shape[2:]), kernel, window_strides=tuple(self.strides[1:]),
+            padding=tuple(tuple(p) for p in spatial), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return (y + jnp.asarray(bias, self.dtype)).reshape((b, t_out) + y.shape[1:])
 
 
 class CausalResnetBlock(nn.Module):
@@ -483,9 +488,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "sd-inflated": dict(in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512),
                         layers_per_block=2, latent_channels=4, norm_num_groups=32,
                         scaling_factor=0.18215, temporal_downsample=(True, True, False)),
-    # Moving MNIST 64x64x1 on CPU: TODO
-    "tiny": dict(in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
-                 layers_per_block=1, latent_channels=4, norm_num_groups=16, scaling_factor=1.0,
+    # Moving MNIST 64x64x1 on a CPU: 4x spatial, 4x temporal, so a 17-frame clip -> 5 latent
+    # frames of 16x16x4 (16x fewer values); 496,269 params. XLA cost analysis per 17x64x64 clip:
+    # 5.1 GFLOP forward, 15.3 forward + backward (widths (32, 64, 64) would cost 60 / 179).
+    "tiny": dict(in_channels=1, out_channels=1, block_out_channels=(8, 16, 32),
+                 layers_per_block=1, latent_channels=4, norm_num_groups=4, scaling_factor=1.0,
                  temporal_downsample=(True, True)),
 }
 
