@@ -311,7 +311,7 @@ def vae_loss(recon: jax.Array, x: jax.Array, posterior: DiagonalGaussian, *,
     rec_px = jnp.abs(diff) if rec == "l1" else diff ** 2
     metrics = {"rec_loss": jnp.mean(rec_px)}
     if perceptual_fn is not None:
-        p = jnp.asarray(perceptual_fn(x, recon), jnp.float32).reshape(x.shape[0], 1, 1, 1)
+        p = jnp.asarray(perceptual_fn(x, recon), jnp.float32).reshape((x.shape[0],) + (1,) * (x.ndim - 1))
         rec_px = rec_px + perceptual_weight * p
         metrics["perceptual"] = jnp.mean(p)
     batch = x.shape[0]

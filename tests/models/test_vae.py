@@ -176,6 +176,19 @@ def test_vae_loss_matches_direct_computation():
         vae_loss(f32(recon), f32(x), post, rec="l3")
 
 
+def test_vae_loss_perceptual_term_on_videos():
+    # (B, T, H, W, C): the per-example perceptual distance must broadcast over all non-batch axes.
+    rng = np.random.default_rng(1)
+    x, recon = rng.uniform(-1, 1, (3, 2, 4, 4, 1)), rng.uniform(-1, 1, (3, 2, 4, 4, 1))
+    post = DiagonalGaussian(jnp.zeros((3, 1, 1, 1, 4)), jnp.zeros((3, 1, 1, 1, 4)))
+    percept = lambda a, b: jnp.mean(jnp.abs(a - b), axis=(1, 2, 3, 4))
+    loss, _ = vae_loss(jnp.asarray(recon, jnp.float32), jnp.asarray(x, jnp.float32), post,
+                       rec="l2", perceptual_fn=percept, perceptual_weight=0.5)
+    p = np.abs(x - recon).mean((1, 2, 3, 4))
+    expect = ((x - recon) ** 2 + 0.5 * p[:, None, None, None, None]).sum() / 3
+    np.testing.assert_allclose(float(loss), expect, rtol=1e-5)
+
+
 def test_gan_losses_and_adaptive_weight():
     rng = np.random.default_rng(0)
     real, fake = rng.normal(size=(2, 6, 6, 1)), rng.normal(size=(2, 6, 6, 1))
