@@ -248,7 +248,11 @@ def sample_and_evaluate(workdir: str, config, *, classifier_cache: str | None = 
         "moving_mnist:test", s.num_reference, num_frames=d.num_frames, image_size=d.image_size)
     clf = digit_classifier.load_or_train(classifier_cache)
     digits = np.array([evaluate.prompted_digit(p) for p in prompts])
-    result = evaluate.evaluate_videos(videos, digits, classifier_params=clf, reference_videos=reference)
+    try:
+        result = evaluate.evaluate_videos(videos, digits, classifier_params=clf, reference_videos=reference)
+    except ValueError as e:  # sqrtm of near-singular covariances (few videos): report, do not fail
+        print(f"  Frechet distance not computed: {e}")
+        result = evaluate.evaluate_videos(videos, digits, classifier_params=clf)
     if reference is None:  # too few for a Frechet distance: reconstruct a handful of test clips
         reference = evaluate.reference_videos("moving_mnist:test", 2, num_frames=d.num_frames,
                                               image_size=d.image_size)

@@ -46,18 +46,22 @@ class Pipeline(NamedTuple):
     schedule: Any
 
 
-def dit_workdir(workdir: str) -> str:
-    """The video DiT stage folder of `workdir`: `workdir/dit` (a demo workdir) or `workdir` itself.
+def read_config(workdir: str):
+    """`(folder, config)` of the video DiT stage of `workdir`: `workdir/dit` (a demo workdir) or
+    `workdir` itself, and its config.json as a ConfigDict. Reads no weights.
 
     Raises:
       UserError: neither holds a finished video DiT stage (config.json with model.name "video_dit").
     """
+    import ml_collections
+
     for path in (os.path.join(workdir, "dit"), workdir):
         cfg = os.path.join(path, "config.json")
         if os.path.isfile(cfg):
             with open(cfg) as f:
-                if json.load(f).get("model", {}).get("name") == "video_dit":
-                    return path
+                config = json.load(f)
+            if config.get("model", {}).get("name") == "video_dit":
+                return path, ml_collections.ConfigDict(config)
     from genjax.errors import fail
 
     fail("--workdir", workdir, "holds no trained text-to-video model (run `genjax demo` first)")
@@ -116,15 +120,11 @@ def load(workdir: str) -> Pipeline:
     Raises:
       UserError: no trained video DiT, VAE or text encoder there.
     """
-    import ml_collections
-
     from genjax.diffusion import schedules
     from genjax.models import video_dit
     from genjax.train import tasks
 
-    path = dit_workdir(workdir)
-    with open(os.path.join(path, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    path, config = read_config(workdir)
     devices = jax.devices()[:1]
     mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
     vae_module, vae_params = tasks.load_frozen(os.path.join(path, config.vae_workdir), mesh=mesh,
@@ -152,16 +152,17 @@ def init_fn(dit_module, config):
     return init
 
 
-def check_request(pipe: Pipeline, *, num: int, num_frames: int, height: int, width: int,
-                  num_steps: int, sampler: str) -> None:
-    """Raise UserError (before compiling) for a request the model cannot take: num < 1, frames or
-    sizes that the VAE's downsampling and the DiT's tubelets do not divide, bad steps / sampler."""
+def check_request(config, *, num: int, num_frames: int, height: int, width: int, num_steps: int,
+                  sampler: str) -> None:
+    """Raise UserError (before loading or compiling anything) for a request the model of the DiT
+    stage `config` (`read_config`) cannot take: num < 1, frames or sizes that the VAE's
+    downsampling and the DiT's tubelets do not divide, steps outside the schedule, unknown sampler."""
     check(isinstance(num, int) and num >= 1, "--num", num, "must be an integer >= 1")
     check(sampler in SAMPLERS, "--sampler", sampler, f"must be one of {tuple(SAMPLERS)}")
-    check(1 <= num_steps <= pipe.schedule.num_timesteps, "--steps", num_steps,
-          f"must be in [1, {pipe.schedule.num_timesteps}]")
-    pt, ph, pw = pipe.dit.patch_size
-    f = pipe.vae.downsample_factor
+    n = int(config.diffusion.num_timesteps)
+    check(1 <= num_steps <= n, "--steps", num_steps, f"must be in [1, {n}]")
+    pt, ph, pw = config.model.patch_size
+    f = config.data.image_size // config.latent_shape[1]  # the VAE's spatial downsampling
     check(num_frames >= 1 and num_frames % pt == 0, "--frames", num_frames,
           f"must be a positive multiple of the DiT's temporal patch {pt}")
     for field, v, p in (("--height", height, ph), ("--width", width, pw)):
@@ -191,7 +192,7 @@ def generate(pipe: Pipeline, prompts, *, seed: int = 0, num_steps: int = 50, cfg
     num_frames = d.num_frames if num_frames is None else num_frames
     height = d.image_size if height is None else height
     width = d.image_size if width is None else width
-    check_request(pipe, num=len(prompts), num_frames=num_frames, height=height, width=width,
+    check_request(pipe.config, num=len(prompts), num_frames=num_frames, height=height, width=width,
                   num_steps=num_steps, sampler=sampler)
     text, text_mask = text_states(pipe.clip, pipe.clip_params, prompts)
     n, f = len(prompts), pipe.vae.downsample_factor
@@ -259,13 +260,16 @@ def main(args) -> int:
         check(os.path.isfile(args.init_frame), "--init-frame", args.init_frame, "must be an existing image file")
         init = media.read_image(args.init_frame)
     check(os.path.isdir(args.workdir), "--workdir", args.workdir, "does not exist")
-    pipe = load(args.workdir)
-    s = pipe.config.sample
+    _, config = read_config(args.workdir)
+    s, d = config.sample, config.data
+    kw = dict(num_frames=d.num_frames if args.frames is None else args.frames,
+              height=d.image_size if args.height is None else args.height,
+              width=d.image_size if args.width is None else args.width,
+              num_steps=args.steps or s.num_steps, sampler=args.sampler)
+    check_request(config, num=args.num, **kw)
     prompts = [p for p in args.prompt for _ in range(args.num)]
-    videos = generate(pipe, prompts, seed=args.seed, num_steps=args.steps or s.num_steps,
-                      cfg_scale=s.cfg_scale if args.cfg_scale is None else args.cfg_scale,
-                      sampler=args.sampler, num_frames=args.frames, height=args.height,
-                      width=args.width, init_frame=init)
+    videos = generate(load(args.workdir), prompts, seed=args.seed, init_frame=init,
+                      cfg_scale=s.cfg_scale if args.cfg_scale is None else args.cfg_scale, **kw)
     for path in write_outputs(args.out, videos, prompts):
         print(path)
     return 0
