@@ -15,7 +15,9 @@ metrics.jsonl as `zero_shot_accuracy`.
 
 Hardware: one accelerator or a CPU. Run time: ESTIMATE, not measured: the towers are ~0.2M
 parameters; minutes on one GPU, tens of minutes on a CPU. Expected result (estimate):
-zero_shot_accuracy above 0.9 on digits (chance 0.1).
+zero_shot_accuracy above 0.9 on digits (chance 0.1). Measured on 2 shared CPU cores with
+`:steps=3000 --config.data.batch_size=128`: 0.745 / 0.872 / 0.906 / 0.930 at steps 1k / 1.5k /
+2k / 3k on the 1,000 test digits (5 CPU minutes).
 Smoke (`smoke=True`): 1-layer towers 32 wide, batch 16, 4 steps, zero-shot accuracy on 20 test
 digits at step 4; seconds on a CPU (tests/train/test_tasks.py).
 """

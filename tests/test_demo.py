@@ -11,6 +11,10 @@ import pytest
 
 from genjax import cli
 
+# One smoke demo run per session, shared by test_demo.py and test_sample.py: keep both files on
+# one xdist worker (`--dist loadgroup` in the Makefile) so the run is not repeated per worker.
+pytestmark = pytest.mark.xdist_group("smoke_demo")
+
 STAGES = ("vae", "text", "dit")
 
 

@@ -12,6 +12,10 @@ from genjax import cli
 from genjax.errors import UserError
 from tests.test_demo import smoke_demo  # noqa: F401  (session fixture: one smoke run for both files)
 
+# One smoke demo run per session, shared by test_demo.py and test_sample.py: keep both files on
+# one xdist worker (`--dist loadgroup` in the Makefile) so the run is not repeated per worker.
+pytestmark = pytest.mark.xdist_group("smoke_demo")
+
 
 def _sample(workdir, out, *extra):
     return cli.main(["sample", "--workdir", workdir, "--prompt", "digit 3", "--num", "2", "--seed", "7",
