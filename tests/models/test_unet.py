@@ -144,6 +144,7 @@ def test_bf16_close_to_f32():
     assert err.max() < 0.05 * np.abs(f32).max(), (err.max(), np.abs(f32).max())
 
 
+@pytest.mark.slow  # heavy on 2 CPU cores; run by `make test-all`
 def test_remat_same_values_and_grads():
     # One level and no mid block keeps the backward-pass compile short (~1 s per ResnetBlock).
     x, t = jnp.ones((1, 4, 4, 2)), jnp.array([5])

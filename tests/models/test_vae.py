@@ -79,6 +79,7 @@ def test_matches_diffusers(cfg):
             assert err < 0.03 * np.max(np.abs(theirs)), err
 
 
+@pytest.mark.slow  # heavy on 2 CPU cores; run by `make test-all`
 def test_init_under_jit_gives_boxed_params():
     # small on purpose: compiling ~100 random initialisers dominates this test on CPU
     module = AutoencoderKL(block_out_channels=(8, 8), norm_num_groups=4, mid_block_attention=False,

@@ -361,6 +361,7 @@ def test_config_builds_every_attention_kind():
         _config("attention=divided")
 
 
+@pytest.mark.slow  # heavy on 2 CPU cores; run by `make test-all`
 def test_trains_on_moving_mnist_digits():
     """configs/vivit_moving_mnist.py:smoke=True (model 2, ~7k params) learns Moving MNIST digit
     labels: after 400 Adam steps of batch 16 the train accuracy is far above the 10 % chance

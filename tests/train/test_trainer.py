@@ -74,6 +74,7 @@ def test_eight_devices_match_one_device_and_shard_params(reference, tmp_path):
     assert len({s.index[0].start for s in kernel.addressable_shards}) == 4
 
 
+@pytest.mark.slow  # heavy on 2 CPU cores; run by `make test-all`
 def test_resume_equals_uninterrupted(reference, tmp_path):
     workdir = str(tmp_path)
     trainer.main(smoke(*ONE, "--config.num_steps=13"), workdir, devices=jax.devices()[:1])
