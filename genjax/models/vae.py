@@ -189,6 +189,34 @@ def check_image(x: jax.Array, channels: int, factor: int, field: str = "x") -> N
 # --------------------------------------------------------------------------- the autoencoder
 
 
+def autoencode(self, x: jax.Array, rng: jax.Array | None = None,
+               sample_posterior: bool = True) -> tuple[jax.Array, DiagonalGaussian]:
+    """`(recon, posterior)`: encode, sample the posterior (its mode when `sample_posterior` is
+    False or while initialising), decode. The `__call__` of the image and video autoencoders.
+
+    Raises: UserError when sampling without `rng`."""
+    posterior = self.encode(x)
+    if sample_posterior and not self.is_initializing():
+        check(rng is not None, "rng", rng, "a PRNG key is needed when sample_posterior=True")
+        z = posterior.sample(rng)
+    else:
+        z = posterior.mode()
+    return self.decode(z), posterior
+
+
+def encode_latents(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    """Latents for diffusion: `(z - shift_factor) * scaling_factor`, z the posterior sample
+    (its mode when `rng` is None)."""
+    posterior = self.encode(x)
+    z = posterior.mode() if rng is None else posterior.sample(rng)
+    return (z - self.shift_factor) * self.scaling_factor
+
+
+def decode_latents(self, z: jax.Array) -> jax.Array:
+    """Inverse of `encode_latents`: decode `z / scaling_factor + shift_factor`."""
+    return self.decode(z / self.scaling_factor + self.shift_factor)
+
+
 class AutoencoderKL(nn.Module):
     """KL-regularised image autoencoder (LDM; diffusers `AutoencoderKL`).
 
@@ -256,23 +284,10 @@ class AutoencoderKL(nn.Module):
             z = self.post_quant_conv(z)
         return self.decoder(z)
 
-    def __call__(self, x: jax.Array, rng: jax.Array | None = None,
-                 sample_posterior: bool = True) -> tuple[jax.Array, DiagonalGaussian]:
-        posterior = self.encode(x)
-        if sample_posterior and not self.is_initializing():
-            check(rng is not None, "rng", rng, "a PRNG key is needed when sample_posterior=True")
-            z = posterior.sample(rng)
-        else:
-            z = posterior.mode()
-        return self.decode(z), posterior
-
-    def encode_latents(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-        posterior = self.encode(x)
-        z = posterior.mode() if rng is None else posterior.sample(rng)
-        return (z - self.shift_factor) * self.scaling_factor
-
-    def decode_latents(self, z: jax.Array) -> jax.Array:
-        return self.decode(z / self.scaling_factor + self.shift_factor)
+    # Shared with `video_vae.VideoAutoencoderKL` (each Linen class wraps its own copy).
+    __call__ = autoencode
+    encode_latents = encode_latents
+    decode_latents = decode_latents
 
 
 # --------------------------------------------------------------------------- training losses

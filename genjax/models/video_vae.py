@@ -41,6 +41,7 @@ import numpy as np
 
 from genjax.errors import check
 from genjax.models.conv import SpatialAttention, group_norm
+from genjax.models import vae
 from genjax.models.vae import EPS, AutoencoderKL, DiagonalGaussian
 from genjax.parallel.axes import CONV_IN, CONV_OUT
 
@@ -380,23 +381,9 @@ class VideoAutoencoderKL(nn.Module):
             z = self.post_quant_conv(z)
         return self.decoder(z)
 
-    def __call__(self, x: jax.Array, rng: jax.Array | None = None,
-                 sample_posterior: bool = True) -> tuple[jax.Array, DiagonalGaussian]:
-        posterior = self.encode(x)
-        if sample_posterior and not self.is_initializing():
-            check(rng is not None, "rng", rng, "a PRNG key is needed when sample_posterior=True")
-            z = posterior.sample(rng)
-        else:
-            z = posterior.mode()
-        return self.decode(z), posterior
-
-    def encode_latents(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-        posterior = self.encode(x)
-        z = posterior.mode() if rng is None else posterior.sample(rng)
-        return (z - self.shift_factor) * self.scaling_factor
-
-    def decode_latents(self, z: jax.Array) -> jax.Array:
-        return self.decode(z / self.scaling_factor + self.shift_factor)
+    __call__ = vae.autoencode
+    encode_latents = vae.encode_latents
+    decode_latents = vae.decode_latents
 
 
 def check_video(x: jax.Array, channels: int, factor: int, temporal_factor: int, field: str = "x") -> None:
