@@ -48,14 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(run=_lazy("genjax.train.trainer", "cli_main"))
 
-    p = sub.add_parser("sample", help="generate videos from a trained text-to-video model",
-                       description="genjax sample --workdir W --prompt TEXT [--num N] [--seed S] "
-                                   "--out FILE.npz: writes videos uint8 (N, T, H, W, C) and prompts "
-                                   "to FILE.npz, and FILE.gif / FILE.mp4 beside it.")
-    p.add_argument("--workdir", required=True, help="a `genjax demo` workdir or its dit/ stage folder")
-    p.add_argument("--prompt", action="append", required=True,
-                   help="text prompt, e.g. 'digit 3' (repeat for several)")
-    p.add_argument("--num", type=int, default=4, help="videos per prompt (default 4)")
+    p = sub.add_parser("sample", help="generate videos or images from a trained or converted model",
+                       description="Text-to-video: genjax sample --workdir W --prompt TEXT [--num N] "
+                                   "[--seed S] --out FILE.npz writes videos uint8 (N, T, H, W, C) and "
+                                   "prompts to FILE.npz, and FILE.gif / FILE.mp4 beside it. "
+                                   "Images: genjax sample --workdir W [--vae V] --class-label Y "
+                                   "--out FILE.npz writes images uint8 (N, H, W, C) and class_labels, "
+                                   "and FILE.png beside it.")
+    p.add_argument("--workdir", required=True,
+                   help="a `genjax demo` workdir (or its dit/ stage), a `genjax train` run "
+                        "(video_dit, dit, unet) or a `genjax convert` DiT / U-Net folder")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="text prompt, e.g. 'digit 3' (repeat for several); text-to-video models")
+    p.add_argument("--class-label", action="append", type=int, default=[],
+                   help="class id, e.g. 3 or ImageNet 207 (repeat for several; default the first "
+                        "ten classes); class-conditional image models")
+    p.add_argument("--vae", default=None, help="for a converted latent DiT: the VAE folder "
+                   "(`genjax convert --model vae` output or a trained VAE workdir)")
+    p.add_argument("--num", type=int, default=4, help="samples per prompt / class label (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the demo's, 50)")

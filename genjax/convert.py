@@ -4,7 +4,9 @@
 
 SRC is a diffusers model folder (`diffusion_pytorch_model.safetensors` + `config.json`) or a
 `.safetensors` file. DIR receives `params/` (an orbax checkpoint of the float32 params tree) and
-`config.json` = `{"family": ..., "kwargs": {module attributes}, "source": SRC}`. Weights are read
+`config.json` = `{"family": ..., "kwargs": {module attributes}, "source": SRC, "sample_size": S}`
+(S: the reference config's `sample_size` — the DiT's latent side, the U-Net's image side — or
+null when SRC is a bare .safetensors file). Weights are read
 with numpy (no torch). `load_converted(DIR)` rebuilds `(module, params)`; the sampler loads
 converted weights through it.
 """
@@ -63,6 +65,29 @@ def _restore_kwargs(module_cls, kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _reference_sample_size(src: str) -> int | None:
+    """`sample_size` from the diffusers config.json beside the weights (an int, or the first of a
+    pair), or None."""
+    folder = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
+    path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        size = json.load(f).get("sample_size")
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    return int(size) if isinstance(size, int) else None
+
+
+def read_converted_config(path: str) -> dict[str, Any] | None:
+    """The `config.json` of a `convert` output folder, or None if `path` is not one."""
+    cfg_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(cfg_path):
+        return None
+    with open(cfg_path) as f:
+        config = json.load(f)
+    return config if "family" in config and "kwargs" in config else None
+
+
 def convert(family: str, src: str, out: str) -> str:
     """Convert `src` (diffusers format) of `family` into `out`; returns `out`.
 
@@ -81,7 +106,8 @@ def convert(family: str, src: str, out: str) -> str:
     os.makedirs(out, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:  # writes to a temp dir and renames when complete
         ckptr.save(os.path.join(out, PARAMS_DIR), params)
-    config = {"family": family, "kwargs": module_kwargs(module), "source": os.fspath(src)}
+    config = {"family": family, "kwargs": module_kwargs(module), "source": os.fspath(src),
+              "sample_size": _reference_sample_size(src)}
     tmp = os.path.join(out, CONFIG_FILE + ".tmp")
     with open(tmp, "w") as f:
         json.dump(config, f, indent=2)

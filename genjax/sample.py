@@ -245,31 +245,79 @@ def write_outputs(out: str, videos: np.ndarray, prompts, *, fps: float = 8) -> l
             media.write_mp4(stem + ".mp4", videos, fps=fps, captions=captions)]
 
 
+def _trained_video_dit(workdir: str) -> bool:
+    """True for a `genjax train` video DiT run (model.name "video_dit", not a demo stage)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        config = json.load(f)
+    return config.get("model", {}).get("name") == "video_dit" and "vae_workdir" not in config
+
+
+def _sample_trained_video_dit(args, prompts, init) -> np.ndarray:
+    """Videos from a `genjax train` video DiT run through its task's `sample_fn`."""
+    from genjax.train import tasks
+
+    config, task, params = tasks.restore(args.workdir, devices=jax.devices()[:1])
+    check(args.frames is None and args.height is None and args.width is None, "--frames/--height/--width",
+          (args.frames, args.height, args.width), "are fixed by a `genjax train` video DiT run (its training clips)")
+    init_frames = None
+    if init is not None:
+        img = init[..., None] if init.ndim == 2 else init
+        img = img.mean(-1, keepdims=True).astype(np.uint8) if img.shape[-1] != config.data.get("channels", 1) else img
+        init_frames = np.broadcast_to(img[None, None], (len(prompts), 1, *img.shape)).copy()
+    return np.asarray(task.sample_fn(params, jax.random.PRNGKey(args.seed), prompts=prompts, num=len(prompts),
+                                     cfg_scale=args.cfg_scale, num_steps=args.steps,
+                                     sampler=SAMPLERS[args.sampler], init_frames=init_frames))
+
+
 def main(args) -> int:
     """`genjax sample`: validate every argument (UserError, before anything compiles), restore the
-    stack, generate `--num` videos for each `--prompt`, write `--out` (+ .gif, .mp4)."""
-    for p in args.prompt:
-        check(isinstance(p, str) and p.strip() != "", "--prompt", p, "must be a non-empty string")
+    model, generate, write `--out` (+ .gif / .mp4 for videos, .png for images).
+
+    The workdir decides what is generated:
+      a `genjax demo` workdir (or its dit/ stage) or a `genjax train` video DiT run: `--num`
+        videos for each `--prompt`;
+      a `genjax train` image diffusion run (dit / unet) or a `genjax convert` DiT / U-Net folder
+        (`--vae` for a latent DiT): `--num` images for each `--class-label`
+        (`genjax.sample_images`).
+    """
+    from genjax import sample_images
+
     check(args.num >= 1, "--num", args.num, "must be an integer >= 1")
     check(args.out.endswith(".npz"), "--out", args.out, "must be a .npz file")
     check(args.cfg_scale is None or np.isfinite(args.cfg_scale), "--cfg-scale", args.cfg_scale, "must be finite")
+    check(args.sampler in SAMPLERS, "--sampler", args.sampler, f"must be one of {tuple(SAMPLERS)}")
+    check(args.steps is None or args.steps >= 1, "--steps", args.steps, "must be an integer >= 1")
+    check(os.path.isdir(args.workdir), "--workdir", args.workdir, "does not exist")
+    check(args.vae is None or os.path.isdir(args.vae), "--vae", args.vae, "does not exist")
+    if sample_images.is_image_model(args.workdir):
+        return sample_images.main(args, SAMPLERS[args.sampler])
+    check(bool(args.prompt), "--prompt", None, "is required for a text-to-video model")
+    check(not args.class_label, "--class-label", args.class_label, "is for class-conditional image models; "
+          "this is a text-to-video model: use --prompt")
+    for p in args.prompt:
+        check(isinstance(p, str) and p.strip() != "", "--prompt", p, "must be a non-empty string")
     init = None
     if args.init_frame:
         from genjax.io import media
 
         check(os.path.isfile(args.init_frame), "--init-frame", args.init_frame, "must be an existing image file")
         init = media.read_image(args.init_frame)
-    check(os.path.isdir(args.workdir), "--workdir", args.workdir, "does not exist")
-    _, config = read_config(args.workdir)
-    s, d = config.sample, config.data
-    kw = dict(num_frames=d.num_frames if args.frames is None else args.frames,
-              height=d.image_size if args.height is None else args.height,
-              width=d.image_size if args.width is None else args.width,
-              num_steps=args.steps or s.num_steps, sampler=args.sampler)
-    check_request(config, num=args.num, **kw)
     prompts = [p for p in args.prompt for _ in range(args.num)]
-    videos = generate(load(args.workdir), prompts, seed=args.seed, init_frame=init,
-                      cfg_scale=s.cfg_scale if args.cfg_scale is None else args.cfg_scale, **kw)
+    if _trained_video_dit(args.workdir):
+        videos = _sample_trained_video_dit(args, prompts, init)
+    else:
+        _, config = read_config(args.workdir)
+        s, d = config.sample, config.data
+        kw = dict(num_frames=d.num_frames if args.frames is None else args.frames,
+                  height=d.image_size if args.height is None else args.height,
+                  width=d.image_size if args.width is None else args.width,
+                  num_steps=args.steps or s.num_steps, sampler=args.sampler)
+        check_request(config, num=args.num, **kw)
+        videos = generate(load(args.workdir), prompts, seed=args.seed, init_frame=init,
+                          cfg_scale=s.cfg_scale if args.cfg_scale is None else args.cfg_scale, **kw)
     for path in write_outputs(args.out, videos, prompts):
         print(path)
     return 0

@@ -754,10 +754,11 @@ def build_video_dit(config, *, mesh: Mesh | None = None) -> Task:
 
 # --------------------------------------------------------------------------- restore
 
-def restore(workdir: str, *, devices=None):
+def restore(workdir: str, *, devices=None, eval_overrides: Mapping[str, Any] | None = None):
     """`(config, task, ema_params)` of the model trained in `workdir` (its config.json and newest
     checkpoint, restored onto a data-parallel mesh of `devices`, default all, whatever mesh it was
-    trained on).
+    trained on). `eval_overrides` replaces fields of `config.eval` (the sampler settings that
+    `task.sample_fn` uses) before the task is built.
 
     Raises:
       UserError: `workdir` holds no config.json or no finished checkpoint.
@@ -771,6 +772,8 @@ def restore(workdir: str, *, devices=None):
     check(os.path.isfile(cfg_path), "--workdir", workdir, "holds no trained model (no config.json)")
     with open(cfg_path) as f:
         config = ml_collections.ConfigDict(json.load(f))
+    if eval_overrides:
+        config.eval.update(dict(eval_overrides))
     manager = checkpoint.make_manager(workdir, config.ckpt)
     try:
         check(manager.latest_step() is not None, "--workdir", workdir,

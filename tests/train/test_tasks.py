@@ -145,6 +145,14 @@ def test_video_dit_trains_on_a_frozen_video_vae_and_samples_from_prompts(video_v
     assert out.shape == (2, 5, 32, 32, 1) and out.dtype == np.uint8
     # The same rng and prompts give the same videos (one compiled loop, deterministic DDIM) ...
     np.testing.assert_array_equal(np.asarray(sample_fn(params, jax.random.PRNGKey(1), prompts=prompts)), out)
+    # `genjax sample` on the run folder goes through the same sample_fn.
+    from genjax import cli
+
+    npz = os.path.join(workdir, "cli.npz")
+    assert cli.main(["sample", "--workdir", workdir, "--prompt", "digit 3", "--prompt", "digit 5", "--num", "1",
+                     "--seed", "1", "--out", npz]) == 0
+    with np.load(npz) as f:
+        np.testing.assert_array_equal(f["videos"], out)
     # ... and the videos depend on the prompt's text and on the rng's noise.
     swapped = np.asarray(sample_fn(params, jax.random.PRNGKey(1), prompts=prompts[::-1]))
     assert not np.array_equal(swapped[0], out[0])
