@@ -13,7 +13,10 @@ Sections (each stage trains in WORKDIR/<stage>/; a finished stage is skipped on 
          encodes 8 frames of 32 x 32 into latents (8, 8, 8, 4); L1 + 1e-6 KL.
   text   a `genjax train` config (model.name "clip"): the "tiny" CLIP (byte tokenizer, 2 x 64 text
          transformer, ViViT video tower) trained contrastively on (video, "digit N") pairs; its
-         text tower is then frozen and its token states `(B, 32, 64)` condition the DiT.
+         text tower is then frozen and its token states `(B, 32, 64)` condition the DiT. 1,500
+         steps (165 CPU s): at 300 steps (zero-shot 69 %) the tower gave "digit 2" / "digit 6"
+         almost the same states and the DiT drew 2s for "digit 6" (11 % digit accuracy on 6s);
+         at 1,500 steps zero-shot is 97 % and the demo's digit accuracy rose from 70 to 84 %.
   dit    the video DiT (`genjax.models.video_dit.VideoDiT`, joint spacetime attention, tubelets
          (1, 2, 2), width 128, depth 4) trained on the frozen VAE's latents (encoded once,
          normalised by 1 / their std, LDM App. D.1) with text cross-attention, text dropout 0.1
@@ -73,14 +76,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     text = ml_collections.ConfigDict()
     text.seed = 0
-    text.num_steps = steps(300)
+    text.num_steps = steps(1500)
     text.log_every_steps = 25
     text.data = _data(32, 20_000)
     text.model = ml_collections.ConfigDict(dict(name="clip", **clip.VARIANTS["tiny"], dtype="float32"))
-    text.optim = common.optim(lr=3e-3, schedule="cosine", warmup_steps=30, weight_decay=1e-4,
+    text.optim = common.optim(lr=3e-3, schedule="cosine", warmup_steps=100, weight_decay=1e-4,
                               ema_decay=0.0)
     text.mesh = common.mesh()
-    text.ckpt = common.ckpt(save_interval_steps=100, max_to_keep=1)
+    text.ckpt = common.ckpt(save_interval_steps=500, max_to_keep=1)
     text.eval = common.evaluation(sample_every_steps=text.num_steps, num_samples=64)  # zero-shot acc.
 
     dit = ml_collections.ConfigDict()
