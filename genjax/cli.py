@@ -121,11 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the main end-to-end job",
                        description="Train the text-to-video stack (video VAE -> text encoder -> "
                                    "video DiT) on Moving MNIST, sample and evaluate, into --workdir "
-                                   "(default runs/demo). Finished stages are reused on a re-run.")
+                                   "(default runs/demo). Finished stages are reused on a re-run. "
+                                   "Override config fields with --config.SECTION.FIELD=VALUE.")
+    p.add_argument("--config", default=None,
+                   help="demo config and argument (default configs/demo_moving_mnist.py; "
+                        "configs/demo_moving_mnist_large.py for one GPU / TPU host)")
     p.add_argument("--workdir", default="runs/demo")
-    p.add_argument("--steps-scale", type=float, default=1.0,
-                   help="multiply every stage's training steps (default 1: ~30 min on 2 CPU cores)")
-    p.add_argument("--smoke", action="store_true", help="tiny models, a few steps (seconds)")
+    p.add_argument("--steps-scale", type=float, default=None,
+                   help="multiply every stage's training steps (default 1: ~30 min on 2 CPU cores "
+                        "with the default config); added to the config arg as steps_scale=S")
+    p.add_argument("--smoke", action="store_true", help="tiny models, a few steps (seconds); added "
+                   "to the config arg as smoke=True")
     p.add_argument("--classifier-cache", default=None,
                    help="folder of the digit classifier's cached params (default ~/.cache/genjax)")
     p.set_defaults(run=_lazy("genjax.demo"))

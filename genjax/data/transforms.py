@@ -1,4 +1,5 @@
-"""Numpy-only example transforms: [-1, 1] scaling, crops, resize, flips, temporal crops.
+"""Numpy-only example transforms: [-1, 1] scaling, crops, resize, flips, temporal crops, and the
+ADM / DiT ImageNet center crop (`adm_center_crop`).
 
 Array functions take images `(H, W, C)` or videos `(T, H, W, C)` (any leading axes; the spatial
 axes are always -3 and -2) and return new arrays without touching their input. Random ones take
@@ -100,6 +101,37 @@ def resize(x: np.ndarray, size, resample: str = "bilinear") -> np.ndarray:
     return out.reshape(*x.shape[:-3], h, w, x.shape[-1])
 
 
+def adm_center_crop(x: np.ndarray, size: int) -> np.ndarray:
+    """The ADM / DiT ImageNet preprocessing: uint8 (..., H, W, C) -> uint8 (..., size, size, C).
+
+    1. while min(H, W) >= 2 * size: halve both sides (`side // 2`) with PIL BOX;
+    2. resize with PIL BICUBIC so the short side is `size` (each side `round(side * size / min)`,
+       Python's round);
+    3. crop the central size x size window (top = (H' - size) // 2, left = (W' - size) // 2).
+    Upscales small images (step 2 with a scale > 1). Each channel and frame goes through PIL on its
+    own (`resize`), which equals resizing an RGB image (tests/data/test_transforms.py).
+
+    Source: `center_crop_arr` of openai/guided-diffusion `guided_diffusion/image_datasets.py`
+    (commit 8fb3ad9), used unchanged by facebookresearch/DiT `train.py` for ImageNet 256 x 256.
+
+    Raises `UserError` if `size` is not a positive int, `x` is not uint8 (..., H, W, C) or has an
+    empty side.
+    """
+    check(isinstance(size, (int, np.integer)) and not isinstance(size, bool) and size >= 1,
+          "size", size, "must be a positive int (the square output side)")
+    x = np.asarray(x)
+    check(x.dtype == np.uint8 and x.ndim >= 3 and min(x.shape[-3:-1]) >= 1, "pixels",
+          f"{x.dtype}{x.shape}", "must be uint8 (..., H, W, C) with H, W >= 1")
+    h, w = x.shape[-3], x.shape[-2]
+    while min(h, w) >= 2 * size:
+        h, w = h // 2, w // 2
+        x = resize(x, (h, w), "box")
+    scale = size / min(h, w)
+    h, w = round(h * scale), round(w * scale)
+    x = resize(x, (h, w), "bicubic")
+    return _crop(x, (h - size) // 2, (w - size) // 2, size, size)
+
+
 def horizontal_flip(x: np.ndarray) -> np.ndarray:
     """Mirror (..., H, W, C) left-right."""
     return x[..., ::-1, :]
@@ -179,6 +211,20 @@ class CenterCrop(grain.transforms.Map):
 
     def map(self, example):
         return _apply(example, self.keys, lambda x: center_crop(x, self.size))
+
+
+@dataclasses.dataclass(frozen=True)
+class AdmCenterCrop(grain.transforms.Map):
+    """`adm_center_crop` to `size` x `size` on `keys` (the ADM / DiT ImageNet crop)."""
+    size: int
+    keys: tuple[str, ...] = PIXEL_KEYS
+
+    def __post_init__(self):
+        check(isinstance(self.size, (int, np.integer)) and not isinstance(self.size, bool)
+              and self.size >= 1, "size", self.size, "must be a positive int (the square output side)")
+
+    def map(self, example):
+        return _apply(example, self.keys, lambda x: adm_center_crop(x, self.size))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -158,16 +158,18 @@ def load_samples(path: str) -> tuple[np.ndarray, list[str] | None]:
     return videos, prompts
 
 
-def reference_videos(spec: str, num: int, *, num_frames: int, image_size: int) -> np.ndarray:
-    """`num` real videos for `spec` = "moving_mnist:SPLIT" (one digit, the samples' T and size,
-    seed 0): uint8 (num, T, S, S, 1). Raises `UserError` for another spec or num < 2."""
+def reference_videos(spec: str, num: int, *, num_frames: int, image_size: int,
+                     num_digits: int = 1) -> np.ndarray:
+    """`num` real videos for `spec` = "moving_mnist:SPLIT" (`num_digits` digits, default one; the
+    samples' T and size; seed 0): uint8 (num, T, S, S, 1). Raises `UserError` for another spec or
+    num < 2."""
     from genjax.data.sources import MovingMnistSource
 
     name, _, split = spec.partition(":")
     check(name == "moving_mnist", "--reference", spec, "must be moving_mnist:test (or :train)")
     check(num >= 2, "--num-reference", num, "must be >= 2")
     source = MovingMnistSource(split or "test", num_examples=num, num_frames=num_frames,
-                               image_size=image_size, num_digits=1)
+                               image_size=image_size, num_digits=num_digits)
     return np.stack([source[i]["video"] for i in range(num)])
 
 

@@ -37,6 +37,7 @@ from genjax.errors import check
 MODEL_NAMES = ("dit", "unet", "vae", "video_vae", "clip", "video_dit")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LATENT_MODES = ("on_the_fly", "cache")
+CROPS = ("resize", "adm_center")  # data.crop: see `_pixel_transforms`
 CACHE_BATCH = 500  # examples per VAE forward while filling a latent cache
 
 
@@ -74,12 +75,17 @@ def validate(config) -> None:
     """The model section's checks, needing no devices or files beyond existence.
 
     Raises:
-      UserError: unknown model.name or model.dtype; for a latent DiT, a `model.vae` that is not a
-        trained VAE workdir or a `genjax convert` folder, or an unknown `data.latents`; for a video
-        DiT, a `model.vae` / `model.text_encoder` that is not a workdir holding config.json.
+      UserError: unknown model.name or model.dtype; an unknown data.crop or a data.random_flip
+        that is not a bool; for a latent DiT, a `model.vae` that is not a trained VAE workdir or
+        a `genjax convert` folder, or an unknown `data.latents`; for a video DiT, a `model.vae` /
+        `model.text_encoder` that is not a workdir holding config.json.
     """
     m = config.model
     check(m.name in MODEL_NAMES, "model.name", m.name, f"must be one of {MODEL_NAMES}")
+    crop = config.data.get("crop", "resize")
+    check(crop in CROPS, "data.crop", crop, f"must be one of {CROPS}")
+    flip = config.data.get("random_flip", False)
+    check(isinstance(flip, bool), "data.random_flip", flip, "must be true or false")
     check(m.get("dtype", "float32") in DTYPES, "model.dtype", m.get("dtype"), f"must be one of {tuple(DTYPES)}")
     if m.name == "dit" and m.get("vae", ""):
         check(_is_model_dir(m.vae), "model.vae", m.vae, "must be a trained VAE workdir (genjax "
@@ -154,7 +160,8 @@ def _video_inputs(example):
 
 def _source(config, split: str):
     """`config.data.dataset` for `split`; Moving MNIST takes data.num_frames / image_size /
-    num_examples / num_digits."""
+    num_examples / num_digits; a TFDS dataset is read from data.data_dir (empty / absent: TFDS's
+    default folder, $TFDS_DATA_DIR or ~/tensorflow_datasets)."""
     from genjax.data import sources
 
     d = config.data
@@ -162,17 +169,30 @@ def _source(config, split: str):
         return sources.make_source("moving_mnist", split=split, num_frames=d.num_frames,
                                    image_size=d.image_size, num_examples=d.num_examples,
                                    num_digits=d.get("num_digits", 1), seed=config.seed)
-    return sources.make_source(d.dataset, split=split)
+    data_dir = d.get("data_dir", "") or None
+    return sources.make_source(d.dataset, split=split, **({"data_dir": data_dir} if data_dir else {}))
 
 
 def _pixel_transforms(config, source, extra=()):
-    """uint8 -> [-1, 1], resized to data.image_size when the source's size differs, then `extra`."""
+    """uint8 pixels -> [-1, 1] at data.image_size, then `extra`.
+
+    data.crop "resize" (default): resized (bilinear, aspect not kept) to image_size x image_size
+    when the source's size differs; "adm_center": `transforms.adm_center_crop` (ADM / DiT: BOX
+    halvings, BICUBIC to the short side, central square), for sources of any image size.
+    data.random_flip (default False): a horizontal flip with probability 0.5 (DiT `train.py`),
+    the same for every frame of a video.
+    """
     from genjax.data import transforms
 
     first = source[0]
     key = "video" if "video" in first else "image"
     size = config.data.image_size
-    out = [] if first[key].shape[-3:-1] == (size, size) else [transforms.Resize(size, keys=(key,))]
+    if config.data.get("crop", "resize") == "adm_center":
+        out = [transforms.AdmCenterCrop(size, keys=(key,))]
+    else:
+        out = [] if first[key].shape[-3:-1] == (size, size) else [transforms.Resize(size, keys=(key,))]
+    if config.data.get("random_flip", False):
+        out.append(transforms.RandomFlip(0.5, keys=(key,)))
     return (*out, transforms.ToFloat(keys=(key,)), *extra)
 
 
@@ -384,6 +404,10 @@ def _cached_latent_data(config, vae_module, vae_params, workdir, shard_index=Non
 
     meta = {"vae": os.path.abspath(config.model.vae), "dataset": config.data.dataset,
             "split": config.data.split, "image_size": config.data.image_size}
+    # Non-default preprocessing is part of what the cache was computed from (a flip is drawn once
+    # per example when the cache is filled, as the feature-caching DiT ports fast-DiT / LightningDiT do).
+    meta.update({k: config.data[k] for k, default in (("crop", "resize"), ("random_flip", False))
+                 if config.data.get(k, default) != default})
     cache = latent_cache.ensure(os.path.join(workdir, "latents"), config.data.split, meta=meta,
                                 compute=compute)
     return _dataset(config, cache, (), shard_index=shard_index, shard_count=shard_count)

@@ -104,3 +104,76 @@ def test_grain_transforms_touch_only_pixel_keys():
     assert out["labels"] is ex["labels"] and out["caption"] == "digit 3"
     assert ex["video"].shape == (6, 10, 12, 3)  # the input example is untouched
     assert T.RandomFlip(prob=0.0).random_map(ex, rng) is ex
+
+
+# --- ADM / DiT ImageNet center crop -----------------------------------------------------------
+
+def _reference_center_crop_arr(pil_image, image_size):
+    """openai/guided-diffusion image_datasets.py `center_crop_arr` (as DiT's train.py), restated."""
+    from PIL import Image
+
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return arr[crop_y:crop_y + image_size, crop_x:crop_x + image_size]
+
+
+def _photo_like(h, w, seed):
+    """Noise plus smooth gradients, so both the BOX halvings and BICUBIC's overshoot matter."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    smooth = 127 + 100 * np.sin(yy[..., None] / 7.0 + np.arange(3)) * np.cos(xx[..., None] / 11.0)
+    return np.clip(smooth + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("h, w, size", [
+    (375, 500, 256),   # a typical ImageNet photo: one BICUBIC step (min side < 2 * size)
+    (500, 333, 256),   # portrait, odd side
+    (1200, 701, 256),  # >= 2x: one BOX halving (701 // 2 = 350), then BICUBIC
+    (1100, 2300, 64),  # >= 4x: several BOX halvings
+    (17, 47, 32),      # smaller than the output: BICUBIC upscales
+    (33, 32, 32),      # short side already at size: the width is resized, then cropped
+])
+def test_adm_center_crop_equals_the_guided_diffusion_reference(h, w, size):
+    from PIL import Image
+
+    x = _photo_like(h, w, seed=h + w)
+    ours = T.adm_center_crop(x, size)
+    assert ours.shape == (size, size, 3) and ours.dtype == np.uint8
+    assert np.array_equal(ours, _reference_center_crop_arr(Image.fromarray(x), size))
+    # grayscale (mode "L") goes through the same path
+    gray = x[..., :1]
+    assert np.array_equal(T.adm_center_crop(gray, size)[..., 0],
+                          _reference_center_crop_arr(Image.fromarray(gray[..., 0]), size))
+
+
+def test_adm_center_crop_shapes_frames_and_grain_transform():
+    video = np.stack([_photo_like(90, 60, seed=s) for s in range(3)])
+    out = T.adm_center_crop(video, 32)
+    assert out.shape == (3, 32, 32, 3)
+    assert all(np.array_equal(out[i], T.adm_center_crop(video[i], 32)) for i in range(3))
+    x = _photo_like(64, 64, seed=0)
+    assert np.array_equal(T.adm_center_crop(x, 64), x)  # already size x size: unchanged
+    example = {"image": _photo_like(70, 100, seed=1), "label": 7}
+    mapped = T.AdmCenterCrop(48, keys=("image",)).map(example)
+    assert mapped["label"] == 7 and np.array_equal(mapped["image"], T.adm_center_crop(example["image"], 48))
+
+
+@pytest.mark.parametrize("size", [0, -4, 2.5, (32, 32), True])
+def test_adm_center_crop_bad_size_is_one_user_error(size):
+    with pytest.raises(UserError, match=r"^size=.*: must be a positive int") as e:
+        T.adm_center_crop(_photo_like(40, 40, 0), size)
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match=r"^size="):
+        T.AdmCenterCrop(size)
+
+
+def test_adm_center_crop_bad_pixels_is_a_user_error():
+    with pytest.raises(UserError, match=r"^pixels=.*must be uint8"):
+        T.adm_center_crop(np.zeros((40, 40, 3), np.float32), 32)
+    with pytest.raises(UserError, match=r"^pixels="):
+        T.adm_center_crop(np.zeros((40, 40), np.uint8), 32)

@@ -110,3 +110,14 @@ def test_genjax_eval_bad_input_is_one_line_exit_2(tmp_path, cache, capsys):
                            str(tmp_path / "missing.npz")], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "missing.npz" in proc.stderr
+
+
+def test_reference_videos_take_the_number_of_digits():
+    from genjax.data.sources import MovingMnistSource
+
+    one = evaluate.reference_videos("moving_mnist:test", 3, num_frames=2, image_size=64)
+    two = evaluate.reference_videos("moving_mnist:test", 3, num_frames=2, image_size=64, num_digits=2)
+    src = MovingMnistSource("test", num_examples=3, num_frames=2, image_size=64, num_digits=2)
+    assert two.shape == one.shape == (3, 2, 64, 64, 1)
+    assert np.array_equal(two, np.stack([src[i]["video"] for i in range(3)]))
+    assert (two > 0).sum() > (one > 0).sum()  # more ink: two digits per frame
