@@ -44,8 +44,9 @@ JPEG decoding). The input pipeline must decode ~4,400 JPEGs/s on the H100 host t
 Expected result (the paper's, not reproduced here): FID-50K 19.47 at 400K steps without guidance
 (Table 4); 9.62 unguided and 2.27 with cfg 1.5 after 7M steps (Table 2). FID needs 50K samples and
 ADM's evaluation suite (reference batch VIRTUAL_imagenet256_labeled.npz), which genjax does not
-include. DiT's sampler guides only the first 3 latent channels and samples with the learned
-variance; genjax's trainer samples guide all 4 and drop the variance channels.
+include. As DiT's sample.py, the samples draw with the learned variance (DDPM, learned_range) and
+guide the first 3 of the 4 latent channels (eval.guide_channels = 3, DiT's `forward_with_cfg`;
+0 guides all 4, as diffusers' DiTPipeline).
 Smoke (`smoke=True`, needs `vae=` any converted VAE; tests/train/test_imagenet_config.py uses
 `tfds.testing.mock_data` and a random-weight diffusers AutoencoderKL): 32 x 32 images, DiT depth 2
 width 32 (scanned), batch 4, float32, 2 steps, DDPM-3 samples; seconds on a CPU.
@@ -83,6 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ckpt = common.ckpt(save_interval_steps=10_000, max_to_keep=2)
     c.eval = common.evaluation(sample_every_steps=10_000, num_samples=16, sampler="ddpm",
                                num_sampling_steps=250, cfg_scale=1.5)
+    c.eval.guide_channels = 3  # DiT guides 3 of the 4 latent channels (models.py forward_with_cfg)
     if a.smoke:
         c.num_steps = 2
         c.log_every_steps = 1

@@ -271,8 +271,12 @@ def _diffusion_task(config, module, init_params, denoise, *, x_shape, make_data,
     (steps + 1, N, H, W, C) with trajectory]: `samplers.sample` (eval.sampler,
     eval.num_sampling_steps) with classifier-free guidance (`guidance.cfg_denoiser`, scale
     eval.cfg_scale, null class = model.num_classes) for labels (N,) int32, default 0, 1, ...,
-    num_classes - 1, 0, ... (N = eval.num_samples); latents are decoded by `decode`. With
-    learn_sigma the variance channels are dropped (DDIM and the ODE samplers ignore them).
+    num_classes - 1, 0, ... (N = eval.num_samples); latents are decoded by `decode`. Guidance
+    applies to the first eval.guide_channels prediction channels (default 0 = all C; DiT's
+    release guides 3 of the 4 latent channels), the rest come from the conditional half, as
+    DiT's `forward_with_cfg`. With learn_sigma, the DDPM sampler draws with the learned variance
+    (`variance_type="learned_range"`, Nichol & Dhariwal 2021 eq. 15; DiT's sampler); DDIM and the
+    ODE samplers ignore the variance channels.
     """
     from genjax.diffusion import guidance, losses, samplers, schedules
 
@@ -294,6 +298,7 @@ def _diffusion_task(config, module, init_params, denoise, *, x_shape, make_data,
                                      weighting=d.weighting, learn_sigma=learn_sigma)
 
     default_labels = jnp.arange(e.num_samples, dtype=jnp.int32) % max(num_classes, 1)
+    learned_variance = learn_sigma and e.sampler == "ddpm"
 
     @functools.partial(jax.jit, static_argnames=("trajectory",))
     def sample_fn(params, rng, labels=default_labels, trajectory=False):
@@ -301,16 +306,21 @@ def _diffusion_task(config, module, init_params, denoise, *, x_shape, make_data,
             return denoise(params, x_t, t, y, None)
 
         if conditional:
-            guided = guidance.cfg_denoiser(denoise_fn, e.cfg_scale, null_cond={"y": num_classes})
-            prediction = lambda x_t, t, y: guided(x_t, t, y=y)[..., :channels]  # noqa: E731
+            model = guidance.cfg_denoiser(denoise_fn, e.cfg_scale, null_cond={"y": num_classes},
+                                          guide_channels=int(e.get("guide_channels", 0)) or channels)
             cond = {"y": labels}
         else:
-            prediction = lambda x_t, t: denoise_fn(x_t, t)[..., :channels]  # noqa: E731
-            cond = None
+            model, cond = denoise_fn, None
+        keep = 2 * channels if learned_variance else channels  # [prediction, v] or prediction
+
+        def prediction(x_t, t, **c):
+            return model(x_t, t, **c)[..., :keep]
+
         noise_rng, loop_rng = jax.random.split(rng)
         noise = jax.random.normal(noise_rng, (labels.shape[0], *x_shape))
         out = samplers.sample(prediction, noise, schedule=schedule, sampler=e.sampler,
                               num_steps=e.num_sampling_steps, rng=loop_rng, cond=cond,
+                              variance_type="learned_range" if learned_variance else "fixed_small",
                               return_trajectory=trajectory)
         if decode is not None:
             out = (decode(out[0]), jax.lax.map(decode, out[1])) if trajectory else decode(out)

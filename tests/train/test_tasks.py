@@ -183,3 +183,49 @@ def test_bad_config_fails_before_compiling(tmp_path, name, arg, overrides, messa
         trainer.main(config_of(name, arg, *overrides), str(tmp_path / "w"))
     assert time.perf_counter() - start < 5
     assert not os.path.exists(tmp_path / "w" / "metrics.jsonl")
+
+
+def test_dit_ddpm_samples_use_the_learned_variance():
+    """learn_sigma + DDPM: the trainer's sample_fn is `samplers.sample` with variance_type
+    "learned_range" on the guided [eps, v] output (guidance on the first eval.guide_channels
+    channels, the rest from the conditional half, as DiT's forward_with_cfg); its samples differ
+    from the fixed-variance ones, so the v channels are used."""
+    import flax.linen as nn
+
+    from genjax.diffusion import guidance, samplers
+
+    config = config_of("dit_mnist", "smoke=True", "--config.eval.sampler=ddpm",
+                       "--config.eval.num_sampling_steps=4", "--config.model.dtype=float32")
+    config.unlock()
+    config.eval.guide_channels = 1
+    assert config.model.learn_sigma
+    task = tasks.build(config)
+    params = nn.unbox(task.init_params(jax.random.PRNGKey(0)))
+    leaves, tree = jax.tree.flatten(params)  # adaLN-Zero starts at zero output: randomise
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    params = jax.tree.unflatten(tree, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    labels = jax.numpy.array([3, 7], jax.numpy.int32)
+    ours = np.asarray(task.sample_fn(params, jax.random.PRNGKey(2), labels=labels)).astype(int)
+
+    c, size = config.data.channels, config.data.image_size
+    guided = guidance.cfg_denoiser(lambda x, t, y: task.module.apply({"params": params}, x, t, y),
+                                   config.eval.cfg_scale, null_cond={"y": config.model.num_classes},
+                                   guide_channels=1)
+    noise_rng, loop_rng = jax.random.split(jax.random.PRNGKey(2))
+    noise = jax.random.normal(noise_rng, (2, size, size, c))
+
+    def reference(variance_type, keep):
+        x = samplers.sample(lambda x_t, t, y: guided(x_t, t, y=y)[..., :keep], noise,
+                            schedule=_schedule(config), sampler="ddpm", num_steps=4, rng=loop_rng,
+                            cond={"y": labels}, variance_type=variance_type)
+        return np.asarray(tasks.to_uint8(x)).astype(int)
+
+    assert np.abs(ours - reference("learned_range", 2 * c)).max() <= 1
+    assert np.abs(ours - reference("fixed_small", c)).max() > 8
+
+
+def _schedule(config):
+    from genjax.diffusion import schedules
+
+    d = config.diffusion
+    return schedules.make(d.schedule, d.num_timesteps, prediction_type=d.prediction_type)
