@@ -6,7 +6,10 @@
 Stages, in the latent-diffusion order (Rombach et al. 2022; Sora report, Brooks et al. 2024), each
 in its own folder WORKDIR/<stage>/ with config.json, checkpoints/, metrics.jsonl, loss.png and a
 `done.json` (its step count and CPU / wall seconds) once finished — a re-run skips a done stage,
-and an interrupted one resumes from its newest checkpoint (`configs/demo_moving_mnist.py`):
+and an interrupted one resumes from its newest checkpoint (`configs/demo_moving_mnist.py`). Each
+stage folder's `stage.json` holds a fingerprint of its config section and of the stages it is
+trained on; a re-run with another config (another --steps-scale, an override) stops with a
+one-line error before anything trains instead of reusing or resuming a stale stage:
 
   1. vae   causal video VAE (genjax trainer, model.name "video_vae")
   2. text  CLIP text encoder trained contrastively on (video, caption) pairs (trainer, "clip"),
@@ -28,6 +31,7 @@ genjax checkout (where `configs/` sits beside the package).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
@@ -40,6 +44,7 @@ from genjax.errors import check
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout: configs/ is here
 CONFIG = os.path.join(ROOT, "configs", "demo_moving_mnist.py")
 SECTIONS = ("vae", "text", "dit", "sample")
+STAGE_FILE = "stage.json"  # a stage folder's config fingerprint, written before it trains
 ENCODE_BATCH = 64  # videos per VAE forward while encoding the DiT's training latents
 
 
@@ -78,14 +83,43 @@ def stage_done(stage_dir: str, num_steps: int) -> dict | None:
     return done if done.get("num_steps", 0) >= num_steps else None
 
 
-def run_stage(name: str, stage_dir: str, num_steps: int, train) -> dict:
-    """Run `train()` unless the stage is done; write done.json and loss.png. Returns the record
-    `{"stage", "num_steps", "cpu_seconds", "wall_seconds", "skipped"}`."""
+def stage_fingerprint(section, upstream: str = "") -> str:
+    """A short hash of a stage's config section (JSON, sorted keys) and of the fingerprint of the
+    stage it is trained on (its inputs): equal fingerprints = the same training run."""
+    blob = json.dumps(section.to_dict(), sort_keys=True, default=str) + upstream
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def check_stage(name: str, stage_dir: str, fingerprint: str) -> None:
+    """Refuse to reuse or resume a stage folder trained with another config or on other upstream
+    stages (its stage.json fingerprint differs, or it holds files but no stage.json).
+
+    Raises:
+      UserError: naming the workdir and the stage; nothing is changed on disk.
+    """
+    path = os.path.join(stage_dir, STAGE_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            same = json.load(f).get("fingerprint") == fingerprint
+    else:
+        same = not (os.path.isdir(stage_dir) and os.listdir(stage_dir))
+    check(same, "--workdir", os.path.dirname(stage_dir),
+          f"its {name} stage was trained with another config (or on other earlier stages); use a "
+          f"new --workdir, or delete {stage_dir} to retrain it")
+
+
+def run_stage(name: str, stage_dir: str, num_steps: int, train, fingerprint: str) -> dict:
+    """Run `train()` unless the stage is done; write stage.json (the fingerprint, first),
+    done.json and loss.png. Returns the record `{"stage", "num_steps", "cpu_seconds",
+    "wall_seconds", "skipped"}`."""
+    check_stage(name, stage_dir, fingerprint)
     done = stage_done(stage_dir, num_steps)
     if done is not None:
         print(f"  {name}: done earlier ({done['num_steps']} steps), skipped")
         return {**done, "skipped": True}
     os.makedirs(stage_dir, exist_ok=True)
+    with open(os.path.join(stage_dir, STAGE_FILE), "w") as f:
+        json.dump({"stage": name, "fingerprint": fingerprint}, f)
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
     train()
     record = {"stage": name, "num_steps": num_steps, "cpu_seconds": round(cpu_seconds() - cpu0, 1),
@@ -312,20 +346,26 @@ def main(args) -> int:
     check(not missing, "--config", spec, f"is not a demo config: it lacks the sections {missing}")
     workdir = os.path.abspath(args.workdir)
     dirs = {name: os.path.join(workdir, name) for name in ("vae", "text", "dit")}
+    fingerprints = {"vae": stage_fingerprint(config.vae)}
+    fingerprints["text"] = stage_fingerprint(config.text)
+    fingerprints["dit"] = stage_fingerprint(config.dit, fingerprints["vae"] + fingerprints["text"])
+    for name in dirs:  # all three before anything trains
+        check_stage(name, dirs[name], fingerprints[name])
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
 
     print(f"[1/4] video VAE on Moving MNIST ({config.vae.num_steps} steps) -> {dirs['vae']}")
     stages = [run_stage("vae", dirs["vae"], config.vae.num_steps,
-                        lambda: trainer.main(config.vae, dirs["vae"]))]
+                        lambda: trainer.main(config.vae, dirs["vae"]), fingerprints["vae"])]
     print(f"[2/4] text encoder: CLIP on (video, caption) pairs ({config.text.num_steps} steps) -> {dirs['text']}")
     stages.append(run_stage("text", dirs["text"], config.text.num_steps,
-                            lambda: trainer.main(config.text, dirs["text"])))
+                            lambda: trainer.main(config.text, dirs["text"]), fingerprints["text"]))
     print(f"[3/4] video DiT on VAE latents with text conditioning ({config.dit.num_steps} steps) -> {dirs['dit']}")
     dit_config = config.dit.copy_and_resolve_references()
     dit_config.unlock()
     dit_config.sample = config.sample
     stages.append(run_stage("dit", dirs["dit"], config.dit.num_steps,
-                            lambda: train_video_dit(dit_config, dirs["dit"], dirs["vae"], dirs["text"])))
+                            lambda: train_video_dit(dit_config, dirs["dit"], dirs["vae"], dirs["text"]),
+                            fingerprints["dit"]))
     print(f"[4/4] sample {len(config.sample.prompts)} prompts x {config.sample.samples_per_prompt} "
           f"({config.sample.sampler}-{config.sample.num_steps}, cfg {config.sample.cfg_scale}) and evaluate")
     result = sample_and_evaluate(workdir, config, classifier_cache=getattr(args, "classifier_cache", None))

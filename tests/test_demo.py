@@ -75,3 +75,17 @@ def test_demo_bad_steps_scale(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == "genjax demo: error: --steps-scale=0.0: must be > 0"
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("override, stage", [("--config.dit.num_steps=4", "dit"),
+                                              ("--config.vae.model.latent_channels=8", "vae"),
+                                              ("--config.text.optim.lr=0.001", "text")])
+def test_demo_rerun_with_another_config_refuses(smoke_demo, capsys, override, stage):
+    """A stage trained with another config (or on other earlier stages) is neither reused nor
+    resumed: one line naming the stage, exit 2, nothing written."""
+    workdir = smoke_demo[0]
+    before = {s: sorted(os.listdir(os.path.join(workdir, s))) for s in STAGES}
+    assert cli.main(["demo", "--smoke", "--workdir", workdir, override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"its {stage} stage was trained with another config" in err[0], err
+    assert {s: sorted(os.listdir(os.path.join(workdir, s))) for s in STAGES} == before
