@@ -103,6 +103,22 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
         msg = " ".join(str(e).split())
         raise UserError(f"config override: {msg}") from None
     except (AttributeError, KeyError, TypeError, ValueError) as e:
+        if overrides:  # most often an override naming a key the config does not have
+            _check_override_keys(spec, overrides)
         msg = " ".join(str(e).split())
         raise UserError(f"--config={spec!r}: {msg}") from None
     return fv.config
+
+
+def _check_override_keys(spec: str, overrides: Sequence[str]) -> None:
+    """Raise a UserError naming the first override whose key path is not in the config of `spec`
+    (e.g. `--config.model.nope: unknown key 'nope' in config.model (known: ...)`)."""
+    base = load_config(spec)
+    for o in overrides:
+        name = o[len("--config."):].split("=", 1)[0]
+        node, walked = base, ["config"]
+        for key in name.split("."):
+            if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+                known = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else "none"
+                raise UserError(f"--config.{name}: unknown key {key!r} in {'.'.join(walked)} (known: {known})")
+            node, walked = node[key], walked + [key]
