@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "configs/demo_moving_mnist_large.py for one GPU / TPU host)")
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--steps-scale", type=float, default=None,
-                   help="multiply every stage's training steps (default 1: ~30 min on 2 CPU cores "
+                   help="multiply every stage's training steps (default 1: ~24 min on 2 CPU cores "
                         "with the default config); added to the config arg as steps_scale=S")
     p.add_argument("--smoke", action="store_true", help="tiny models, a few steps (seconds); added "
                    "to the config arg as smoke=True")
