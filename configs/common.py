@@ -44,3 +44,17 @@ def evaluation(sample_every_steps: int = 1000, num_samples: int = 16, sampler: s
     return ml_collections.ConfigDict(dict(
         sample_every_steps=sample_every_steps, num_samples=num_samples, sampler=sampler,
         num_sampling_steps=num_sampling_steps, cfg_scale=cfg_scale))
+
+
+def moving_mnist(batch_size: int, num_examples: int, *, image_size: int, num_frames: int,
+                 num_digits: int) -> ml_collections.ConfigDict:
+    """Procedural Moving MNIST from the real MNIST training digits
+    (`genjax.data.sources.MovingMnistSource`): grayscale clips of `num_frames` x image_size^2."""
+    return ml_collections.ConfigDict(dict(
+        dataset="moving_mnist", split="train", batch_size=batch_size, image_size=image_size,
+        num_frames=num_frames, num_digits=num_digits, num_examples=num_examples, channels=1))
+
+
+def scaled_steps(num_steps: int, steps_scale: float) -> int:
+    """`num_steps * steps_scale`, rounded, at least 1 (the `steps_scale=` config argument)."""
+    return max(1, int(round(num_steps * steps_scale)))

@@ -47,17 +47,15 @@ PROMPTS = tuple(f"digit {d}" for d in range(10)) + ("digits 3 and 7", "digits 1 
 
 
 def _data(batch_size: int, num_examples: int) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(dataset="moving_mnist", split="train", batch_size=batch_size,
-                                          image_size=32, num_frames=8, num_digits=1,
-                                          num_examples=num_examples, channels=1))
+    return common.moving_mnist(batch_size, num_examples, image_size=32, num_frames=8,
+                               num_digits=1)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = parse_arg(arg, smoke=False, steps_scale=1.0)
-    s = a.steps_scale
 
     def steps(n):
-        return max(1, int(round(n * s)))
+        return common.scaled_steps(n, a.steps_scale)
 
     vae = ml_collections.ConfigDict()
     vae.seed = 0

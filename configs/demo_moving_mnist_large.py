@@ -64,17 +64,15 @@ PROMPTS = ("digits 0 and 1", "digits 2 and 3", "digits 4 and 5", "digits 6 and 7
 
 
 def _data(batch_size: int, num_examples: int) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(dataset="moving_mnist", split="train", batch_size=batch_size,
-                                          image_size=64, num_frames=16, num_digits=2,
-                                          num_examples=num_examples, channels=1))
+    return common.moving_mnist(batch_size, num_examples, image_size=64, num_frames=16,
+                               num_digits=2)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = parse_arg(arg, smoke=False, steps_scale=1.0)
-    s = a.steps_scale
 
     def steps(n):
-        return max(1, int(round(n * s)))
+        return common.scaled_steps(n, a.steps_scale)
 
     vae = ml_collections.ConfigDict()
     vae.seed = 0
