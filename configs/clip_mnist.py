@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import ml_collections
 
-import common
+from configs import common
 from genjax.config import parse_arg
 from genjax.models import clip
 

@@ -31,7 +31,7 @@ def optim(lr: float = 1e-4, **overrides) -> ml_collections.ConfigDict:
 
 
 def ckpt(save_interval_steps: int = 1000, max_to_keep: int = 3) -> ml_collections.ConfigDict:
-    """Orbax checkpoints in WORKDIR/checkpoints (`genjax.train.checkpoint.make_manager`);
+    """Orbax checkpoints in WORKDIR/checkpoints (`genjax.io.checkpoint.make_manager`);
     max_to_keep 0 keeps all; async_save writes in the background."""
     return ml_collections.ConfigDict(dict(save_interval_steps=save_interval_steps,
                                           max_to_keep=max_to_keep, async_save=True))

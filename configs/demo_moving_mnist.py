@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import ml_collections
 
-import common
+from configs import common
 from genjax.config import parse_arg
 from genjax.models import clip
 
@@ -66,8 +66,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     vae.model = ml_collections.ConfigDict(dict(
         name="video_vae", in_channels=1, out_channels=1, block_out_channels=(16, 32, 32),
         layers_per_block=1, latent_channels=4, norm_num_groups=8, mid_block_attention=False,
-        temporal_downsample=(False, False), temporal_kernel_size=1, scaling_factor=1.0, kl_weight=1e-6, rec="l1",
-        dtype="float32"))
+        temporal_downsample=(False, False), temporal_kernel_size=1, scaling_factor=1.0, dtype="float32"))
+    vae.task = ml_collections.ConfigDict(dict(kl_weight=1e-6, rec="l1"))
     vae.optim = common.optim(lr=1e-3, schedule="cosine", warmup_steps=50, end_lr_ratio=0.1,
                              ema_decay=0.99, ema_warmup=True)
     vae.mesh = common.mesh()
@@ -91,16 +91,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     dit.num_steps = steps(2500)
     dit.log_every_steps = 25
     dit.data = _data(32, 6_000)
+    dit.data.latents = "cache"  # encoded once by the frozen VAE into dit/latents/
     dit.model = ml_collections.ConfigDict(dict(
         name="video_dit", patch_size=(1, 2, 2), hidden_size=128, depth=4, num_heads=4, mlp_ratio=4.0,
-        attention="joint", pos_embed="sincos", text_dim=64, text_dropout_prob=0.1, dtype="float32"))
+        attention="joint", pos_embed="sincos", text_dropout_prob=0.1, dtype="float32"))
+    # vae / text_encoder: the vae and text stages' folders, set by `genjax demo`; latent_scale 0:
+    # 1 / std of the VAE's latents, measured by the demo before the stage trains.
+    dit.task = ml_collections.ConfigDict(dict(vae="", text_encoder="", latent_scale=0.0,
+                                              text_length=text.model.context_length))
     dit.diffusion = ml_collections.ConfigDict(dict(
-        schedule="cosine", num_timesteps=1000, prediction_type="epsilon",
+        schedule="cosine", num_timesteps=1000, prediction_type="epsilon", weighting="none",
         frame_mask_probs={"none": 0.8, "first": 0.2}))
     dit.optim = common.optim(lr=1e-3, schedule="cosine", warmup_steps=100, end_lr_ratio=0.1,
                              ema_decay=0.999, ema_warmup=True)
     dit.mesh = common.mesh()
     dit.ckpt = common.ckpt(save_interval_steps=250, max_to_keep=1)
+    dit.eval = common.evaluation(sample_every_steps=0, num_samples=8)
 
     sample = ml_collections.ConfigDict(dict(
         prompts=PROMPTS, samples_per_prompt=8, sampler="ddim", num_steps=50, cfg_scale=4.0,

@@ -9,10 +9,8 @@ text-conditioned video DiT on two-digit 64 x 64 Moving MNIST (the canvas of Sriv
 Sections (each stage trains in WORKDIR/<stage>/, finished stages are skipped on a re-run):
   vae    causal video VAE, widths (64, 128, 128), 2 res-blocks per level, 4x spatial, causal
          3 x 3 x 3 convolutions (temporal_kernel_size 3: it mixes frames, unlike the CPU demo's
-         frame-wise VAE), 1x temporal: 16 x 64 x 64 clips -> latents (16, 16, 16, 4). Not 2x / 4x
-         in time: the causal VAE needs T = 1 + k * ft frames and `genjax.sample.generate` (the
-         demo's sampling stage) draws latent noise with T = the clip's frame count, i.e. it assumes
-         ft = 1. L1 + 1e-6 KL, batch 32, 20K steps.
+         frame-wise VAE), 1x temporal: 16 x 64 x 64 clips -> latents (16, 16, 16, 4). Not
+         downsampled in time (1x), so the DiT sees all 16 latent frames. L1 + 1e-6 KL, batch 32, 20K steps.
   text   CLIP with the text tower of OpenAI's ViT-B/32 (`clip.VARIANTS["ViT-B/32"]`: 12 layers x
          512 wide, 8 heads) over the byte tokenizer (vocab 259, 32 tokens), trained contrastively
          against a ViViT video tower (6 x 384, (2, 8, 8) tubelets) on (clip, caption) pairs; batch
@@ -26,7 +24,7 @@ Sections (each stage trains in WORKDIR/<stage>/, finished stages are skipped on 
   sample DDIM-50, cfg 4, 8 videos for each of 10 two-digit prompts.
 
 Captions: Moving MNIST's default two-digit caption "digits {d0} and {d1}" (`data.sources.
-MovingMnistSource`; the CLIP task and `demo.train_video_dit` take each clip's caption as it is,
+MovingMnistSource`; the CLIP and video_dit tasks take each clip's caption as it is,
 100 distinct captions), so the prompts are two-digit ones. Evaluation (`genjax.eval.evaluate`):
 the digit accuracy is defined only for one-digit prompts (`prompted_digit` -> -1 otherwise), so
 it is NaN here; eval.json holds the Frechet distance to 500 two-digit test clips in the digit
@@ -55,7 +53,7 @@ from __future__ import annotations
 
 import ml_collections
 
-import common
+from configs import common
 from genjax.config import parse_arg
 from genjax.models import clip
 
@@ -82,8 +80,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     vae.model = ml_collections.ConfigDict(dict(
         name="video_vae", in_channels=1, out_channels=1, block_out_channels=(64, 128, 128),
         layers_per_block=2, latent_channels=4, norm_num_groups=32, mid_block_attention=True,
-        temporal_downsample=(False, False), temporal_kernel_size=3, scaling_factor=1.0,
-        kl_weight=1e-6, rec="l1", dtype="bfloat16"))
+        temporal_downsample=(False, False), temporal_kernel_size=3, scaling_factor=1.0, dtype="bfloat16"))
+    vae.task = ml_collections.ConfigDict(dict(kl_weight=1e-6, rec="l1"))
     vae.optim = common.optim(lr=2e-4, schedule="cosine", warmup_steps=500, end_lr_ratio=0.1,
                              ema_decay=0.999, ema_warmup=True)
     vae.mesh = common.mesh()
@@ -114,17 +112,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     dit.num_steps = steps(100_000)
     dit.log_every_steps = 100
     dit.data = _data(64, 50_000)
+    dit.data.latents = "cache"
     dit.model = ml_collections.ConfigDict(dict(
         name="video_dit", patch_size=(1, 2, 2), hidden_size=768, depth=12, num_heads=12, mlp_ratio=4.0,
-        attention="joint", pos_embed="sincos", text_dim=text.model.text_width, text_dropout_prob=0.1,
+        attention="joint", pos_embed="sincos", text_dropout_prob=0.1,
         dtype="bfloat16", scan=True, remat="dots_with_no_batch_dims_saveable"))
+    dit.task = ml_collections.ConfigDict(dict(vae="", text_encoder="", latent_scale=0.0,
+                                              text_length=text.model.context_length))
     dit.diffusion = ml_collections.ConfigDict(dict(
-        schedule="cosine", num_timesteps=1000, prediction_type="epsilon",
+        schedule="cosine", num_timesteps=1000, prediction_type="epsilon", weighting="none",
         frame_mask_probs={"none": 0.8, "first": 0.2}))
     dit.optim = common.optim(lr=2e-4, schedule="cosine", warmup_steps=1_000, end_lr_ratio=0.1,
                              ema_decay=0.9999, ema_warmup=True)
     dit.mesh = common.mesh()
     dit.ckpt = common.ckpt(save_interval_steps=5_000, max_to_keep=2)
+    dit.eval = common.evaluation(sample_every_steps=0, num_samples=8)
 
     sample = ml_collections.ConfigDict(dict(
         prompts=PROMPTS, samples_per_prompt=8, sampler="ddim", num_steps=50, cfg_scale=4.0,
@@ -142,7 +144,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         vae.eval.sample_every_steps = 0
         text.model.update(embed_dim=32, text_width=32, text_layers=1, text_heads=2, image_size=(32, 32),
                           vision_width=32, vision_heads=2, video_max_grid=(2, 4, 4), video_layers=1)
-        dit.model.update(hidden_size=32, depth=1, num_heads=2, text_dim=32)
+        dit.model.update(hidden_size=32, depth=1, num_heads=2)
         sample.update(prompts=("digits 3 and 7",), samples_per_prompt=2, num_steps=3, num_reference=0)
 
     c = ml_collections.ConfigDict(dict(vae=vae, text=text, dit=dit, sample=sample))

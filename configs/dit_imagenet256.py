@@ -12,7 +12,7 @@ with Transformers", Sec. 5 and Table 4), class-conditional latent diffusion on t
     genjax train --config configs/dit_imagenet256.py:vae=runs/sd-vae-ft-ema,latents=cache --workdir runs/dit_xl2
     #    data elsewhere than ~/tensorflow_datasets: --config.data.data_dir=/data/tfds
 
-Args: `vae` (-> model.vae) a `genjax convert --model vae` folder, frozen; its config carries the
+Args: `vae` (-> task.vae) a `genjax convert --model vae` folder, frozen; its config carries the
 latent scaling factor (0.18215 for the SD VAEs). `latents` "on_the_fly" (default: each batch is
 encoded inside the train step, z ~ q(z | x), as DiT's train.py) or "cache" (`genjax.data.
 latent_cache`: posterior mean and std computed once; the random flip is then drawn once per image
@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import ml_collections
 
-import common
+from configs import common
 from genjax.config import parse_arg
 from genjax.errors import check
 
@@ -73,9 +73,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dataset="imagenet2012", split="train", data_dir="", batch_size=256, image_size=256,
         channels=3, crop="adm_center", random_flip=True, latents=a.latents))
     c.model = ml_collections.ConfigDict(dict(
-        name="dit", vae=a.vae, patch_size=2, hidden_size=1152, depth=28, num_heads=16, mlp_ratio=4.0,
+        name="dit", patch_size=2, hidden_size=1152, depth=28, num_heads=16, mlp_ratio=4.0,
         num_classes=1000, class_dropout_prob=0.1, learn_sigma=True, dtype="bfloat16", scan=True,
         remat="none"))
+    c.task = ml_collections.ConfigDict(dict(vae=a.vae))
     c.diffusion = ml_collections.ConfigDict(dict(schedule="linear", num_timesteps=1000,
                                                  prediction_type="epsilon", weighting="none"))
     c.optim = common.optim(lr=1e-4, schedule="constant", warmup_steps=0, weight_decay=0.0,

@@ -6,7 +6,7 @@
     genjax train --config configs/dit_latent.py:vae=runs/vae_mnist,latents=cache --workdir runs/dit_latent
     genjax train --config configs/dit_latent.py:smoke=True,vae=/tmp/vae_smoke --workdir /tmp/ldit_smoke
 
-`vae` (-> model.vae) is a trained VAE workdir or a `genjax convert --model vae` folder; it is frozen
+`vae` (-> task.vae) is a trained VAE workdir or a `genjax convert --model vae` folder; it is frozen
 (its EMA params). `latents` (-> data.latents): "on_the_fly" encodes each batch inside the train
 step; "cache" computes the posterior mean and std once into WORKDIR/latents/train.array_record
 (`genjax.data.latent_cache`) and each step draws z = mean + std * eps, the same latents for the
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import ml_collections
 
-import common
+from configs import common
 from genjax.config import parse_arg
 from genjax.errors import check
 
@@ -43,8 +43,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(dataset="mnist_embedded", split="train", batch_size=128,
                                             image_size=32, channels=1, latents=a.latents))
     c.model = ml_collections.ConfigDict(dict(
-        name="dit", vae=a.vae, patch_size=2, hidden_size=256, depth=6, num_heads=4, num_classes=10,
+        name="dit", patch_size=2, hidden_size=256, depth=6, num_heads=4, num_classes=10,
         class_dropout_prob=0.1, learn_sigma=True, dtype="bfloat16", scan=False, remat="none"))
+    c.task = ml_collections.ConfigDict(dict(vae=a.vae))
     c.diffusion = ml_collections.ConfigDict(dict(schedule="linear", num_timesteps=1000,
                                                  prediction_type="epsilon", weighting="none"))
     c.optim = common.optim(lr=3e-4)

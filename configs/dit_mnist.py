@@ -14,9 +14,6 @@ time is an ESTIMATE, not measured here: DiT-S/2 at 196 tokens is ~1.5 GFLOPs per
 so 20k steps x 128 images x ~3 (fwd + bwd) ~ 1.2e16 FLOPs, about 15-30 min on one A100/H100 or
 TPU v4 core at 20-40 % MFU. Expected result (estimate): recognisable digits of the requested
 class in `samples/step_020000.png`, training loss around 0.03-0.05 (eps-MSE + VB).
-Demo (`demo=True`, what `genjax demo` trains): patch 4, width 128, depth 4, batch 64, 3000 steps
-in float32 on a 2-core CPU (about 10 minutes; `steps=N` changes the length); its samples are
-legible digits of the prompted class (the demo prints the digit classifier's accuracy on them).
 Smoke (`smoke=True`): depth 2, width 32, patch 4, batch 16, 30 steps, float32; runs in seconds on
 a CPU (the tests use it); its samples are noise.
 """
@@ -25,14 +22,14 @@ from __future__ import annotations
 
 import ml_collections
 
-import common
+from configs import common
 from genjax.config import parse_arg
 from genjax.errors import check
 from genjax.models import dit
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = parse_arg(arg, smoke=False, demo=False, steps=0, variant="S/2")
+    a = parse_arg(arg, smoke=False, steps=0, variant="S/2")
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.num_steps = 20_000
@@ -53,17 +50,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval = common.evaluation(sample_every_steps=1000, num_samples=16, num_sampling_steps=50,
                                cfg_scale=4.0)
 
-    if a.demo:  # `genjax demo`: a CPU-sized model, minutes on 2 cores
-        c.num_steps = 3000
-        c.log_every_steps = 25
-        c.data.batch_size = 64
-        c.model.update(patch_size=4, hidden_size=128, depth=4, num_heads=4, dtype="float32",
-                       learn_sigma=False)
-        c.optim.update(lr=1e-3, warmup_steps=100, schedule="cosine", end_lr_ratio=0.1,
-                       ema_decay=0.999, ema_warmup=True)
-        c.ckpt.update(save_interval_steps=500, max_to_keep=2)
-        c.eval.update(sample_every_steps=1000, num_samples=20, num_sampling_steps=50,
-                      cfg_scale=3.0)
     if a.smoke:
         c.num_steps = 30
         c.log_every_steps = 1

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import ml_collections
 
-import common
+from configs import common
 from genjax.config import parse_arg
 
 
@@ -38,8 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         name="unet", block_out_channels=(64, 128, 128),
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), layers_per_block=2,
-        attention_head_dim=None, norm_num_groups=32, dropout=0.1,
-        num_classes=0 if a.unconditional else 10, class_dropout_prob=0.1, dtype="bfloat16"))
+        attention_head_dim=None, norm_num_groups=32, dropout=0.1, dtype="bfloat16"))
+    c.task = ml_collections.ConfigDict(dict(num_classes=0 if a.unconditional else 10, class_dropout_prob=0.1))
     c.diffusion = ml_collections.ConfigDict(dict(schedule="linear", num_timesteps=1000,
                                                  prediction_type="epsilon", weighting="none"))
     c.optim = common.optim(lr=2e-4)

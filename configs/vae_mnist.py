@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import ml_collections
 
-import common
+from configs import common
 from genjax.config import parse_arg
 from genjax.models import vae
 
@@ -36,8 +36,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.data = ml_collections.ConfigDict(dict(dataset="mnist_embedded", split="train", batch_size=64,
                                             image_size=32, channels=1))
-    c.model = ml_collections.ConfigDict(dict(name="vae", **vae.VARIANTS["mnist"], kl_weight=1e-6,
-                                             rec="l1", dtype="float32"))
+    c.model = ml_collections.ConfigDict(dict(name="vae", **vae.VARIANTS["mnist"], dtype="float32"))
+    c.task = ml_collections.ConfigDict(dict(kl_weight=1e-6, rec="l1"))
     c.optim = common.optim(lr=2e-4, ema_decay=0.999, ema_warmup=True)
     c.mesh = common.mesh()
     c.ckpt = common.ckpt(save_interval_steps=1000, max_to_keep=2)

@@ -5,17 +5,18 @@ CLIP-style text transformer trained jointly (byte tokenizer). Train the video VA
 
     genjax train --config configs/video_vae_moving_mnist.py --workdir runs/video_vae_mm
     genjax train --config configs/video_dit_moving_mnist.py:vae=runs/video_vae_mm --workdir runs/video_dit_mm
-    genjax sample --workdir runs/video_dit_mm ...   (or trainer.restore_trained + sample_fn(prompts=[...]))
+    genjax sample --workdir runs/video_dit_mm --prompt "digit 3" --out threes.npz
+        (or `tasks.restore(workdir)` + `task.sample_fn(params, rng, ["digit 3"])`)
 
 Smoke (seconds on a CPU; tests/train/test_tasks.py):
 
     genjax train --config configs/video_vae_moving_mnist.py:smoke=True --workdir /tmp/vvae_smoke
     genjax train --config configs/video_dit_moving_mnist.py:smoke=True,vae=/tmp/vvae_smoke --workdir /tmp/vdit_smoke
 
-`vae` (-> model.vae) is a trained `video_vae` workdir, frozen (its EMA params); each clip is
-encoded inside the train step and z ~ q(z | x) is scaled by model.latent_scale (0 = the VAE's
+`vae` (-> task.vae) is a trained `video_vae` workdir, frozen (its EMA params); each clip is
+encoded inside the train step and z ~ q(z | x) is scaled by task.latent_scale (0 = the VAE's
 scaling_factor, 1.0 for the "tiny" video VAE; set it to about 1 / latent_std from the VAE's
-metrics.jsonl, LDM appendix D.1). model.text_encoder = a CLIP workdir swaps the joint text tower
+metrics.jsonl, LDM appendix D.1). task.text_encoder = a CLIP workdir swaps the joint text tower
 for that CLIP's frozen one. `steps` overrides num_steps.
 
 Data: procedural one-digit Moving MNIST, 9 frames of 32 x 32 (as the video VAE config), captions
@@ -23,7 +24,7 @@ Data: procedural one-digit Moving MNIST, 9 frames of 32 x 32 (as the video VAE c
 depth 4, width 128, 4 heads, joint space-time attention over (1, 2, 2) tubelets (3 x 4 x 4 = 48
 tokens), adaLN-Zero on the timestep + pooled text, cross-attention to 16 text tokens; text tower
 2 layers x 64 wide, 4 heads; text dropout 0.1 for classifier-free guidance. Linear betas, T =
-1000, v-prediction; diffusion.frame_condition_prob > 0 also trains image-to-video / extension
+1000, v-prediction; diffusion.frame_mask_probs with kinds other than "none" also trains image-to-video / extension
 (`sample_fn(..., init_frames=...)`). AdamW lr 3e-4, batch 16, EMA 0.999, 6k steps; 1.59 M DiT +
 0.12 M text parameters. Samples (every 1000 steps, samples/step_XXXXXX.gif): DDIM-50 with
 cfg_scale 4 for "digit 0" ... "digit 7".
@@ -42,7 +43,7 @@ from __future__ import annotations
 
 import ml_collections
 
-import common
+from configs import common
 from genjax.config import parse_arg
 
 
@@ -54,16 +55,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.data = ml_collections.ConfigDict(dict(dataset="moving_mnist", split="train", batch_size=16,
                                             image_size=32, num_frames=9, num_digits=1,
-                                            num_examples=100_000, channels=1))
+                                            num_examples=100_000, channels=1,
+                                            latents="on_the_fly"))
     c.model = ml_collections.ConfigDict(dict(
-        name="video_dit", vae=a.vae, latent_scale=0.0, text_encoder="", text_length=16,
-        text=dict(width=64, num_layers=2, num_heads=4, mlp_dim=256),
-        patch_size=(1, 2, 2), hidden_size=128, depth=4, num_heads=4, attention="joint",
+        name="video_dit", patch_size=(1, 2, 2), hidden_size=128, depth=4, num_heads=4, attention="joint",
         pos_embed="sincos", text_dropout_prob=0.1, learn_sigma=False, dtype="float32",
         scan=False, remat="none"))
+    c.task = ml_collections.ConfigDict(dict(
+        vae=a.vae, latent_scale=0.0, text_encoder="", text_length=16,
+        text=dict(width=64, num_layers=2, num_heads=4, mlp_dim=256)))
     c.diffusion = ml_collections.ConfigDict(dict(schedule="linear", num_timesteps=1000,
                                                  prediction_type="v_prediction", weighting="none",
-                                                 frame_condition_prob=0.0))
+                                                 frame_mask_probs={"none": 1.0}))
     c.optim = common.optim(lr=3e-4, ema_decay=0.999, ema_warmup=True)
     c.mesh = common.mesh()
     c.ckpt = common.ckpt(save_interval_steps=1000, max_to_keep=2)
@@ -72,8 +75,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.num_steps = 4
         c.log_every_steps = 1
         c.data.update(batch_size=4, num_frames=5, num_examples=64)
-        c.model.update(hidden_size=32, depth=1, num_heads=2,
-                       text=dict(width=32, num_layers=1, num_heads=2, mlp_dim=64))
+        c.model.update(hidden_size=32, depth=1, num_heads=2)
+        c.task.text = dict(width=32, num_layers=1, num_heads=2, mlp_dim=64)
         c.optim.update(lr=1e-3, ema_decay=0.9)
         c.ckpt.update(save_interval_steps=2, max_to_keep=1)
         c.eval.update(sample_every_steps=4, num_samples=2, num_sampling_steps=3)

@@ -1,8 +1,7 @@
 """ViViT video classification of the digit in one-digit Moving MNIST (a smoke task for ViViT).
 
-For the trainer once it supports model name "vivit" (a classification loss on `labels[:, 0]`);
-until then `tests/models/test_vivit.py::test_trains_on_moving_mnist_digits` runs the smoke
-setting with a small optax loop.
+Task "vivit" (`genjax/tasks/vivit.py`): softmax cross-entropy on the digit label, test accuracy
+on eval.num_samples held-out clips every eval.sample_every_steps.
 
     genjax train --config configs/vivit_moving_mnist.py --workdir runs/vivit_mm
     genjax train --config configs/vivit_moving_mnist.py:attention=joint --workdir runs/vivit_mm_joint
@@ -31,7 +30,7 @@ from __future__ import annotations
 
 import ml_collections
 
-import common
+from configs import common
 from genjax.config import parse_arg
 from genjax.errors import check
 from genjax.models import vivit
@@ -56,6 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim = common.optim(lr=1e-3, schedule="cosine", warmup_steps=500, weight_decay=0.05, ema_decay=0.999)
     c.mesh = common.mesh()
     c.ckpt = common.ckpt(save_interval_steps=1000, max_to_keep=2)
+    c.eval = common.evaluation(sample_every_steps=1000, num_samples=512)
 
     if a.smoke:
         c.num_steps = 400
@@ -64,5 +64,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.update(**vivit.VARIANTS["smoke"], dtype="float32")
         c.optim.update(lr=3e-3, schedule="constant", warmup_steps=0, weight_decay=0.0, grad_clip_norm=0.0)
         c.ckpt.update(save_interval_steps=200, max_to_keep=1)
+        c.eval.update(sample_every_steps=400, num_samples=64)
     c.lock()
     return c

@@ -15,12 +15,6 @@ from typing import Sequence
 from genjax.errors import UserError
 
 
-def _not_available(feature: str, issue: str):
-    def run(args: argparse.Namespace) -> int:
-        raise UserError(f"genjax {feature}: not available yet ({issue} has not landed)")
-    return run
-
-
 def _lazy(module: str, func: str = "main"):
     """Run `module.func(args)` importing the module only when the subcommand runs."""
     def run(args: argparse.Namespace) -> int:
@@ -68,10 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=4, help="samples per prompt / class label (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output .npz")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the demo's, 50)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's "
+                   "eval.num_sampling_steps; 50 for a converted model)")
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale "
-                   "(default: the demo's, 4; 1 = no guidance)")
-    p.add_argument("--sampler", default="ddim", help="ddpm | ddim | dpmpp (DPM-Solver++ 2M)")
+                   "(default: the run's eval.cfg_scale; 4 for a converted model; 1 = no guidance)")
+    p.add_argument("--sampler", default=None, help="ddpm | ddim | dpmpp_2m | euler | heun "
+                   "(`genjax.diffusion.samplers`; default: the run's eval.sampler, ddim for a converted model)")
     p.add_argument("--frames", type=int, default=None, help="frames (default: the training clips')")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)

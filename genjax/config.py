@@ -68,8 +68,9 @@ def _innermost_user_error(e: BaseException | None) -> UserError | None:
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Load `spec` = `path/to/config.py[:arg]` and apply `--config.a.b=value` overrides.
 
-    Returns the locked ConfigDict. The config file's folder is put on `sys.path` so configs can
-    `import common`.
+    Returns the locked ConfigDict. When the config file's folder is a package (holds
+    `__init__.py`, as `configs/` does), the folder above it is put on `sys.path`, so configs import
+    their shared helpers as a package module (`from configs import common`).
 
     Raises:
       UserError: missing config file, a config without `get_config`, an unknown override key or
@@ -82,8 +83,10 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     if not os.path.isfile(path):
         raise UserError(f"--config={path!r}: no such config file")
     folder = os.path.dirname(os.path.abspath(path))
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
+    if os.path.isfile(os.path.join(folder, "__init__.py")):
+        folder = os.path.dirname(folder)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
     for o in overrides:
         if not o.startswith("--config."):
             raise UserError(f"override {o!r}: must look like --config.section.field=value")

@@ -14,10 +14,10 @@ one-line error before anything trains instead of reusing or resuming a stale sta
   1. vae   causal video VAE (genjax trainer, model.name "video_vae")
   2. text  CLIP text encoder trained contrastively on (video, caption) pairs (trainer, "clip"),
            frozen afterwards
-  3. dit   video DiT on the frozen VAE's latents (encoded once into dit/latents.npz), conditioned
-           on the frozen text tower's token states; trained here (`train_video_dit`) with the
-           trainer's sharded train step, TrainState, EMA and orbax checkpoints
-  4. sample + evaluate: DDIM with classifier-free guidance for the config's prompts ->
+  3. dit   video DiT (trainer, "video_dit") on the frozen VAE's latents (encoded once into the
+           latent cache dit/latents/), conditioned on the frozen text tower's token states
+  4. sample + evaluate: the DiT task's `sample_fn` (DDIM with classifier-free guidance) for the
+     config's prompts ->
      WORKDIR/samples/*.gif, *.mp4, contact_sheet.png, WORKDIR/samples.npz; the digit classifier
      (`genjax.eval.evaluate.evaluate_videos`) and the VAE's reconstruction PSNR / SSIM on test
      videos -> WORKDIR/eval.json, printed at the end.
@@ -45,7 +45,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checko
 CONFIG = os.path.join(ROOT, "configs", "demo_moving_mnist.py")
 SECTIONS = ("vae", "text", "dit", "sample")
 STAGE_FILE = "stage.json"  # a stage folder's config fingerprint, written before it trains
-ENCODE_BATCH = 64  # videos per VAE forward while encoding the DiT's training latents
 
 
 def cpu_seconds() -> float:
@@ -135,146 +134,39 @@ def run_stage(name: str, stage_dir: str, num_steps: int, train, fingerprint: str
 
 # --------------------------------------------------------------------------- stage 3: video DiT
 
-def encode_latents(config, vae_module, vae_params, path: str) -> dict[str, np.ndarray]:
-    """The DiT's training set, computed once into `path` (.npz): `latents` float32 (N, T, h, w, c)
-    = the frozen VAE's posterior means of N = data.num_examples train clips, and `captions` (N,)."""
-    if os.path.isfile(path):
-        with np.load(path) as f:
-            return {k: f[k] for k in f.files}
-    import jax
-    from tqdm import tqdm
+def dit_stage_config(config, dirs: dict[str, str]):
+    """The `dit` section as a `genjax train` config of task "video_dit": the frozen VAE and text
+    stages as task.vae / task.text_encoder, and task.latent_scale = 1 / std of the VAE's latents
+    (`tasks.video_dit.latent_scale_of`, LDM App. D.1) when the section leaves it 0."""
+    from genjax.tasks import video_dit
 
-    from genjax.data.sources import MovingMnistSource
-
-    d = config.data
-    source = MovingMnistSource("train", num_examples=d.num_examples, num_frames=d.num_frames,
-                               image_size=d.image_size, num_digits=d.num_digits, seed=config.seed)
-    encode = jax.jit(lambda x: vae_module.apply({"params": vae_params}, x, method=vae_module.encode).mean)
-    latents, captions = [], []
-    for start in tqdm(range(0, len(source), ENCODE_BATCH), desc="encode latents"):
-        examples = [source[i] for i in range(start, min(start + ENCODE_BATCH, len(source)))]
-        x = np.stack([e["video"] for e in examples]).astype(np.float32) / 127.5 - 1.0
-        latents.append(np.asarray(encode(x)))
-        captions += [e["caption"] for e in examples]
-    out = {"latents": np.concatenate(latents), "captions": np.asarray(captions)}
-    np.savez(path, **out)
-    return out
-
-
-def train_video_dit(config, workdir: str, vae_dir: str, text_dir: str) -> None:
-    """Train the text-conditioned video DiT of `config` (the `dit` section) in `workdir`.
-
-    x0 = VAE latents * latent_scale (1 / their std, LDM App. D.1); text = the frozen CLIP text
-    tower's token states of each clip's caption; loss = `frame_conditioning.
-    frame_conditioned_diffusion_loss` (eps MSE, Ho et al. 2020 L_simple, with Open-Sora v1.1
-    frame masks drawn by `random_frame_mask(probs=diffusion.frame_mask_probs)`), text dropped
-    with probability model.text_dropout_prob inside the DiT (classifier-free guidance). Batches
-    are drawn with `default_rng([seed, step])`, so a resumed run sees the same batches.
-    Writes config.json (with latent_scale, latent_shape and the frozen stages' folders, relative),
-    checkpoints/ and metrics.jsonl; resumes from the newest checkpoint.
-    """
-    import jax
-    from tqdm import tqdm
-
-    from genjax import sample as sample_lib
-    from genjax.diffusion import frame_conditioning, schedules
-    from genjax.models import video_dit
-    from genjax.parallel import mesh as mesh_lib
-    from genjax.train import checkpoint, state as state_lib, tasks, trainer
-
-    mesh = mesh_lib.make_mesh(config.mesh)
-    mesh_lib.check_global_batch(config.data.batch_size, mesh)
-    vae_module, vae_params = tasks.load_frozen(vae_dir, mesh=mesh, family="video_vae")
-    _, text_task, clip_params = tasks.restore(text_dir)
-    clip_module = text_task.module
-    data = encode_latents(config, vae_module, vae_params, os.path.join(workdir, "latents.npz"))
-    latent_scale = float(1.0 / data["latents"].std())
-    captions, caption_ids = np.unique(data["captions"], return_inverse=True)
-    text_table, mask_table = sample_lib.text_states(clip_module, clip_params, [str(c) for c in captions])
-
-    config = config.copy_and_resolve_references()
-    config.unlock()
-    config.update(dict(latent_scale=latent_scale, latent_shape=data["latents"].shape[1:],
-                       text_context=int(clip_module.context_length),
-                       vae_workdir=os.path.relpath(vae_dir, workdir),
-                       text_workdir=os.path.relpath(text_dir, workdir)))
-    config_dict = json.loads(json.dumps(config.to_dict()))
-    module = video_dit.VideoDiT(**tasks.module_kwargs(video_dit.VideoDiT, config.model,
-                                                      in_channels=data["latents"].shape[-1]))
-    d = config.diffusion
-    schedule = schedules.make(d.schedule, d.num_timesteps, prediction_type=d.prediction_type)
-    denoise = sample_lib.dit_denoiser(module)
-    probs = dict(d.frame_mask_probs)
-
-    def loss_fn(params, batch, rng):
-        mask_rng, model_rng, loss_rng = jax.random.split(rng, 3)
-        x0 = batch["latents"]
-        text, text_mask = text_table[batch["caption_id"]], mask_table[batch["caption_id"]]
-        frame_mask = frame_conditioning.random_frame_mask(mask_rng, x0.shape[0], x0.shape[1], probs=probs)
-
-        def denoise_fn(x_t, t, **cond):
-            return denoise(params, x_t, t, cond["text"], cond["text_mask"], rng=model_rng)
-
-        return frame_conditioning.frame_conditioned_diffusion_loss(
-            denoise_fn, x0, loss_rng, schedule=schedule, frame_mask=frame_mask,
-            cond={"text": text, "text_mask": text_mask})
-
-    init_params = sample_lib.init_fn(module, config)
-    tx, lr_schedule = state_lib.make_optimizer(config.optim, config.num_steps)
-    manager = checkpoint.make_manager(workdir, config.ckpt)
-    first_step = manager.latest_step() or 0
-    if first_step:
-        abstract, shardings = state_lib.abstract_train_state(init_params, tx, seed=config.seed, mesh=mesh)
-        state = checkpoint.restore(manager, abstract)
-    else:
-        state, shardings = state_lib.create_train_state(init_params, tx, seed=config.seed, mesh=mesh)
-    train_step = trainer.make_train_step(loss_fn, tx, mesh=mesh, state_shardings=shardings,
-                                         ema_decay=config.optim.ema_decay,
-                                         ema_warmup=config.optim.ema_warmup, lr_schedule=lr_schedule)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(config_dict, f, indent=2)
-    latents = data["latents"] * latent_scale
-    log = trainer.MetricsLog(workdir, first_step)
-    bar = tqdm(range(first_step, config.num_steps), initial=first_step, total=config.num_steps,
-               desc="train video DiT")
-    try:
-        for step in bar:
-            idx = np.random.default_rng([config.seed, step]).integers(len(latents), size=config.data.batch_size)
-            batch = mesh_lib.shard_batch({"latents": latents[idx],
-                                          "caption_id": caption_ids[idx].astype(np.int32)}, mesh)
-            state, metrics = train_step(state, batch, jax.random.fold_in(state.rng, step))
-            done = step + 1
-            if done % config.log_every_steps == 0 or done == config.num_steps:
-                rec = {"step": done, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
-                log.write(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}")
-            checkpoint.save(manager, done, state, config=config_dict, force=done == config.num_steps)
-    finally:
-        manager.wait_until_finished()
-        manager.close()
-        log.close()
-        bar.close()
+    c = config.dit.copy_and_resolve_references()
+    c.unlock()
+    c.task.update(vae=dirs["vae"], text_encoder=dirs["text"])
+    if not c.task.latent_scale:
+        c.task.latent_scale = video_dit.latent_scale_of(c)
+    return c
 
 
 # --------------------------------------------------------------------------- sample + evaluate
 
 def sample_and_evaluate(workdir: str, config, *, classifier_cache: str | None = None) -> dict:
-    """Samples for `config.sample.prompts` -> WORKDIR/samples/ and samples.npz; evaluation ->
-    WORKDIR/eval.json. Returns the evaluation dict."""
+    """Samples for `config.sample.prompts` (the DiT stage's task `sample_fn`) -> WORKDIR/samples/
+    and samples.npz; evaluation -> WORKDIR/eval.json. Returns the evaluation dict."""
     import jax
 
-    from genjax import sample as sample_lib
+    from genjax import tasks
     from genjax.eval import digit_classifier, evaluate
     from genjax.io import media
 
     s = config.sample
-    pipe = sample_lib.load(workdir)
+    dit_config, task, params = tasks.restore(os.path.join(workdir, "dit"))
     prompts = [p for p in s.prompts for _ in range(s.samples_per_prompt)]
-    videos = sample_lib.generate(pipe, prompts, seed=s.seed, num_steps=s.num_steps,
-                                 cfg_scale=s.cfg_scale, sampler=s.sampler)
+    videos = np.asarray(task.sample_fn(params, jax.random.PRNGKey(s.seed), prompts, sampler=s.sampler,
+                                       num_steps=s.num_steps, cfg_scale=s.cfg_scale))
     out = os.path.join(workdir, "samples")
     os.makedirs(out, exist_ok=True)
-    sample_lib.write_outputs(os.path.join(workdir, "samples.npz"), videos, prompts)
+    media.write_outputs(os.path.join(workdir, "samples.npz"), videos, prompts)
     for p in s.prompts:
         stem = os.path.join(out, p.replace(" ", "_"))
         chosen = videos[[i for i, q in enumerate(prompts) if q == p]]
@@ -282,7 +174,7 @@ def sample_and_evaluate(workdir: str, config, *, classifier_cache: str | None = 
         media.write_mp4(stem + ".mp4", chosen, captions=[p] * len(chosen))
     media.write_png_grid(os.path.join(out, "contact_sheet.png"), videos, captions=prompts)
 
-    d = pipe.config.data
+    d = dit_config.data
     ref_kw = dict(num_frames=d.num_frames, image_size=d.image_size, num_digits=d.get("num_digits", 1))
     reference = None if s.num_reference < 2 else evaluate.reference_videos(
         "moving_mnist:test", s.num_reference, **ref_kw)
@@ -295,10 +187,11 @@ def sample_and_evaluate(workdir: str, config, *, classifier_cache: str | None = 
         result = evaluate.evaluate_videos(videos, digits, classifier_params=clf)
     if reference is None:  # too few for a Frechet distance: reconstruct a handful of test clips
         reference = evaluate.reference_videos("moving_mnist:test", 2, **ref_kw)
+    vae, vae_params = tasks.load_frozen(dit_config.task.vae, family_name="video_vae")
 
     @jax.jit
     def reconstruct(x):
-        return pipe.vae.apply({"params": pipe.vae_params}, x, sample_posterior=False)[0]
+        return vae.apply({"params": vae_params}, x, sample_posterior=False)[0]
 
     result["vae_reconstruction"] = evaluate.reconstruction_metrics(reconstruct, reference)
     result["prompts"] = list(s.prompts)
@@ -360,12 +253,8 @@ def main(args) -> int:
     stages.append(run_stage("text", dirs["text"], config.text.num_steps,
                             lambda: trainer.main(config.text, dirs["text"]), fingerprints["text"]))
     print(f"[3/4] video DiT on VAE latents with text conditioning ({config.dit.num_steps} steps) -> {dirs['dit']}")
-    dit_config = config.dit.copy_and_resolve_references()
-    dit_config.unlock()
-    dit_config.sample = config.sample
     stages.append(run_stage("dit", dirs["dit"], config.dit.num_steps,
-                            lambda: train_video_dit(dit_config, dirs["dit"], dirs["vae"], dirs["text"]),
-                            fingerprints["dit"]))
+                            lambda: trainer.main(dit_stage_config(config, dirs), dirs["dit"]), fingerprints["dit"]))
     print(f"[4/4] sample {len(config.sample.prompts)} prompts x {config.sample.samples_per_prompt} "
           f"({config.sample.sampler}-{config.sample.num_steps}, cfg {config.sample.cfg_scale}) and evaluate")
     result = sample_and_evaluate(workdir, config, classifier_cache=getattr(args, "classifier_cache", None))

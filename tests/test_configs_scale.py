@@ -14,11 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from genjax import cli, demo
+from genjax import cli, demo, tasks
 from genjax.config import load_config
 from genjax.data.sources import MovingMnistSource
 from genjax.models import tokenizer, video_dit, video_vae
-from genjax.train import tasks
 
 LARGE = "configs/demo_moving_mnist_large.py"
 
@@ -32,7 +31,7 @@ def test_large_config_sizes_fit_together():
     d = c.dit.data
     for stage in (c.vae, c.text, c.dit):  # one data set: 64 x 64, 16 frames, two digits
         assert (stage.data.image_size, stage.data.num_frames, stage.data.num_digits) == (64, 16, 2)
-    vae = video_vae.VideoAutoencoderKL(**tasks.module_kwargs(video_vae.VideoAutoencoderKL, c.vae.model))
+    vae = tasks.make_model(video_vae, video_vae.VideoAutoencoderKL, c.vae.model)
     fs, ft = vae.downsample_factor, vae.temporal_downsample_factor
     assert (fs, ft, vae.temporal_kernel_size) == (4, 1, 3)
     pt, ph, pw = c.dit.model.patch_size
@@ -43,7 +42,8 @@ def test_large_config_sizes_fit_together():
     assert np.prod([s // p for s, p in zip(latent[:3], (pt, ph, pw))]) == 1024  # tokens per clip
     # The DiT cross-attends to the frozen CLIP text tower's states: ViT-B/32's text tower.
     t = c.text.model
-    assert (t.text_width, t.text_layers, t.text_heads) == (512, 12, 8) == (c.dit.model.text_dim, 12, 8)
+    assert (t.text_width, t.text_layers, t.text_heads) == (512, 12, 8)
+    assert c.dit.task.text_length == t.context_length
     assert c.dit.model.hidden_size % c.dit.model.num_heads == 0
     grid = tuple(s // p for s, p in zip((c.text.data.num_frames, 64, 64), t.video_patch_size))
     assert all(g <= m for g, m in zip(grid, t.video_max_grid))
@@ -62,12 +62,12 @@ def test_large_config_sizes_fit_together():
 
 
 def test_large_video_dit_parameter_count():
-    """The full-size video DiT, built as `demo.train_video_dit` builds it, has the parameters of a
+    """The full-size video DiT, built as the video_dit task builds it, has the parameters of a
     DiT-B/2 body (Peebles & Xie 2023, Table 1: D = 768, 12 blocks) plus text cross-attention,
     counted by hand here (not taken from the model)."""
     c = _large()
     m = c.dit.model
-    module = video_dit.VideoDiT(**tasks.module_kwargs(video_dit.VideoDiT, m, in_channels=4))
+    module = tasks.make_model(video_dit, video_dit.VideoDiT, m, in_channels=4, text_dim=512, num_classes=0)
     x = jax.ShapeDtypeStruct((1, 16, 16, 16, 4), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
     text = jax.ShapeDtypeStruct((1, 32, 512), jnp.float32)
@@ -132,8 +132,8 @@ def test_large_demo_smoke_runs_end_to_end(tmp_path, capsys):
     assert [s["stage"] for s in result["stages"]] == ["vae", "text", "dit"]
     with open(os.path.join(workdir, "dit", "config.json")) as f:
         dit = json.load(f)
-    assert dit["latent_shape"] == [4, 8, 8, 4] and dit["model"]["dtype"] == "bfloat16"
-    assert dit["data"]["num_digits"] == 2 and dit["text_context"] == 32
+    assert dit["model"]["dtype"] == "bfloat16" and dit["task"]["latent_scale"] > 0
+    assert dit["data"]["num_digits"] == 2 and dit["task"]["text_length"] == 32
     for stage in ("vae", "text", "dit"):
         with open(os.path.join(workdir, stage, "metrics.jsonl")) as f:
             losses = [r["loss"] for r in map(json.loads, f) if "loss" in r]

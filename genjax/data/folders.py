@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from genjax.errors import UserError, check
-from genjax.io import media
+from genjax.io import media, readers
 
 VIDEO_EXTENSIONS = (".mp4", ".gif", ".webm", ".avi", ".mov")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -108,7 +108,7 @@ class VideoFolderSource:
     """Clips of `clip_length` frames from every video under a folder (recursive).
 
     At construction the folder is scanned (files sorted by relative path) and each file's frame
-    count is read with `genjax.io.media.count_frames` (ffmpeg via imageio-ffmpeg; Pillow for GIF).
+    count is read with `genjax.io.readers.count_frames` (ffmpeg via imageio-ffmpeg; Pillow for GIF).
     A video with n frames gives the non-overlapping clips starting at 0, span, 2 * span, ...
     (span = (clip_length - 1) * frame_stride + 1) that fit in n frames, so the clip index
     (video, start frame) is a deterministic function of the folder's contents. `clips_per_video=k`
@@ -182,7 +182,7 @@ class VideoFolderSource:
         self.skipped_files: list[str] = []
         for f in files:
             try:
-                self.videos.append((f, media.count_frames(f)))
+                self.videos.append((f, readers.count_frames(f)))
             except Exception as err:  # a corrupt file must not stop the scan  # noqa: BLE001
                 _skip("VideoFolderSource", f, err, self.skipped_files)
         self.num_skipped = len(self.skipped_files)
@@ -221,7 +221,7 @@ class VideoFolderSource:
             raise IndexError(f"clip index {index} out of range [0, {len(self)})")
         path, start = self.clip(index)
         try:
-            video = media.read_video(path, start=start, num_frames=self.clip_length, frame_stride=self.frame_stride)
+            video = readers.read_video(path, start=start, num_frames=self.clip_length, frame_stride=self.frame_stride)
         except Exception as err:  # noqa: BLE001
             raise UserError(
                 f"path={path!r}: could not decode clip {index} (frames {start}..{start + self.span - 1}): "
@@ -314,7 +314,7 @@ class ImageFolderSource:
             raise IndexError(f"image index {index} out of range [0, {len(self)})")
         path, label = self.samples[index]
         try:
-            image = media.read_image(path)
+            image = readers.read_image(path)
         except Exception as err:  # noqa: BLE001
             raise UserError(f"path={path!r}: could not decode image {index}: {_summary(err)}") from err
         if self.size is not None:

@@ -44,15 +44,6 @@ def to_float(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    """float [-1, 1] -> uint8 [0, 255]: `round((x + 1) * 127.5)` clipped to [0, 255]; NaN -> 0.
-
-    The exact inverse of `to_float` on its outputs. Any shape.
-    """
-    y = np.rint((np.asarray(x, np.float32) + 1.0) * 127.5)
-    return np.clip(np.nan_to_num(y), 0, 255).astype(np.uint8)
-
-
 def _crop(x: np.ndarray, top: int, left: int, h: int, w: int) -> np.ndarray:
     return x[..., top:top + h, left:left + w, :]
 

@@ -14,7 +14,6 @@ Pixels: uint8 in [0, 255] at the interface; the network sees float32 in [-1, 1],
 
 from __future__ import annotations
 
-import functools
 import os
 import tempfile
 

@@ -1,16 +1,15 @@
-"""Media files at the edges: mp4 / gif / png-grid writers and video / image readers.
+"""Media files at the edges: mp4 / gif / png-grid writers, `to_uint8` and `write_outputs`
+(readers: `genjax.io.readers`).
 
 Pixels are uint8 at the edges: videos `(N, T, H, W, C)` or one video `(T, H, W, C)`, images
 `(N, H, W, C)`, with C in {1, 3} (grayscale or RGB). Nothing here converts floats: a float array
-is a user error (convert with `genjax.data.transforms.to_uint8`), so a [-1, 1] model output is
+is a user error (convert with `to_uint8`), so a [-1, 1] model output is
 never silently written as a black file.
 
 Decoding and encoding go through maintained tools: ffmpeg (the binary shipped by imageio-ffmpeg)
 for mp4 / webm / avi / mov and for GIF encoding, Pillow for GIF decoding, PNG and caption text.
 Every writer writes to a temporary file in the destination folder and then `os.replace`s it, so
 a crash never leaves a half-written file under the final name.
-
-Readers always return RGB (C = 3): grayscale files come back with three equal channels.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from genjax.errors import UserError, check
+from genjax.errors import check
 
 VIDEO_EXTENSIONS = (".mp4", ".gif", ".webm", ".avi", ".mov", ".mkv")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -42,7 +41,7 @@ def _check_uint8(field: str, arr: np.ndarray) -> None:
         arr.dtype == np.uint8,
         f"{field}.dtype",
         str(arr.dtype),
-        "must be uint8 (convert with genjax.data.transforms.to_uint8)",
+        "must be uint8 (convert with genjax.io.media.to_uint8)",
     )
 
 
@@ -56,7 +55,7 @@ def _check_pixels(field: str, arr, ranks: tuple[int, ...], layout: str) -> np.nd
     return arr
 
 
-def _check_ext(path: str, allowed: Sequence[str]) -> str:
+def check_ext(path: str, allowed: Sequence[str]) -> str:
     ext = os.path.splitext(path)[1].lower()
     check(ext in allowed, "path", path, f"extension must be one of {', '.join(allowed)}")
     return ext
@@ -204,7 +203,7 @@ def write_mp4(path, videos, *, fps: float = 8, captions: Sequence[str] | None = 
     import imageio_ffmpeg
 
     path = os.fspath(path)
-    _check_ext(path, (".mp4",))
+    check_ext(path, (".mp4",))
     check(fps > 0, "fps", fps, "must be > 0")
     grid = _video_grid(videos, captions)
     t, h, w, c = grid.shape
@@ -259,7 +258,7 @@ def write_gif(path, videos, *, fps: float = 8, captions: Sequence[str] | None = 
     import imageio_ffmpeg
 
     path = os.fspath(path)
-    _check_ext(path, (".gif",))
+    check_ext(path, (".gif",))
     check(fps > 0, "fps", fps, "must be > 0")
     grid = _video_grid(videos, captions)
     if grid.shape[-1] == 1:
@@ -314,7 +313,7 @@ def write_png_grid(
     from PIL import Image
 
     path = os.fspath(path)
-    _check_ext(path, (".png",))
+    check_ext(path, (".png",))
     arr = _check_pixels(
         "images_or_videos", images_or_videos, (4, 5), "(N, H, W, C) images or (N, T, H, W, C) videos"
     )
@@ -334,147 +333,44 @@ def write_png_grid(
     return path
 
 
-# ----------------------------------------------------------------------------- readers
+# ----------------------------------------------------------------------------- model outputs
 
 
-def _check_readable(path, allowed: Sequence[str]) -> tuple[str, str]:
-    path = os.fspath(path)
-    ext = _check_ext(path, allowed)
-    check(os.path.isfile(path), "path", path, "file does not exist")
-    return path, ext
+def to_uint8(x):
+    """float [-1, 1] -> uint8 [0, 255]: `round((x + 1) * 127.5)` (half to even) clipped to
+    [0, 255], NaN -> 0. Any shape; a jax array (or a value inside jit) stays a jax array, a NumPy
+    array stays NumPy. The exact inverse of `data.transforms.to_float` on its outputs."""
+    import jax
+    import jax.numpy as jnp
+
+    xp = jnp if isinstance(x, jax.Array) else np
+    y = xp.round((xp.asarray(x, xp.float32) + 1.0) * 127.5)
+    return xp.clip(xp.nan_to_num(y), 0, 255).astype(xp.uint8)
 
 
-def count_frames(path) -> int:
-    """Number of frames in a video file.
-
-    GIF: Pillow's `n_frames`. Other formats: `imageio_ffmpeg.count_frames_and_secs`, which decodes
-    the first video stream with ffmpeg (exact, but about as slow as a full decode).
-
-    Raises:
-      UserError: unknown extension or missing file.
-      RuntimeError / OSError: the decoder cannot read the file (corrupt or truncated).
-    """
-    path, ext = _check_readable(path, VIDEO_EXTENSIONS)
-    if ext == ".gif":
-        from PIL import Image
-
-        with Image.open(path) as im:
-            return int(getattr(im, "n_frames", 1))
-    import imageio_ffmpeg
-
-    nframes, _ = imageio_ffmpeg.count_frames_and_secs(path)
-    return int(nframes)
-
-
-def _ffmpeg_fps(path: str) -> float:
-    import imageio_ffmpeg
-
-    gen = imageio_ffmpeg.read_frames(path)
-    try:
-        return float(next(gen)["fps"])
-    finally:
-        gen.close()
-
-
-def _read_ffmpeg(path: str, start: int, span: int | None) -> list[np.ndarray]:
-    """Frames start .. start + span - 1 (all to the end if span is None), RGB uint8."""
-    import imageio_ffmpeg
-
-    input_params = []
-    if start > 0:
-        # Accurate input seek (ffmpeg decodes from the previous keyframe and drops frames before
-        # the target time). Frame k is shown at k / fps; half a frame earlier is a safe target.
-        fps = _ffmpeg_fps(path)
-        if fps <= 0:
-            raise RuntimeError(f"{path}: ffmpeg reports no frame rate, cannot seek")
-        input_params = ["-ss", f"{(start - 0.5) / fps:.6f}"]
-    output_params = ["-map", "0:v:0", "-fps_mode", "passthrough"]
-    if span is not None:
-        output_params += ["-frames:v", str(span)]
-    gen = imageio_ffmpeg.read_frames(path, input_params=input_params, output_params=output_params)
-    try:
-        w, h = next(gen)["size"]
-        return [np.frombuffer(b, np.uint8).reshape(h, w, 3) for b in gen]
-    finally:
-        gen.close()
-
-
-def _read_gif(path: str, start: int, span: int | None) -> list[np.ndarray]:
-    from PIL import Image, ImageSequence
-
-    frames = []
-    with Image.open(path) as im:
-        for i, frame in enumerate(ImageSequence.Iterator(im)):
-            if span is not None and i >= start + span:
-                break
-            if i >= start:
-                frames.append(np.asarray(frame.convert("RGB")))
-    return frames
-
-
-def read_video(path, *, start: int = 0, num_frames: int | None = None, frame_stride: int = 1) -> np.ndarray:
-    """Decode a video file (mp4, gif, webm, avi, mov, mkv) to RGB uint8 frames.
-
-    Returns frames `start, start + frame_stride, ...`: `num_frames` of them, or all to the end when
-    `num_frames` is None. mp4 / webm / avi / mov / mkv are decoded by ffmpeg (imageio-ffmpeg),
-    first video stream, frames passed through without rate conversion; a `start` > 0 seeks to
-    time `(start - 0.5) / fps`, exact for constant-frame-rate files (the usual case; a
-    variable-frame-rate file is indexed by time at its nominal fps). GIF is decoded by Pillow,
-    frame by frame, disposal and transparency applied.
-
-    Args:
-      path: the file.
-      start: first frame index, >= 0.
-      num_frames: number of frames to return (>= 1), or None for all.
-      frame_stride: step between returned frames, >= 1.
-
-    Returns:
-      uint8 `(T, H, W, 3)`.
+def write_outputs(out: str, samples: np.ndarray, captions: Sequence, *, fps: float = 8) -> list[str]:
+    """`genjax sample`'s files. Videos uint8 (N, T, H, W, C): `out` (.npz with `videos` and
+    `prompts`) plus a GIF and an MP4 beside it (same stem); images uint8 (N, H, W, C): `out`
+    (.npz with `images` and `class_labels` int32) plus a PNG grid. Every file is written to a
+    temporary name and renamed into place. Returns the paths.
 
     Raises:
-      UserError: unknown extension, missing file, bad start / num_frames / frame_stride, or the
-        file has fewer than `start + (num_frames - 1) * frame_stride + 1` frames.
-      RuntimeError / OSError: the decoder cannot read the file.
+      UserError: `out` not a .npz path; samples not uint8 of rank 4 or 5; len(captions) != N.
     """
-    path, ext = _check_readable(path, VIDEO_EXTENSIONS)
-    check(isinstance(start, (int, np.integer)) and start >= 0, "start", start, "must be an int >= 0")
-    check(
-        isinstance(frame_stride, (int, np.integer)) and frame_stride >= 1,
-        "frame_stride",
-        frame_stride,
-        "must be an int >= 1",
-    )
-    check(
-        num_frames is None or (isinstance(num_frames, (int, np.integer)) and num_frames >= 1),
-        "num_frames",
-        num_frames,
-        "must be None or an int >= 1",
-    )
-    span = None if num_frames is None else (num_frames - 1) * frame_stride + 1
-    frames = (_read_gif if ext == ".gif" else _read_ffmpeg)(path, int(start), span)
-    if span is not None and len(frames) < span:
-        raise UserError(
-            f"path={path!r}: has {len(frames)} decodable frames from frame {start}, "
-            f"needs {span} (num_frames={num_frames}, frame_stride={frame_stride})"
-        )
-    if not frames:
-        raise UserError(f"path={path!r}: no decodable frames from frame {start}")
-    return np.stack(frames[::frame_stride])
-
-
-def read_image(path) -> np.ndarray:
-    """Decode an image file (png, jpg, jpeg, bmp, gif first frame, webp) with Pillow.
-
-    Returns:
-      uint8 `(H, W, 3)` RGB; grayscale, palette and alpha images are converted by Pillow's
-      `convert("RGB")` (alpha is dropped).
-
-    Raises:
-      UserError: unknown extension or missing file.
-      OSError: Pillow cannot decode the file.
-    """
-    from PIL import Image
-
-    path, _ = _check_readable(path, IMAGE_EXTENSIONS)
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    check(str(out).endswith(".npz"), "--out", out, "must be a .npz file")
+    samples = np.asarray(samples)
+    _check_pixels("samples", samples, (4, 5), "(N, H, W, C) or (N, T, H, W, C)")
+    check(len(captions) == len(samples), "captions", len(captions), f"must be one per sample ({len(samples)})")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    stem = os.path.splitext(out)[0]
+    video = samples.ndim == 5
+    arrays = ({"videos": samples, "prompts": np.asarray([str(c) for c in captions])} if video else
+              {"images": samples, "class_labels": np.asarray(captions, np.int32)})
+    with _atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    if video:
+        captions = [str(c) for c in captions]
+        return [out, write_gif(stem + ".gif", samples, fps=fps, captions=captions),
+                write_mp4(stem + ".mp4", samples, fps=fps, captions=captions)]
+    return [out, write_png_grid(stem + ".png", samples, captions=[f"class {int(y)}" for y in captions])]

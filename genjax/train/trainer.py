@@ -1,7 +1,7 @@
 """The trainer: `main(config, workdir)` runs mesh -> data -> init/restore -> train_step loop.
 
 Read `main` top to bottom; the helpers above it build the pieces (train step, logs, samples). What
-is trained (model, loss, sampler, data) comes from `genjax.train.tasks.build(config)`.
+is trained (model, loss, sampler, data) comes from `genjax.tasks.build(config)`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from genjax.errors import check
 from genjax.parallel import mesh as mesh_lib
 from genjax.parallel.axes import RULES
 from genjax.train import state as state_lib
-from genjax.train import tasks
+from genjax import tasks
 
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -242,7 +242,7 @@ def main(config, workdir: str, *, devices=None) -> dict[str, Any]:
     """
     from tqdm import tqdm
 
-    from genjax.train import checkpoint
+    from genjax.io import checkpoint
 
     # 1. Config and mesh: every user error is raised here, before anything compiles.
     validate(config)
@@ -367,17 +367,3 @@ def cli_main(args) -> int:
         print(f"genjax train: error: {e}", file=sys.stderr)
         return 1
     return 0
-
-
-def restore_trained(workdir: str, *, devices=None):
-    """The model trained in `workdir`: `(config, module, ema_params, sample_fn)`.
-
-    Reads `WORKDIR/config.json` and restores the newest checkpoint's state onto a data-parallel
-    mesh of `devices` (default all), returning its EMA params; `sample_fn(ema_params, rng, ...)`
-    is the task's sampler (`tasks.Task.sample_fn`; None for models without samples, e.g. CLIP).
-
-    Raises:
-      UserError: `workdir` holds no config.json or no finished checkpoint (no trained model).
-    """
-    config, task, ema_params = tasks.restore(workdir, devices=devices)
-    return config, task.module, ema_params, task.sample_fn

@@ -10,7 +10,7 @@ import tensorflow_datasets as tfds
 
 from genjax import cli
 from genjax.data.preview import parse_options
-from genjax.io import media
+from genjax.io import readers
 
 
 def test_parse_options_converts_values():
@@ -27,7 +27,7 @@ def test_show_moving_mnist_gif(tmp_path, capsys):
     assert rc == 0
     assert capsys.readouterr().out.strip() == (
         f"wrote {out}: 4 videos (5x32x32x1 uint8) from moving_mnist split=train seed=0")
-    gif = media.read_video(out)
+    gif = readers.read_video(out)
     assert gif.shape[0] == 5 and gif.shape[1] >= 2 * 32 and gif.shape[2] >= 2 * 32
     assert not np.array_equal(gif[0], gif[-1])  # the digits move
 
@@ -37,12 +37,12 @@ def test_show_images_png_and_video_contact_sheet(tmp_path, capsys):
     assert cli.main(["data", "show", "mnist_embedded", "--out", str(out), "--num", "6",
                      "--split", "test", "--seed", "3"]) == 0
     assert "6 images (28x28x1 uint8) from mnist_embedded split=test seed=3" in capsys.readouterr().out
-    grid = media.read_image(out)
+    grid = readers.read_image(out)
     assert grid.ndim == 3 and grid.shape[0] >= 2 * 28 and grid.shape[1] >= 3 * 28 and grid.max() == 255
     sheet = tmp_path / "sheet.png"
     assert cli.main(["data", "show", "moving_mnist", "--out", str(sheet), "--num", "2",
                      "--set", "num_frames=6", "--set", "image_size=28"]) == 0
-    assert media.read_image(sheet).shape[1] >= 6 * 28  # one row of 6 frames per video
+    assert readers.read_image(sheet).shape[1] >= 6 * 28  # one row of 6 frames per video
 
 
 def test_show_tfds_video_as_mp4(tmp_path, capsys):
@@ -51,7 +51,7 @@ def test_show_tfds_video_as_mp4(tmp_path, capsys):
         assert cli.main(["data", "show", "bair_robot_pushing_small", "--out", str(out),
                          "--num", "2"]) == 0
     assert "2 videos (30x64x64x3 uint8)" in capsys.readouterr().out
-    assert media.read_video(out).shape[0] == 30
+    assert readers.read_video(out).shape[0] == 30
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -78,7 +78,7 @@ def test_installed_command_writes_a_gif(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"wrote {out}: 16 videos (16x64x64x1 uint8)")
-    gif = media.read_video(out)
+    gif = readers.read_video(out)
     # 16 videos of 16 frames tiled 4 x 4: every frame is at least 4 tiles of 64 px wide / high.
     assert gif.shape[0] == 16 and gif.shape[1] >= 4 * 64 and gif.shape[2] >= 4 * 64
     assert gif.shape[3] == 3 and gif.dtype == np.uint8

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from genjax.errors import UserError
-from genjax.io import media
+from genjax.io import media, readers
 
 
 def _gray_video(seed, t=6, h=30, w=40):
@@ -35,18 +35,18 @@ def _psnr(a, b):
 def test_gif_round_trip_grayscale_is_exact(tmp_path):
     v = _gray_video(0)
     path = media.write_gif(tmp_path / "v.gif", v, fps=10)
-    back = media.read_video(path)
+    back = readers.read_video(path)
     assert back.shape == (6, 30, 40, 3) and back.dtype == np.uint8
     np.testing.assert_array_equal(back, np.repeat(v, 3, axis=-1))
     # RGB content with R = G = B is grayscale content too.
     rgb = np.repeat(_gray_video(1), 3, axis=-1)
-    np.testing.assert_array_equal(media.read_video(media.write_gif(tmp_path / "rgb.gif", rgb)), rgb)
+    np.testing.assert_array_equal(readers.read_video(media.write_gif(tmp_path / "rgb.gif", rgb)), rgb)
 
 
 def test_mp4_round_trip_close_and_odd_sizes_padded(tmp_path):
     v = _smooth_video()
     path = media.write_mp4(tmp_path / "v.mp4", v, fps=8)
-    back = media.read_video(path)
+    back = readers.read_video(path)
     assert back.shape == (12, 34, 48, 3)  # 33 x 47 padded to even for yuv420p
     assert _psnr(back[:, :33, :47], v) > 30
     # the padding repeats the edge pixels
@@ -56,19 +56,19 @@ def test_mp4_round_trip_close_and_odd_sizes_padded(tmp_path):
 def test_read_video_start_and_stride_match_full_decode(tmp_path):
     v = _smooth_video(t=20, h=32, w=32)
     mp4 = media.write_mp4(tmp_path / "v.mp4", v)
-    full = media.read_video(mp4)
-    np.testing.assert_array_equal(media.read_video(mp4, start=7, num_frames=4, frame_stride=3), full[7:17:3])
+    full = readers.read_video(mp4)
+    np.testing.assert_array_equal(readers.read_video(mp4, start=7, num_frames=4, frame_stride=3), full[7:17:3])
     gif = media.write_gif(tmp_path / "g.gif", _gray_video(2, t=9))
-    full = media.read_video(gif)
-    np.testing.assert_array_equal(media.read_video(gif, start=1, num_frames=3, frame_stride=2), full[1:6:2])
+    full = readers.read_video(gif)
+    np.testing.assert_array_equal(readers.read_video(gif, start=1, num_frames=3, frame_stride=2), full[1:6:2])
     with pytest.raises(UserError, match="needs 10"):
-        media.read_video(gif, start=0, num_frames=10)
+        readers.read_video(gif, start=0, num_frames=10)
 
 
 def test_png_grid_tiles_at_expected_offsets(tmp_path):
     rng = np.random.default_rng(3)
     images = rng.integers(1, 256, (5, 7, 9, 3), dtype=np.uint8)
-    grid = media.read_image(media.write_png_grid(tmp_path / "g.png", images, ncols=3))
+    grid = readers.read_image(media.write_png_grid(tmp_path / "g.png", images, ncols=3))
     pad = 2
     assert grid.shape == (2 * (7 + pad) + pad, 3 * (9 + pad) + pad, 3)
     mask = np.zeros(grid.shape[:2], bool)
@@ -82,7 +82,7 @@ def test_png_grid_tiles_at_expected_offsets(tmp_path):
 
 def test_png_contact_sheet_one_row_per_video(tmp_path):
     videos = np.random.default_rng(4).integers(0, 256, (2, 4, 6, 5, 1), dtype=np.uint8)
-    sheet = media.read_image(media.write_png_grid(tmp_path / "s.png", videos))
+    sheet = readers.read_image(media.write_png_grid(tmp_path / "s.png", videos))
     pad = 2
     assert sheet.shape == (2 * (6 + pad) + pad, 4 * (5 + pad) + pad, 3)
     for i in range(2):
@@ -103,9 +103,9 @@ def test_make_grid_keeps_middle_axes_frame_by_frame():
 
 def test_captions_drawn_under_upscaled_tiles(tmp_path):
     images = np.random.default_rng(6).integers(0, 256, (2, 28, 28, 1), dtype=np.uint8)
-    plain = media.read_image(media.write_png_grid(tmp_path / "a.png", images, ncols=2))
-    cap = media.read_image(media.write_png_grid(tmp_path / "b.png", images, ncols=2, captions=["zero", "one"]))
-    other = media.read_image(media.write_png_grid(tmp_path / "c.png", images, ncols=2, captions=["seven", "one"]))
+    plain = readers.read_image(media.write_png_grid(tmp_path / "a.png", images, ncols=2))
+    cap = readers.read_image(media.write_png_grid(tmp_path / "b.png", images, ncols=2, captions=["zero", "one"]))
+    other = readers.read_image(media.write_png_grid(tmp_path / "c.png", images, ncols=2, captions=["seven", "one"]))
     k, pad = 5, 2  # 28 px tiles upscale x5 to 140 >= 128 px
     assert plain.shape[0] == 28 + 2 * pad
     assert cap.shape[0] > 28 * k + 2 * pad and cap.shape[1] == 2 * (28 * k + pad) + pad
@@ -119,7 +119,7 @@ def test_captions_drawn_under_upscaled_tiles(tmp_path):
 
 def test_captioned_gif_grid_has_all_frames(tmp_path):
     videos = np.stack([_gray_video(7, t=5, h=16, w=16)] * 3)
-    back = media.read_video(media.write_gif(tmp_path / "g.gif", videos, captions=["a", "b", "c"]))
+    back = readers.read_video(media.write_gif(tmp_path / "g.gif", videos, captions=["a", "b", "c"]))
     assert back.shape[0] == 5
     k = 8  # 16 px tiles upscale x8 to 128 px
     np.testing.assert_array_equal(back[:, 2 : 2 + 16 * k : k, 2 : 2 + 16 * k : k, 0], videos[0, ..., 0])
@@ -135,8 +135,8 @@ def test_captioned_gif_grid_has_all_frames(tmp_path):
         (lambda p: media.write_gif(p / "a.gif", np.zeros((2, 2, 4, 4, 3), np.uint8), captions=["x"]), "len\\(captions\\)"),
         (lambda p: media.write_png_grid(p / "a.png", np.zeros((2, 2, 4, 4, 3), np.uint8), ncols=2), "ncols"),
         (lambda p: media.write_png_grid(p / "a.png", np.zeros((2, 4, 4, 3), np.int64)), "images_or_videos.dtype"),
-        (lambda p: media.read_video(p / "missing.mp4"), "does not exist"),
-        (lambda p: media.read_image(p / "a.tiff"), "extension"),
+        (lambda p: readers.read_video(p / "missing.mp4"), "does not exist"),
+        (lambda p: readers.read_image(p / "a.tiff"), "extension"),
     ],
 )
 def test_bad_input_raises_user_error(tmp_path, call, match):
@@ -173,7 +173,7 @@ def test_read_webm_written_by_ffmpeg(tmp_path):
     for frame in v:
         writer.send(frame)
     writer.close()
-    back = media.read_video(path)
-    assert back.shape == (10, 32, 32, 3) and media.count_frames(path) == 10
+    back = readers.read_video(path)
+    assert back.shape == (10, 32, 32, 3) and readers.count_frames(path) == 10
     assert _psnr(back, v) > 25
-    np.testing.assert_array_equal(media.read_video(path, start=3, num_frames=3, frame_stride=2), back[3:8:2])
+    np.testing.assert_array_equal(readers.read_video(path, start=3, num_frames=3, frame_stride=2), back[3:8:2])

@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from genjax import tasks
 from genjax.config import load_config
-from genjax.data import transforms
+from genjax.data import recipes, transforms
 from genjax.diffusion import schedules
 from genjax.errors import UserError
 from genjax.models import dit
 from genjax.train import state as state_lib
-from genjax.train import tasks, trainer
+from genjax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "configs", "dit_imagenet256.py")
@@ -56,8 +57,8 @@ def test_full_config_dit_is_xl2_with_the_paper_parameter_count():
     m = c.model
     assert (m.hidden_size, m.depth, m.num_heads, m.patch_size) == (1152, 28, 16, 2)
     assert (m.num_classes, m.class_dropout_prob, m.learn_sigma) == (1000, 0.1, True)
-    # Built as tasks.build_dit builds it: SD VAE latents 256 / 8 = 32 x 32 x 4.
-    module = dit.DiT(**tasks.module_kwargs(dit.DiT, m, in_channels=4))
+    # Built as the dit task builds it: SD VAE latents 256 / 8 = 32 x 32 x 4.
+    module = tasks.make_model(dit, dit.DiT, m, in_channels=4)
     assert module.dtype == jnp.bfloat16 and module.scan and module.out_dim == 8
     x = jax.ShapeDtypeStruct((1, 32, 32, 4), jnp.float32)
     i = jax.ShapeDtypeStruct((1,), jnp.int32)
@@ -72,7 +73,7 @@ def test_full_config_follows_the_paper_training_setup():
     d = c.data
     assert (d.dataset, d.split, d.image_size, d.batch_size) == ("imagenet2012", "train", 256, 256)
     assert (c.data.crop, c.data.random_flip, c.data.latents) == ("adm_center", True, "on_the_fly")
-    assert c.num_steps == 400_000 and c.model.vae == "runs/sd-vae-ft-ema"
+    assert c.num_steps == 400_000 and c.task.vae == "runs/sd-vae-ft-ema"
     # AdamW, constant lr 1e-4, no weight decay, no clipping, EMA 0.9999 from the first step.
     o = c.optim
     assert (o.lr, o.schedule, o.warmup_steps) == (1e-4, "constant", 0)
@@ -99,8 +100,8 @@ def test_adm_crop_and_random_flip_reach_the_batches():
     source = [{"image": rng.integers(0, 256, (40 + 7 * i, 90 - 5 * i, 3), dtype=np.uint8),
                "label": np.int32(i), "caption": "x"} for i in range(8)]
     c = config_of("smoke=True,vae=v")  # data.image_size 32, adm_center, random_flip
-    ts = tasks._pixel_transforms(c, source, (tasks._image_inputs,))
-    ds = tasks._dataset(c, source, ts, shuffle=False, shard_index=0, shard_count=1, num_epochs=1)
+    ts = recipes.pixel_transforms(c, source, (recipes.image_inputs,))
+    ds = recipes.dataset(c, source, ts, shuffle=False, shard_index=0, shard_count=1, num_epochs=1)
     images = np.concatenate([b["image"] for b in ds])
     assert images.shape == (8, 32, 32, 3) and images.dtype == np.float32
     flipped = 0
@@ -111,7 +112,7 @@ def test_adm_crop_and_random_flip_reach_the_batches():
         flipped += mirrored and not same
     assert 0 < flipped < 8  # probability 0.5 each: some of each (fixed seed)
     # crop "resize" (the default) squashes instead: not the ADM crop
-    plain = tasks._pixel_transforms(config_of("smoke=True,vae=v", "--config.data.crop=resize",
+    plain = recipes.pixel_transforms(config_of("smoke=True,vae=v", "--config.data.crop=resize",
                                               "--config.data.random_flip=false"), source)
     assert isinstance(plain[0], transforms.Resize) and len(plain) == 2
 
@@ -144,7 +145,7 @@ def test_smoke_config_trains_on_mock_imagenet_with_a_converted_vae(tmp_path, sd_
     assert -1 <= batch["image"].min() < batch["image"].max() <= 1
     assert batch["label"].dtype == np.int32 and np.all((0 <= batch["label"]) & (batch["label"] < 1000))
     # The latents are the converted VAE's, scaled by its config's factor (f = 2 -> 16 x 16 x 4).
-    vae_module, _ = tasks.load_frozen(sd_like_vae)
+    vae_module, _ = tasks.load_frozen(sd_like_vae, family_name="vae")
     assert vae_module.scaling_factor == pytest.approx(0.18215) and vae_module.downsample_factor == 2
     assert task.encode(batch, jax.random.key(0)).shape == (4, 16, 16, 4)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:

@@ -1,5 +1,5 @@
 """Every model name trains end to end through `trainer.main` (smoke configs, 1 device, 4 steps),
-restores with `trainer.restore_trained` and samples; the latent cache equals on-the-fly encoding."""
+restores with `tasks.restore` and samples; the latent cache equals on-the-fly encoding."""
 
 import json
 import os
@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from genjax import tasks
 from genjax.config import load_config
-from genjax.data import latent_cache
+from genjax.data import latent_cache, recipes
 from genjax.errors import UserError
-from genjax.io import media
-from genjax.train import tasks, trainer
+from genjax.io import media, readers
+from genjax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ONE = ["--config.mesh.data=1"]
@@ -39,9 +40,9 @@ def train(config, workdir):
     return records
 
 
-def restored_samples(workdir, **kw):
-    config, _, params, sample_fn = trainer.restore_trained(workdir, devices=jax.devices()[:1])
-    return np.asarray(sample_fn(params, jax.random.PRNGKey(1), **kw))
+def restored_samples(workdir, cond=None):
+    config, task, params = tasks.restore(workdir)
+    return np.asarray(task.sample_fn(params, jax.random.PRNGKey(1), cond))
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +63,8 @@ def test_vae_trains_and_reconstructs(vae_dir):
     assert out.shape == (8, 16, 16, 1) and out.dtype == np.uint8
     # The first half are the test digits themselves, the second their reconstructions.
     config = config_of("vae_mnist")
-    originals = tasks.fixed_examples(config, 4)["image"]
-    np.testing.assert_array_equal(out[:4], np.asarray(tasks.to_uint8(originals)))
+    originals = recipes.fixed_examples(config, 4)["image"]
+    np.testing.assert_array_equal(out[:4], np.asarray(media.to_uint8(originals)))
     assert not np.array_equal(out[4:], out[:4])
 
 
@@ -93,7 +94,7 @@ def test_cached_latents_equal_on_the_fly_latents(vae_dir, latent_dit_dir):
     assert os.path.getmtime(latent_cache.paths(latents, "train")[0]) == stamp
     source = latent_cache.LatentCacheSource(latents, "train")
     rows = [source[i] for i in range(8)]  # cache rows 0..7 = training digits 0..7, in order
-    examples = tasks.fixed_examples(config_of("dit_latent", "smoke=True"), 8, split="train")
+    examples = recipes.fixed_examples(config_of("dit_latent", "smoke=True"), 8, split="train")
     np.testing.assert_array_equal([r["label"] for r in rows], examples["label"])
     rng = jax.random.PRNGKey(7)
     from_cache = cached.encode({k: np.stack([r[k] for r in rows]) for k in ("mean", "std")}, rng)
@@ -105,7 +106,7 @@ def test_cached_latents_equal_on_the_fly_latents(vae_dir, latent_dit_dir):
 def test_unet_trains_and_samples(tmp_path):
     records = train(config_of("unet_mnist", "smoke=True", *NO_SAMPLES), str(tmp_path))
     assert records[-1]["loss"] < records[0]["loss"]
-    out = restored_samples(str(tmp_path), labels=jax.numpy.array([3, 5], jax.numpy.int32))
+    out = restored_samples(str(tmp_path), [3, 5])
     assert out.shape == (2, 16, 16, 1) and out.dtype == np.uint8
 
 
@@ -114,8 +115,8 @@ def test_clip_trains_and_logs_zero_shot_accuracy(tmp_path):
     assert records[-1]["loss"] < records[0]["loss"]
     evals = [r for r in records if "zero_shot_accuracy" in r]
     assert [r["step"] for r in evals] == [4] and 0.0 <= evals[0]["zero_shot_accuracy"] <= 1.0
-    config, module, params, sample_fn = trainer.restore_trained(str(tmp_path), devices=jax.devices()[:1])
-    assert sample_fn is None and module.__class__.__name__ == "CLIP"
+    config, task, params = tasks.restore(str(tmp_path))
+    assert task.sample_fn is None and task.module.__class__.__name__ == "CLIP"
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +130,7 @@ def test_video_vae_trains_and_writes_a_gif(video_vae_dir):
     workdir, records = video_vae_dir
     assert records[-1]["loss"] < records[0]["loss"]
     gif = os.path.join(workdir, "samples", "step_000004.gif")
-    assert media.count_frames(gif) == 5
+    assert readers.count_frames(gif) == 5
     out = restored_samples(workdir)
     assert out.shape == (4, 5, 32, 32, 1) and out.dtype == np.uint8
 
@@ -138,13 +139,14 @@ def test_video_dit_trains_on_a_frozen_video_vae_and_samples_from_prompts(video_v
     workdir = str(tmp_path)
     config = config_of("video_dit_moving_mnist", f"smoke=True,vae={video_vae_dir[0]}", *NO_SAMPLES)
     train(config, workdir)
-    config, module, params, sample_fn = trainer.restore_trained(workdir, devices=jax.devices()[:1])
-    assert module.__class__.__name__ == "VideoDiT" and set(params) == {"dit", "text"}
+    config, task, params = tasks.restore(workdir)
+    sample_fn = task.sample_fn
+    assert task.module.__class__.__name__ == "VideoDiT" and set(params) == {"dit", "text"}
     prompts = ["digit 3", "digit 5"]
-    out = np.asarray(sample_fn(params, jax.random.PRNGKey(1), prompts=prompts))
+    out = np.asarray(sample_fn(params, jax.random.PRNGKey(1), prompts))
     assert out.shape == (2, 5, 32, 32, 1) and out.dtype == np.uint8
     # The same rng and prompts give the same videos (one compiled loop, deterministic DDIM) ...
-    np.testing.assert_array_equal(np.asarray(sample_fn(params, jax.random.PRNGKey(1), prompts=prompts)), out)
+    np.testing.assert_array_equal(np.asarray(sample_fn(params, jax.random.PRNGKey(1), prompts)), out)
     # `genjax sample` on the run folder goes through the same sample_fn.
     from genjax import cli
 
@@ -154,24 +156,46 @@ def test_video_dit_trains_on_a_frozen_video_vae_and_samples_from_prompts(video_v
     with np.load(npz) as f:
         np.testing.assert_array_equal(f["videos"], out)
     # ... and the videos depend on the prompt's text and on the rng's noise.
-    swapped = np.asarray(sample_fn(params, jax.random.PRNGKey(1), prompts=prompts[::-1]))
+    swapped = np.asarray(sample_fn(params, jax.random.PRNGKey(1), prompts[::-1]))
     assert not np.array_equal(swapped[0], out[0])
-    assert not np.array_equal(np.asarray(sample_fn(params, jax.random.PRNGKey(2), prompts=prompts)), out)
+    assert not np.array_equal(np.asarray(sample_fn(params, jax.random.PRNGKey(2), prompts)), out)
     # Image-to-video: the given first frame is kept as latent frame 0, and the causal VAE decodes
     # frame 0 from latent frame 0 alone, so it equals the VAE's reconstruction of that frame.
-    first = np.asarray(tasks.to_uint8(tasks.fixed_examples(config, 2)["video"][:, :1]))
-    vae_module, vae_params = tasks.load_frozen(video_vae_dir[0], family="video_vae")
+    first = np.asarray(media.to_uint8(recipes.fixed_examples(config, 2)["video"][:, :1]))
+    vae_module, vae_params = tasks.load_frozen(video_vae_dir[0], family_name="video_vae")
     recon, _ = vae_module.apply({"params": vae_params}, first / 127.5 - 1.0, sample_posterior=False)
-    out = np.asarray(sample_fn(params, jax.random.PRNGKey(1), prompts=prompts, init_frames=first))
+    out = np.asarray(sample_fn(params, jax.random.PRNGKey(1), prompts, init_frames=first))
     assert out.shape == (2, 5, 32, 32, 1)
-    np.testing.assert_allclose(out[:, :1], np.asarray(tasks.to_uint8(recon)), atol=1)
+    np.testing.assert_allclose(out[:, :1], np.asarray(media.to_uint8(recon)), atol=1)
+
+
+def test_video_dit_cached_latents_equal_on_the_fly_latents(video_vae_dir, tmp_path):
+    """data.latents=cache (the demo's DiT stage): the cache holds the VAE posterior and the caption
+    tokens of every clip, in order, and the train step's latents from it equal encoding on the fly."""
+    vae = video_vae_dir[0]
+    fly = tasks.build(config_of("video_dit_moving_mnist", f"smoke=True,vae={vae}"))
+    cached = tasks.build(config_of("video_dit_moving_mnist", f"smoke=True,vae={vae}", "--config.data.latents=cache"))
+    batch = next(cached.make_data(str(tmp_path)))
+    assert set(batch) == {"mean", "std", "ids", "mask"}
+    source = latent_cache.LatentCacheSource(str(tmp_path / "latents"), "train")
+    rows = [source[i] for i in range(4)]
+    config = config_of("video_dit_moving_mnist", f"smoke=True,vae={vae}")
+    examples = recipes.fixed_examples(config, 4, split="train")
+    from genjax.models import tokenizer
+
+    ids, _ = tokenizer.ByteTokenizer().encode([f"digit {y}" for y in examples["label"]], config.task.text_length)
+    np.testing.assert_array_equal(np.stack([r["ids"] for r in rows]), ids)
+    rng = jax.random.PRNGKey(7)
+    from_cache = cached.encode({k: np.stack([r[k] for r in rows]) for k in ("mean", "std")}, rng)
+    on_the_fly = jax.jit(fly.encode)({"video": examples["video"]}, rng)
+    np.testing.assert_allclose(from_cache, on_the_fly, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name, arg, overrides, message", [
     ("vae_mnist", "smoke=True", ["--config.model.name=vqgan"], r"^model.name='vqgan': must be one of"),
-    ("dit_latent", "smoke=True,vae=/nonexistent/vae", [], r"^model.vae='/nonexistent/vae': must be a trained"),
+    ("dit_latent", "smoke=True,vae=/nonexistent/vae", [], r"^task.vae='/nonexistent/vae': must be a trained"),
     ("dit_latent", "smoke=True", ["--config.data.latents=disk"], None),
-    ("video_dit_moving_mnist", "smoke=True", [], r"^model.vae='': must be a trained video VAE workdir"),
+    ("video_dit_moving_mnist", "smoke=True", [], r"^task.vae='': must be a trained video VAE workdir"),
 ])
 def test_bad_config_fails_before_compiling(tmp_path, name, arg, overrides, message):
     if message is None:  # data.latents is only checked for a latent DiT: point it at a real folder
@@ -182,6 +206,16 @@ def test_bad_config_fails_before_compiling(tmp_path, name, arg, overrides, messa
     with pytest.raises(UserError, match=message):
         trainer.main(config_of(name, arg, *overrides), str(tmp_path / "w"))
     assert time.perf_counter() - start < 5
+    assert not os.path.exists(tmp_path / "w" / "metrics.jsonl")
+
+
+def test_unknown_model_key_is_named_before_compiling(tmp_path):
+    """The model section goes to the module verbatim: a misspelt key is an error naming it."""
+    config = config_of("dit_mnist", "smoke=True")
+    config.unlock()
+    config.model.hidden_sise = 8
+    with pytest.raises(UserError, match=r"^model.hidden_sise=8: is not an attribute of DiT \(attributes: "):
+        trainer.main(config, str(tmp_path / "w"), devices=jax.devices()[:1])
     assert not os.path.exists(tmp_path / "w" / "metrics.jsonl")
 
 
@@ -205,7 +239,7 @@ def test_dit_ddpm_samples_use_the_learned_variance():
     keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
     params = jax.tree.unflatten(tree, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
     labels = jax.numpy.array([3, 7], jax.numpy.int32)
-    ours = np.asarray(task.sample_fn(params, jax.random.PRNGKey(2), labels=labels)).astype(int)
+    ours = np.asarray(task.sample_fn(params, jax.random.PRNGKey(2), labels)).astype(int)
 
     c, size = config.data.channels, config.data.image_size
     guided = guidance.cfg_denoiser(lambda x, t, y: task.module.apply({"params": params}, x, t, y),
@@ -218,7 +252,7 @@ def test_dit_ddpm_samples_use_the_learned_variance():
         x = samplers.sample(lambda x_t, t, y: guided(x_t, t, y=y)[..., :keep], noise,
                             schedule=_schedule(config), sampler="ddpm", num_steps=4, rng=loop_rng,
                             cond={"y": labels}, variance_type=variance_type)
-        return np.asarray(tasks.to_uint8(x)).astype(int)
+        return np.asarray(media.to_uint8(x)).astype(int)
 
     assert np.abs(ours - reference("learned_range", 2 * c)).max() <= 1
     assert np.abs(ours - reference("fixed_small", c)).max() > 8

@@ -16,7 +16,10 @@ from PIL import Image
 from genjax.config import load_config
 from genjax.errors import UserError
 from genjax.parallel import mesh as mesh_lib
-from genjax.train import checkpoint, tasks, trainer
+from genjax import tasks
+from genjax.data import recipes
+from genjax.io import checkpoint
+from genjax.train import trainer
 from genjax.train import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -112,7 +115,7 @@ def test_bad_input_fails_before_compiling(tmp_path, overrides, message):
 def test_consecutive_nonfinite_steps_stop_training(tmp_path, monkeypatch):
     def nan_images(example):
         return {"image": np.full_like(example["image"], np.nan), "label": np.int32(example["label"])}
-    monkeypatch.setattr(tasks, "_image_inputs", nan_images)
+    monkeypatch.setattr(recipes, "image_inputs", nan_images)
     config = smoke(*ONE, "--config.optim.max_nonfinite_steps=3", "--config.ckpt.save_interval_steps=1")
     with pytest.raises(trainer.NonFiniteError, match="3 consecutive steps with NaN/Inf gradients"):
         trainer.main(config, str(tmp_path), devices=jax.devices()[:1])
@@ -191,7 +194,8 @@ if num_processes > 1:
     mesh_lib.initialize_distributed(f"localhost:{port}", num_processes, process_id)
 import jax
 from genjax.config import load_config
-from genjax.train import state as state_lib, tasks, trainer
+from genjax import tasks
+from genjax.train import state as state_lib, trainer
 config = load_config(sys.argv[4] + ":smoke=True", ["--config.mesh.data=2", "--config.mesh.fsdp=4"])
 mesh = mesh_lib.make_mesh(config.mesh)
 task = tasks.build(config)

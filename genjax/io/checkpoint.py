@@ -159,3 +159,49 @@ class Preemption:
 
     def restore_handler(self) -> None:
         signal.signal(signal.SIGTERM, self._previous)
+
+
+def read_config(workdir: str):
+    """The `config.json` a training run wrote in `workdir`, as an (unlocked) ConfigDict.
+
+    Raises:
+      UserError: `workdir` holds no config.json (no trained model).
+    """
+    import json
+
+    import ml_collections
+
+    path = os.path.join(workdir, "config.json")
+    check(os.path.isfile(path), "--workdir", workdir, "holds no trained model (no config.json)")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_ema(workdir: str, *, mesh: jax.sharding.Mesh | None = None) -> Any:
+    """The EMA params of the newest complete checkpoint in `workdir`, replicated over `mesh`
+    (default: the first device), whatever mesh they were trained on. Only the `ema_params`
+    subtree is read (orbax partial restore from the checkpoint's own metadata): no model or task
+    is built, so a task can load a frozen model of another task without recursion.
+
+    Raises:
+      UserError: `workdir` holds no finished checkpoint.
+    """
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    step = None
+    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+        manager = make_manager(workdir, {"save_interval_steps": 1, "max_to_keep": 0, "async_save": False})
+        step, directory = manager.latest_step(), manager.directory
+        manager.close()
+    check(step is not None, "--workdir", workdir, "holds no checkpoint (no trained model)")
+    path = os.path.join(os.fspath(directory), str(step), "state")
+    mesh = mesh or Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    replicated = NamedSharding(mesh, P())
+    with ocp.PyTreeCheckpointer() as ckptr:
+        metadata = ckptr.metadata(path)
+        tree = getattr(metadata, "item_metadata", metadata)["ema_params"]
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), tree)
+        restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=replicated), abstract)
+        out = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+            item={"ema_params": abstract}, restore_args={"ema_params": restore_args}, partial_restore=True))
+    return out["ema_params"]

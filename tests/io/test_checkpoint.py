@@ -11,7 +11,7 @@ import pytest
 
 from genjax.errors import UserError
 from genjax.parallel import mesh as mesh_lib
-from genjax.train import checkpoint
+from genjax.io import checkpoint
 from genjax.train import state as state_lib
 from tests.train.test_state import OPTIM, init_params, run, setup
 

@@ -54,7 +54,7 @@ def _scheduler():  # the DiT / DDPM training schedule (linear 1e-4 .. 0.02, T = 
 
 
 def _noise_like_ours(seed, shape):
-    """The initial noise `_diffusion_task.sample_fn` draws: split(PRNGKey(seed))[0], NHWC."""
+    """The initial noise `tasks.diffusion.generate` draws: split(PRNGKey(seed))[0], NHWC."""
     noise_rng, _ = jax.random.split(jax.random.PRNGKey(seed))
     return np.asarray(jax.random.normal(noise_rng, shape))
 
@@ -123,7 +123,7 @@ def test_trained_dit_workdir(tmp_path):
     assert cli.main(["train", "--config", "configs/dit_mnist.py:smoke=True", "--workdir", workdir]) == 0
     out = tmp_path / "threes.npz"
     assert cli.main(["sample", "--workdir", workdir, "--class-label", "3", "--class-label", "7", "--num", "2",
-                     "--steps", "3", "--sampler", "dpmpp", "--out", str(out)]) == 0
+                     "--steps", "3", "--sampler", "dpmpp_2m", "--out", str(out)]) == 0
     with np.load(out) as f:
         assert f["images"].dtype == np.uint8 and f["images"].shape[0] == 4 and f["images"].shape[-1] == 1
         assert f["class_labels"].tolist() == [3, 3, 7, 7]

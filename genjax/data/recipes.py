@@ -1,0 +1,168 @@
+"""Data recipes of the trainer's tasks: `config.data` -> a source, its transforms and a grain
+pipeline of batches (dicts of numpy arrays with a leading batch axis).
+
+    source(config, split)                 the dataset of data.dataset
+    pixel_transforms(config, source, extra)   uint8 -> float [-1, 1] at data.image_size, then extra
+    dataset(config, source, transforms)   `pipeline.make_dataset` with data.batch_size and the seed
+    pixel_data(config)                    `make_data` of {"image" | "video", "label"} batches
+    fixed_examples(config, num, split)    the first `num` examples, in order (samples, evaluation)
+    latent_cache_data(...)                `make_data` over a frozen autoencoder's latent cache
+
+Every task goes through these, so a data option (crop, flip, a new source) is written once.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from genjax.errors import check
+
+CROPS = ("resize", "adm_center")  # data.crop: see `pixel_transforms`
+CACHE_BATCH = 500  # examples per autoencoder forward while filling a latent cache
+
+
+def image_inputs(example: Mapping[str, Any]) -> dict[str, Any]:
+    """An image example -> `{"image", "label" int32}`."""
+    return {"image": example["image"], "label": np.int32(example["label"])}
+
+
+def video_inputs(example: Mapping[str, Any]) -> dict[str, Any]:
+    """A Moving MNIST example -> `{"video", "label" int32}` (the first digit's label)."""
+    return {"video": example["video"], "label": np.int32(example["labels"][0])}
+
+
+def media_key(config) -> str:
+    """"video" for video datasets (Moving MNIST), else "image"."""
+    return "video" if config.data.dataset == "moving_mnist" else "image"
+
+
+def labelled_inputs(config) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+    """`video_inputs` or `image_inputs` for `config.data.dataset`."""
+    return video_inputs if media_key(config) == "video" else image_inputs
+
+
+def validate(config) -> None:
+    """The data section's checks.
+
+    Raises:
+      UserError: an unknown data.crop, or a data.random_flip that is not a bool.
+    """
+    crop = config.data.get("crop", "resize")
+    check(crop in CROPS, "data.crop", crop, f"must be one of {CROPS}")
+    flip = config.data.get("random_flip", False)
+    check(isinstance(flip, bool), "data.random_flip", flip, "must be true or false")
+
+
+def source(config, split: str):
+    """`config.data.dataset` for `split`; Moving MNIST takes data.num_frames / image_size /
+    num_examples / num_digits; a TFDS dataset is read from data.data_dir (empty / absent: TFDS's
+    default folder, $TFDS_DATA_DIR or ~/tensorflow_datasets)."""
+    from genjax.data import sources
+
+    d = config.data
+    if d.dataset == "moving_mnist":
+        return sources.make_source("moving_mnist", split=split, num_frames=d.num_frames,
+                                   image_size=d.image_size, num_examples=d.num_examples,
+                                   num_digits=d.get("num_digits", 1), seed=config.seed)
+    data_dir = d.get("data_dir", "") or None
+    return sources.make_source(d.dataset, split=split, **({"data_dir": data_dir} if data_dir else {}))
+
+
+def pixel_transforms(config, src, extra=()) -> tuple:
+    """uint8 pixels -> [-1, 1] at data.image_size, then `extra`.
+
+    data.crop "resize" (default): resized (bilinear, aspect not kept) to image_size x image_size
+    when the source's size differs; "adm_center": `transforms.adm_center_crop` (ADM / DiT: BOX
+    halvings, BICUBIC to the short side, central square), for sources of any image size.
+    data.random_flip (default False): a horizontal flip with probability 0.5 (DiT `train.py`),
+    the same for every frame of a video.
+    """
+    from genjax.data import transforms
+
+    first = src[0]
+    key = "video" if "video" in first else "image"
+    size = config.data.image_size
+    if config.data.get("crop", "resize") == "adm_center":
+        out = [transforms.AdmCenterCrop(size, keys=(key,))]
+    else:
+        out = [] if first[key].shape[-3:-1] == (size, size) else [transforms.Resize(size, keys=(key,))]
+    if config.data.get("random_flip", False):
+        out.append(transforms.RandomFlip(0.5, keys=(key,)))
+    return (*out, transforms.ToFloat(keys=(key,)), *extra)
+
+
+def dataset(config, src, transforms, *, shard_index=None, shard_count=None, **kw):
+    """`pipeline.make_dataset(src)` with data.batch_size and the config's seed."""
+    from genjax.data import pipeline
+
+    return pipeline.make_dataset(src, batch_size=config.data.batch_size, seed=config.seed,
+                                 transforms=transforms, shard_index=shard_index,
+                                 shard_count=shard_count, **kw)
+
+
+def pixel_data(config, inputs: Callable | None = None):
+    """`make_data(workdir, shard_index=None, shard_count=None)` of pixel batches: by default
+    images `{"image", "label"}` or videos `{"video", "label"}`, float32 in [-1, 1]; `inputs`
+    (an example -> dict function, applied last) replaces the default (e.g. a tokenizer)."""
+    def make_data(workdir, shard_index=None, shard_count=None):
+        del workdir
+        src = source(config, config.data.split)
+        last = inputs or labelled_inputs(config)
+        return dataset(config, src, pixel_transforms(config, src, (last,)),
+                       shard_index=shard_index, shard_count=shard_count)
+    return make_data
+
+
+def fixed_examples(config, num: int, split: str = "test") -> dict[str, np.ndarray]:
+    """The first `num` examples of `split` as float32 [-1, 1] pixels (+ int32 labels), in order."""
+    src = source(config, split)
+    ds = dataset(config, src, pixel_transforms(config, src, (labelled_inputs(config),)), shuffle=False,
+                 shard_index=0, shard_count=1, num_epochs=1, drop_remainder=False)
+    batches, have = [], 0
+    for batch in ds:
+        batches.append(batch)
+        have += len(batch["label"])
+        if have >= num:
+            break
+    return {k: np.concatenate([b[k] for b in batches])[:num] for k in batches[0]}
+
+
+def latent_cache_data(config, posterior: Callable, *, meta: Mapping[str, Any], inputs: Callable | None = None):
+    """`make_data(workdir, ...)` over the latent cache of `config.data.split` in WORKDIR/latents
+    (`genjax.data.latent_cache`, computed on first use and whenever `meta` changes).
+
+    `posterior(x) -> (mean, std)` is a frozen autoencoder's jitted posterior of a float [-1, 1]
+    batch; `inputs` (default `labelled_inputs`) turns an example into the fields stored beside the
+    latents (the pixels themselves are dropped). Batches: `{"mean", "std": float32 (B, *latent),
+    **the other fields of inputs}`."""
+    from genjax.data import latent_cache, pipeline
+
+    def make_data(workdir, shard_index=None, shard_count=None):
+        src = source(config, config.data.split)
+        key = media_key(config)
+
+        def compute():
+            ds = pipeline.make_dataset(src, batch_size=CACHE_BATCH, shuffle=False, num_epochs=1,
+                                       drop_remainder=False, shard_index=0, shard_count=1,
+                                       transforms=pixel_transforms(config, src, (inputs or labelled_inputs(config),)))
+            for batch in ds:
+                mean, std = posterior(batch.pop(key))
+                yield {"mean": np.asarray(mean), "std": np.asarray(std), **batch}
+
+        full = {**meta, "dataset": config.data.dataset, "split": config.data.split,
+                "image_size": config.data.image_size}
+        if key == "video":
+            full.update(num_frames=config.data.num_frames, num_examples=config.data.num_examples,
+                        num_digits=config.data.get("num_digits", 1), seed=config.seed)
+        # Non-default preprocessing is part of what the cache was computed from (a flip is drawn
+        # once per example when the cache is filled, as the feature-caching DiT ports fast-DiT /
+        # LightningDiT do).
+        full.update({k: config.data[k] for k, default in (("crop", "resize"), ("random_flip", False))
+                     if config.data.get(k, default) != default})
+        cache = latent_cache.ensure(os.path.join(workdir, "latents"), config.data.split, meta=full,
+                                    compute=compute)
+        return dataset(config, cache, (), shard_index=shard_index, shard_count=shard_count)
+    return make_data

@@ -1,0 +1,201 @@
+"""What the trainer trains: one module per `config.model.name`, each with `build(config, mesh)`
+returning a `Task`, and `make_module(config)` returning its Flax module.
+
+    dit        class-conditional DiT on pixels or on a frozen VAE's latents      tasks/dit.py
+    unet       pixel-space DDPM / ADM U-Net                                      tasks/unet.py
+    vae        2D KL autoencoder                                                 tasks/vae.py
+    video_vae  causal video KL autoencoder                                       tasks/video_vae.py
+    clip       contrastive text <-> image / video                                tasks/clip.py
+    video_dit  text-to-video latent diffusion on a frozen video VAE              tasks/video_dit.py
+    vivit      ViViT video classifier                                            tasks/vivit.py
+
+`build` picks the module by name (`importlib.import_module(f"genjax.tasks.{name}")`, as
+big_vision picks models). The model section goes to the module verbatim (`model_kwargs`):
+`config.model` minus `name` are the attributes of the family's `genjax.models.<family>.Model`, so a
+misspelt key is an error; task knobs (frozen model paths, KL weight, latent scale, ...) live in
+`config.task`. A `Task` holds pure functions; the trainer (`genjax.train.trainer.main`) owns the
+mesh, the state, the loop and the files; `genjax sample` restores params (`restore`) and calls
+`sample_fn`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import os
+from typing import Any, Callable, Mapping, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from genjax.errors import check
+
+MODEL_NAMES = ("dit", "unet", "vae", "video_vae", "clip", "video_dit", "vivit")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class Task(NamedTuple):
+    """One trainable model, as pure functions of its params.
+
+    Fields:
+      module: the Flax module.
+      init_params: `key -> params` (boxed, with logical axis names), for `state.create_train_state`.
+      loss_fn: `(params, batch, rng) -> (loss float32 scalar, metrics dict of float32 scalars)`.
+      sample_fn: `(params, rng, cond=None, *, sampler=None, num_steps=None, cfg_scale=None,
+        init_frames=None, ...) -> uint8 media`: images `(N, H, W, C)` (written as a PNG grid) or
+        videos `(N, T, H, W, C)` (a GIF). `cond` is what the model is conditioned on (class labels,
+        prompts, images to reconstruct; None: the config's defaults); the keyword settings default
+        to config.eval. None for models without samples.
+      make_data: `(workdir, shard_index=None, shard_count=None) -> grain iterator` of batches
+        (dicts of numpy arrays with a leading batch axis); `workdir` holds any cache it builds.
+      evaluate: `params -> {name: float}` metrics logged at sample time, or None.
+      encode: a latent diffusion task's `(batch, rng) -> latents` (the diffusion model's x0), else None.
+    """
+
+    module: nn.Module
+    init_params: Callable[[jax.Array], Any]
+    loss_fn: Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
+    sample_fn: Callable[..., jax.Array] | None
+    make_data: Callable[..., Any]
+    evaluate: Callable[[Any], dict[str, float]] | None = None
+    encode: Callable[[Mapping[str, jax.Array], jax.Array], jax.Array] | None = None
+
+
+def family(name: str):
+    """The task module of model name `name`.
+
+    Raises:
+      UserError: no such task.
+    """
+    check(name in MODEL_NAMES, "model.name", name, f"must be one of {MODEL_NAMES}")
+    return importlib.import_module(f"genjax.tasks.{name}")
+
+
+def validate(config) -> None:
+    """The model, task and data sections' checks, needing no devices or files beyond existence.
+
+    Raises:
+      UserError: unknown model.name or model.dtype, a data error (`recipes.validate`), and the
+        family's own checks (its `validate`, e.g. a frozen-model path that is not a workdir).
+    """
+    from genjax.data import recipes
+
+    task = family(config.model.name)
+    dtype = config.model.get("dtype", "float32")
+    check(dtype in DTYPES, "model.dtype", dtype, f"must be one of {tuple(DTYPES)}")
+    recipes.validate(config)
+    if hasattr(task, "validate"):
+        task.validate(config)
+
+
+def build(config, *, mesh: Mesh | None = None) -> Task:
+    """The `Task` of `config.model.name`. `mesh` (default: all devices, one data axis) is where
+    frozen models are placed, replicated.
+
+    Raises:
+      UserError: see `validate` and each family's `build`.
+    """
+    validate(config)
+    return family(config.model.name).build(config, mesh=mesh)
+
+
+def _to_attribute(key: str, value: Any) -> Any:
+    if key in ("dtype", "param_dtype") and isinstance(value, str):
+        return DTYPES[value]
+    if isinstance(value, (list, tuple)):
+        return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    return value
+
+
+def model_kwargs(cls: type, section: Mapping[str, Any], **derived: Any) -> dict[str, Any]:
+    """`section` (a config's model section) as keyword arguments of `Model(...)` building the Linen
+    class `cls`: `name` dropped, dtype names -> dtypes, lists -> tuples, plus `derived` (attributes
+    the task computes from the data, e.g. in_channels).
+
+    Raises:
+      UserError: a key that is not an attribute of `cls` (nor `variant`), naming the key and the
+        attributes that exist; a derived attribute also set in `section` to another value.
+    """
+    fields = {f.name for f in dataclasses.fields(cls) if f.init} - {"parent", "name"}
+    out = {}
+    for key, value in dict(section).items():
+        if key == "name":
+            continue
+        check(key in fields or key == "variant", f"model.{key}", value,
+              f"is not an attribute of {cls.__name__} (attributes: {', '.join(sorted(fields))})")
+        out[key] = _to_attribute(key, value)
+    for key, value in derived.items():
+        check(out.get(key, value) == value, f"model.{key}", out.get(key),
+              f"must be {value!r} here (set by the data and the frozen models) or left out")
+        out[key] = value
+    return out
+
+
+def make_model(models_module, cls: type, section: Mapping[str, Any], **derived: Any) -> nn.Module:
+    """`models_module.Model(**model_kwargs(cls, section, **derived))` (a `variant` key picks a
+    named size, as every `genjax.models.<family>.Model` does)."""
+    kwargs = model_kwargs(cls, section, **derived)
+    if "variant" not in inspect.signature(models_module.Model).parameters:
+        kwargs.pop("variant", None)
+    return models_module.Model(**kwargs)
+
+
+def replicated(tree: Any, mesh: Mesh | None) -> Any:
+    """`tree` placed on every device of `mesh` (default: all devices)."""
+    mesh = mesh or Mesh(np.asarray(jax.devices()), ("data",))
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def is_model_dir(path: str) -> bool:
+    """True if `path` is a folder holding a config.json (a workdir or a converted model)."""
+    return bool(path) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def load_frozen(path: str, *, mesh: Mesh | None = None, family_name: str = "vae"):
+    """`(module, params)` of a frozen model: a trained workdir (`genjax train` with model.name =
+    family_name; its EMA params, `checkpoint.restore_ema`) or, for "vae", a `genjax convert
+    --model vae` folder. Params are replicated over `mesh`. Only the module is built (the
+    family's `make_module`), never its task, so frozen models of frozen models do not recurse.
+
+    Raises:
+      UserError: `path` holds neither, or a model of another family.
+    """
+    from genjax import convert
+    from genjax.io import checkpoint
+
+    converted = convert.read_converted_config(path)
+    if converted is not None:
+        check(converted["family"] == family_name, f"task.{family_name}", path,
+              f"is a converted {converted['family']!r} model, not a {family_name!r}")
+        module, params = convert.load_converted(path)
+        return module, replicated(nn.meta.unbox(params), mesh)
+    saved = checkpoint.read_config(path)
+    name = saved.get("model", {}).get("name")
+    check(name == family_name, f"task.{family_name}", path,
+          f"was trained with model.name={name!r}, not {family_name!r}")
+    mesh = mesh or Mesh(np.asarray(jax.devices()), ("data",))
+    return family(name).make_module(saved), checkpoint.restore_ema(path, mesh=mesh)
+
+
+def restore(workdir: str, *, mesh: Mesh | None = None, eval_overrides: Mapping[str, Any] | None = None):
+    """`(config, task, ema_params)` of the model trained in `workdir` (its config.json and the EMA
+    params of its newest checkpoint, replicated over `mesh`, default the first device).
+    `eval_overrides` replaces fields of `config.eval` (the sample_fn defaults) before building.
+
+    Raises:
+      UserError: `workdir` holds no config.json or no finished checkpoint.
+    """
+    from genjax.io import checkpoint
+
+    config = checkpoint.read_config(workdir)
+    if eval_overrides:
+        config.eval.update(dict(eval_overrides))
+    mesh = mesh or Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    params = checkpoint.restore_ema(workdir, mesh=mesh)  # first: "no checkpoint" before any build
+    return config, build(config, mesh=mesh), params

@@ -1,0 +1,158 @@
+"""The one generation path of every diffusion task, and the image-diffusion `Task` (dit, unet).
+
+`generate` is the sampler call of every task: noise -> classifier-free guidance
+(`guidance.cfg_denoiser`) -> optional frame conditioning (`frame_conditioning.
+frame_conditioned_sampling`, known latent frames) -> `samplers.sample` (one compiled loop) ->
+the autoencoder's decoder -> uint8. The image tasks (`image_task`) and the video task
+(`tasks/video_dit.py`) only say what the condition and the null condition are.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from genjax.errors import check
+from genjax.tasks import Task
+
+
+def make_schedule(config):
+    """The `schedules.Schedule` of config.diffusion (schedule, num_timesteps, prediction_type)."""
+    from genjax.diffusion import schedules
+
+    d = config.diffusion
+    return schedules.make(d.schedule, d.num_timesteps, prediction_type=d.prediction_type)
+
+
+def sampling_options(config, sampler: str | None, num_steps: int | None, cfg_scale: float | None):
+    """`(sampler, num_steps, cfg_scale)` with None replaced by config.eval's
+    (sampler, num_sampling_steps, cfg_scale).
+
+    Raises:
+      UserError: an unknown sampler, num_steps outside [1, diffusion.num_timesteps], a non-finite
+        cfg_scale.
+    """
+    from genjax.diffusion import samplers
+
+    e = config.eval
+    sampler = str(e.sampler if sampler is None else sampler)
+    num_steps = int(e.num_sampling_steps if num_steps is None else num_steps)
+    cfg_scale = float(e.cfg_scale if cfg_scale is None else cfg_scale)
+    check(sampler in samplers.SAMPLERS, "sampler", sampler, f"must be one of {samplers.SAMPLERS}")
+    n = int(config.diffusion.num_timesteps)
+    check(1 <= num_steps <= n, "num_steps", num_steps, f"must be in [1, {n}]")
+    check(math.isfinite(cfg_scale), "cfg_scale", cfg_scale, "must be a finite number")
+    return sampler, num_steps, cfg_scale
+
+
+def generate(denoise: Callable, shape: tuple[int, ...], rng: jax.Array, *, schedule, cond: dict | None,
+             null_cond: dict | None, cfg_scale: Any, sampler: str, num_steps: int, keep: int,
+             guide_channels: int | None = None, variance_type: str = "fixed_small",
+             known: tuple[jax.Array, jax.Array] | None = None, decode: Callable | None = None) -> jax.Array:
+    """Samples as uint8, inside jit: x_T = N(0, I) of `shape` drawn with `split(rng)[0]`, the
+    sampler's own randomness from `split(rng)[1]`.
+
+    Args:
+      denoise: `denoise(x_t, t, **cond) -> prediction` (float32; [prediction, v] with learn_sigma).
+      cond, null_cond: the condition and the guidance's null condition (`guidance.cfg_denoiser`,
+        Ho & Salimans 2022 eq. 6, guided on the first `guide_channels` channels); no guidance
+        when null_cond is None.
+      keep: prediction channels passed to the sampler (2C for DDPM's learned variance, else C).
+      known: `(x_known (N, T, ...), frame_mask (N, T))`, latent frames kept fixed
+        (`frame_conditioning.frame_conditioned_sampling`: image-to-video, extension).
+      decode: latents -> pixels in [-1, 1] (None: the samples are pixels).
+    Returns:
+      uint8 `(N, ...)` in [0, 255] (`media.to_uint8`).
+    """
+    from genjax.diffusion import frame_conditioning, guidance, samplers
+    from genjax.io import media
+
+    model = denoise
+    if null_cond is not None:
+        model = guidance.cfg_denoiser(denoise, cfg_scale, null_cond=null_cond, guide_channels=guide_channels)
+
+    def prediction(x_t, t, **c):
+        return model(x_t, t, **c)[..., :keep]
+
+    noise_rng, loop_rng = jax.random.split(rng)
+    noise = jax.random.normal(noise_rng, shape)
+    kw = dict(denoise_fn=prediction, cond=cond, known=None)
+    if known is not None:
+        kw = frame_conditioning.frame_conditioned_sampling(prediction, known[0], known[1], cond)
+    out = samplers.sample(kw["denoise_fn"], noise, schedule=schedule, sampler=sampler, num_steps=num_steps,
+                          rng=loop_rng, cond=kw["cond"], known=kw["known"], variance_type=variance_type)
+    return media.to_uint8(out if decode is None else decode(out))
+
+
+def image_task(config, module, init_params, denoise, *, x_shape, make_data, encode=None, decode=None,
+               conditional=True, num_classes: int = 0) -> Task:
+    """Diffusion training and sampling around `denoise(params, x_t, t, y, rng | None) -> output`.
+
+    loss_fn: `losses.diffusion_loss` (Ho et al. 2020 L_simple; + Improved-DDPM VLB with
+    model.learn_sigma) on x0 = `batch["image"]` (B, *x_shape) in [-1, 1], or `encode(batch, rng)`
+    latents, with labels `batch["label"]` (B,) int32 when conditional.
+
+    sample_fn(params, rng, cond=None, *, sampler=None, num_steps=None, cfg_scale=None,
+    init_frames=None) -> uint8 (N, H, W, C): cond = class labels (N,) int (default 0, 1, ...,
+    num_classes - 1, 0, ... with N = eval.num_samples), with classifier-free guidance (null class
+    = num_classes); latents are decoded by `decode`. Guidance applies to the first
+    eval.guide_channels prediction channels (default 0 = all C; DiT's release guides 3 of the 4
+    latent channels), the rest come from the conditional half, as DiT's `forward_with_cfg`. With
+    learn_sigma, the DDPM sampler draws with the learned variance (`variance_type=
+    "learned_range"`, Nichol & Dhariwal 2021 eq. 15; DiT's sampler); DDIM and the ODE samplers
+    ignore the variance channels. The loop is compiled once per (N, sampler, num_steps); any
+    cfg_scale reuses it.
+
+    Raises (sample_fn, before compiling):
+      UserError: labels outside [0, num_classes), init_frames given, or see `sampling_options`.
+    """
+    import numpy as np
+
+    from genjax.diffusion import losses
+
+    d, e = config.diffusion, config.eval
+    schedule = make_schedule(config)
+    channels = x_shape[-1]
+    learn_sigma = bool(getattr(module, "learn_sigma", False))
+    guide_channels = int(e.get("guide_channels", 0)) or channels
+
+    def loss_fn(params, batch, rng):
+        model_rng, loss_rng = jax.random.split(rng)
+        x0 = batch["image"] if encode is None else encode(batch, jax.random.fold_in(rng, 2))
+
+        def denoise_fn(x_t, t, **cond):
+            return denoise(params, x_t, t, cond.get("y"), model_rng)
+
+        cond = {"y": batch["label"]} if conditional else None
+        return losses.diffusion_loss(denoise_fn, x0, loss_rng, schedule=schedule, cond=cond,
+                                     weighting=d.weighting, learn_sigma=learn_sigma)
+
+    @functools.partial(jax.jit, static_argnames=("sampler", "num_steps"))
+    def run(params, rng, labels, cfg_scale, *, sampler, num_steps):
+        def denoise_fn(x_t, t, y=None):
+            return denoise(params, x_t, t, y, None)
+
+        learned = learn_sigma and sampler == "ddpm"
+        return generate(denoise_fn, (labels.shape[0], *x_shape), rng, schedule=schedule,
+                        cond={"y": labels} if conditional else None,
+                        null_cond={"y": num_classes} if conditional else None, cfg_scale=cfg_scale,
+                        sampler=sampler, num_steps=num_steps, keep=2 * channels if learned else channels,
+                        guide_channels=guide_channels,
+                        variance_type="learned_range" if learned else "fixed_small", decode=decode)
+
+    def sample_fn(params, rng, cond=None, *, sampler=None, num_steps=None, cfg_scale=None, init_frames=None):
+        sampler, num_steps, cfg_scale = sampling_options(config, sampler, num_steps, cfg_scale)
+        check(init_frames is None, "init_frames", "given", "is for video models")
+        labels = np.arange(e.num_samples) % max(num_classes, 1) if cond is None else np.asarray(cond)
+        check(labels.ndim == 1 and labels.size >= 1, "class_labels", labels.tolist(), "must give at least one label")
+        if conditional:
+            check(np.issubdtype(labels.dtype, np.integer) and bool(np.all((labels >= 0) & (labels < num_classes))),
+                  "class_labels", labels.tolist(), f"must be ints in [0, {num_classes})")
+        return run(params, rng, jnp.asarray(labels, jnp.int32), jnp.float32(cfg_scale),
+                   sampler=sampler, num_steps=num_steps)
+
+    return Task(module, init_params, loss_fn, sample_fn, make_data, encode=encode)

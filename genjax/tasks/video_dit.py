@@ -1,0 +1,237 @@
+"""Task "video_dit": text-to-video latent diffusion, the Sora-style `genjax.models.video_dit.VideoDiT`
+(the model section holds its attributes) on the latents of a frozen video VAE, conditioned on the
+clips' captions.
+
+Latents: x0 = `(z - shift_factor) * latent_scale` of the video VAE in task.vae (a `video_vae`
+workdir, frozen EMA params; latent_scale = task.latent_scale, or the VAE's scaling_factor when 0;
+`latent_scale_of` measures 1 / std, LDM appendix D.1), z ~ q(z | video) drawn with the step's rng
+(LDM, Rombach et al. 2022, sec. 3): videos (B, T, S, S, C) in [-1, 1] -> (B, 1 + (T - 1) / ft,
+S / fs, S / fs, latent_channels).
+  data.latents = "on_the_fly" (default): the clips are encoded inside the jitted train step;
+  data.latents = "cache": the posterior mean and std (and the caption tokens) are computed once
+    into WORKDIR/latents/ (`recipes.latent_cache_data`), so a step costs only the DiT.
+Text: captions byte-tokenized (`tokenizer.ByteTokenizer`, task.text_length tokens) and encoded by
+`clip.TextTransformer` (task.text: width, num_layers, num_heads, mlp_dim), trained jointly, or,
+with task.text_encoder = a CLIP workdir, by that CLIP's frozen text tower; the DiT cross-attends
+to its hidden states `(B, L, Dt)` under text_mask (PixArt-alpha / Stable Diffusion use a frozen
+encoder's last hidden states). Params: `{"dit": ..., "text": ...}` (no "text" with a frozen encoder).
+
+loss_fn: `losses.diffusion_loss` (diffusion.schedule / prediction_type / weighting; model.learn_sigma
+adds the VLB) with the DiT's classifier-free text dropout (model.text_dropout_prob -> its learned
+null text, Ho & Salimans 2022). diffusion.frame_mask_probs (default {"none": 1}) draws known latent
+frames per example (`frame_conditioning.random_frame_mask`: first, first k, first + last, random)
+and the loss is `frame_conditioning.frame_conditioned_diffusion_loss` (Open-Sora v1.1), so the
+same model does image-to-video and extension.
+
+sample_fn(params, rng, cond=None, *, sampler=None, num_steps=None, cfg_scale=None,
+init_frames=None, num_frames=None, height=None, width=None) -> uint8 videos (N, T, H, W, C):
+  cond: prompts, a list of N non-empty str (default "digit 0" ... "digit 9" cycled to
+    eval.num_samples); classifier-free guidance against the null text (force_drop_ids = 1).
+  sampler, num_steps, cfg_scale: default config.eval's (`tasks.diffusion.sampling_options`).
+  init_frames: optional uint8 (N, K, H, W, C) first frames, K = 1 + j * ft < T: encoded by the VAE
+    (posterior mode) and kept as the first 1 + j latent frames (image-to-video with K = 1).
+  num_frames, height, width: default the training clips'; other sizes need T = 1 + k * ft with
+    1 + k divisible by the DiT's temporal patch, and H, W multiples of fs x the spatial patch.
+The loop is compiled once per (N, shape, sampler, num_steps, init_frames or not).
+
+Raises:
+  UserError: data.dataset not moving_mnist; data.num_frames / image_size not fitting the VAE;
+    task.text_length < 2 or above a frozen CLIP's context_length; the latent grid not divisible by
+    model.patch_size; in sample_fn (before compiling) bad prompts, sizes or init_frames.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from genjax.errors import check
+from genjax.tasks import DTYPES, Task, is_model_dir, load_frozen, make_model, model_kwargs
+
+DEFAULT_PROMPTS = tuple(f"digit {i}" for i in range(10))
+
+
+def validate(config) -> None:
+    """Raises UserError: task.vae not a trained video VAE workdir, task.text_encoder neither empty
+    nor a trained CLIP workdir, a bad diffusion.frame_mask_probs, an unknown data.latents."""
+    from genjax.diffusion import frame_conditioning
+
+    t = config.get("task", {})
+    check(is_model_dir(t.get("vae", "")), "task.vae", t.get("vae", ""),
+          "must be a trained video VAE workdir (genjax train, model.name=video_vae)")
+    text_encoder = t.get("text_encoder", "")
+    check(not text_encoder or is_model_dir(text_encoder), "task.text_encoder", text_encoder,
+          "must be empty (a text tower trained jointly) or a trained CLIP workdir")
+    probs = dict(config.diffusion.get("frame_mask_probs", {"none": 1.0}))
+    check(set(probs) <= set(frame_conditioning.MASK_KINDS) and all(p >= 0 for p in probs.values())
+          and abs(sum(probs.values()) - 1) < 1e-6, "diffusion.frame_mask_probs", probs,
+          f"must map kinds of {frame_conditioning.MASK_KINDS} to probabilities >= 0 summing to 1")
+    latents = config.data.get("latents", "on_the_fly")
+    check(latents in ("on_the_fly", "cache"), "data.latents", latents, "must be one of ('on_the_fly', 'cache')")
+
+
+def latent_scale_of(config, num: int = 512) -> float:
+    """1 / std of the frozen video VAE's posterior means (task.vae) on the first `num` training
+    clips of config.data: the latent_scale that gives unit-variance latents (LDM App. D.1)."""
+    from genjax.data import recipes
+
+    vae_module, vae_params = load_frozen(config.task.vae, family_name="video_vae")
+    videos = recipes.fixed_examples(config, num, split=config.data.split)["video"]
+    mean = jax.jit(lambda x: vae_module.apply({"params": vae_params}, x, method=vae_module.encode).mean)
+    z = np.concatenate([np.asarray(mean(videos[i:i + 64])) for i in range(0, len(videos), 64)])
+    return float(1.0 / z.std())
+
+
+def _text_tower(t, tok, mesh, dtype):
+    """`(module, frozen params or None, width, length)` of the text encoder."""
+    from genjax.models import clip
+
+    length = int(t.text_length)
+    check(length >= 2, "task.text_length", length, "must be >= 2 (bos and eos)")
+    if t.get("text_encoder", ""):
+        clip_module, clip_params = load_frozen(t.text_encoder, mesh=mesh, family_name="clip")
+        check(length <= clip_module.context_length, "task.text_length", length,
+              f"must be <= the CLIP's context_length {clip_module.context_length}")
+        return clip_module, clip_params, clip_module.text_width, length
+    text = clip.TextTransformer(**model_kwargs(clip.TextTransformer, t.text, vocab_size=tok.vocab_size,
+                                               context_length=length, dtype=dtype))
+    return text, None, text.width, length
+
+
+def build(config, *, mesh=None) -> Task:
+    from genjax.data import recipes
+    from genjax.diffusion import frame_conditioning, losses
+    from genjax.models import tokenizer, video_dit
+    from genjax.tasks import clip as clip_task, diffusion
+
+    d, t, e = config.data, config.task, config.eval
+    check(d.dataset == "moving_mnist", "data.dataset", d.dataset, "video_dit trains on moving_mnist")
+    vae_module, vae_params = load_frozen(t.vae, mesh=mesh, family_name="video_vae")
+    if t.get("latent_scale", 0.0):
+        vae_module = vae_module.clone(scaling_factor=float(t.latent_scale))
+    fs, ft = vae_module.downsample_factor, vae_module.temporal_downsample_factor
+    check(d.image_size % fs == 0, "data.image_size", d.image_size, f"must be divisible by the VAE's {fs}")
+    check((d.num_frames - 1) % ft == 0, "data.num_frames", d.num_frames, f"must be 1 + k * {ft} (the VAE's)")
+    x_shape = (1 + (d.num_frames - 1) // ft, d.image_size // fs, d.image_size // fs, vae_module.latent_channels)
+
+    tok = tokenizer.ByteTokenizer()
+    text_module, text_params, text_width, length = _text_tower(t, tok, mesh, DTYPES[config.model.get("dtype", "float32")])
+    module = make_model(video_dit, video_dit.VideoDiT, config.model, in_channels=x_shape[-1], text_dim=text_width,
+                        num_classes=0)
+    check(all(s % p == 0 for s, p in zip(x_shape[:3], module.patch_size)), "model.patch_size",
+          tuple(module.patch_size), f"must divide the latent grid {x_shape[:3]}")
+    schedule = diffusion.make_schedule(config)
+    channels, learn_sigma = x_shape[-1], module.learn_sigma
+    probs = dict(config.diffusion.get("frame_mask_probs", {"none": 1.0}))
+    scale, shift = vae_module.scaling_factor, vae_module.shift_factor
+    cached = d.get("latents", "on_the_fly") == "cache"
+
+    def init_params(key):
+        dit_key, text_key = jax.random.split(key)
+        text = jnp.zeros((1, length, text_width), jnp.float32)
+        params = {"dit": module.init(dit_key, jnp.zeros((1, *x_shape), jnp.float32), jnp.zeros((1,), jnp.int32),
+                                     text=text, text_mask=jnp.ones((1, length), bool))["params"]}
+        if text_params is None:
+            ids = jnp.zeros((1, length), jnp.int32)
+            params["text"] = text_module.init(text_key, ids, jnp.ones((1, length), bool))["params"]
+        return params
+
+    def encode_text(params, ids, mask):
+        """ids, mask (B, L) -> hidden states (B, L, Dt) float32."""
+        if text_params is not None:
+            hidden = text_module.apply({"params": text_params}, ids, mask, method=lambda m, i, k: m.text(i, k)[0])
+        else:
+            hidden = text_module.apply({"params": params["text"]}, ids, mask)[0]
+        return hidden.astype(jnp.float32)
+
+    def encode(batch, rng):
+        if cached:  # DiagonalGaussian.sample, exactly as encode_latents does it
+            eps = jax.random.normal(rng, batch["mean"].shape, jnp.float32)
+            return (batch["mean"] + batch["std"] * eps - shift) * scale
+        return vae_module.apply({"params": vae_params}, batch["video"], rng,
+                                method=vae_module.encode_latents).astype(jnp.float32)
+
+    def decode(z):
+        return vae_module.apply({"params": vae_params}, z, method=vae_module.decode_latents)
+
+    def loss_fn(params, batch, rng):
+        vae_rng, model_rng, loss_rng, mask_rng = jax.random.split(rng, 4)
+        x0 = encode(batch, vae_rng)
+        cond = {"text": encode_text(params, batch["ids"], batch["mask"]), "text_mask": batch["mask"]}
+
+        def denoise_fn(x_t, t, **c):
+            return module.apply({"params": params["dit"]}, x_t, t, **c, train=True,
+                                rngs={"dropout": model_rng}).astype(jnp.float32)
+
+        kw = dict(schedule=schedule, cond=cond, weighting=config.diffusion.weighting, learn_sigma=learn_sigma)
+        if probs.get("none", 0.0) == 1.0:
+            return losses.diffusion_loss(denoise_fn, x0, loss_rng, **kw)
+        frame_mask = frame_conditioning.random_frame_mask(mask_rng, x0.shape[0], x0.shape[1], probs=probs)
+        return frame_conditioning.frame_conditioned_diffusion_loss(denoise_fn, x0, loss_rng,
+                                                                   frame_mask=frame_mask, **kw)
+
+    tokenize = clip_task.tokenize_fn(tok, length, "video")
+    if cached:
+        @jax.jit
+        def posterior(x):
+            q = vae_module.apply({"params": vae_params}, x, method=vae_module.encode)
+            return q.mean, q.std
+
+        make_data = recipes.latent_cache_data(config, posterior, inputs=tokenize,
+                                              meta={"vae": os.path.abspath(t.vae), "text_length": length})
+    else:
+        make_data = recipes.pixel_data(config, tokenize)
+
+    @functools.partial(jax.jit, static_argnames=("shape", "sampler", "num_steps"))
+    def run(params, rng, ids, mask, cfg_scale, init_frames, *, shape, sampler, num_steps):
+        def denoise_fn(x_t, t, **c):
+            return module.apply({"params": params["dit"]}, x_t, t, **c).astype(jnp.float32)
+
+        n = ids.shape[0]
+        cond = {"text": encode_text(params, ids, mask), "text_mask": mask,
+                "force_drop_ids": jnp.zeros((n,), jnp.int32)}
+        known = None
+        if init_frames is not None:
+            z = vae_module.apply({"params": vae_params}, init_frames.astype(jnp.float32) / 127.5 - 1,
+                                 method=vae_module.encode_latents).astype(jnp.float32)
+            k = z.shape[1]
+            x_known = jnp.concatenate([z, jnp.zeros((n, shape[0] - k, *shape[1:]))], axis=1)
+            known = (x_known, jnp.broadcast_to(jnp.arange(shape[0]) < k, (n, shape[0])))
+        return diffusion.generate(denoise_fn, (n, *shape), rng, schedule=schedule, cond=cond,
+                                  null_cond={"force_drop_ids": 1}, cfg_scale=cfg_scale, sampler=sampler,
+                                  num_steps=num_steps, keep=channels, known=known, decode=decode)
+
+    def sample_fn(params, rng, cond=None, *, sampler=None, num_steps=None, cfg_scale=None, init_frames=None,
+                  num_frames=None, height=None, width=None):
+        sampler, num_steps, cfg_scale = diffusion.sampling_options(config, sampler, num_steps, cfg_scale)
+        prompts = [DEFAULT_PROMPTS[i % 10] for i in range(e.num_samples)] if cond is None else cond
+        check(isinstance(prompts, (list, tuple)) and len(prompts) > 0, "prompts", prompts,
+              "must be a non-empty list of str")
+        for p in prompts:
+            check(isinstance(p, str) and p.strip() != "", "prompts", p, "must be a non-empty string")
+        frames = d.num_frames if num_frames is None else num_frames
+        h, w = (d.image_size if v is None else v for v in (height, width))
+        pt, ph, pw = module.patch_size
+        check(isinstance(frames, int) and frames >= 1 and (frames - 1) % ft == 0
+              and (1 + (frames - 1) // ft) % pt == 0, "num_frames", frames,
+              f"must be 1 + k * {ft} (the VAE's temporal factor) with 1 + k a positive multiple of the DiT's temporal patch {pt}")
+        for field, v, p in (("height", h, ph), ("width", w, pw)):
+            check(isinstance(v, int) and v >= fs * p and v % (fs * p) == 0, field, v,
+                  f"must be a positive multiple of {fs * p} (VAE downsampling {fs} x DiT patch {p})")
+        shape = (1 + (frames - 1) // ft, h // fs, w // fs, channels)
+        if init_frames is not None:
+            init_frames = np.asarray(init_frames)
+            k = init_frames.shape[1] if init_frames.ndim == 5 else 0
+            check(init_frames.dtype == np.uint8 and init_frames.ndim == 5 and init_frames.shape[0] == len(prompts)
+                  and init_frames.shape[2:] == (h, w, d.channels) and (k - 1) % ft == 0 and k < frames,
+                  "init_frames", f"{init_frames.dtype}{tuple(init_frames.shape)}",
+                  f"must be uint8 (N={len(prompts)}, 1 + j * {ft} < {frames}, {h}, {w}, {d.channels})")
+        ids, mask = tok.encode(list(prompts), length)
+        return run(params, rng, jnp.asarray(ids), jnp.asarray(mask), jnp.float32(cfg_scale), init_frames,
+                   shape=shape, sampler=sampler, num_steps=num_steps)
+
+    return Task(module, init_params, loss_fn, sample_fn, make_data, encode=encode)
