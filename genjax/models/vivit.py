@@ -5,7 +5,7 @@ defined in `genjax.models.layers`; `grid = (nt, nh, nw)` is the tubelet grid of 
 
   video (B, T, H, W, C) -> TubeletEmbed (sec. 3.2, eq. 8)             -> tokens (B, L, D), L = nt*nh*nw
   (or packed tubelets (B, L, P) + segment_ids (B, L) + positions (B, L, 3), NaViT layout)
-  + FactorizedPosEmbed(t, h, w)                                       -> (B, L, D)
+  + FactorisedPosEmbed(t, h, w)                                       -> (B, L, D)
   ViViTEncoder, attention =
     "joint"                     model 1: every block attends over all tokens (sec. 3.3)
     "factorised_encoder"        model 2: spatial transformer per frame, mean-pooled per frame,
@@ -15,7 +15,7 @@ defined in `genjax.models.layers`; `grid = (nt, nh, nw)` is the tubelet grid of 
 
 Token order is (t, h, w) row-major and values inside a tubelet are ordered (pt, ph, pw, C), the
 order of `genjax.data.packing`. Regular grids run factorised attention by reshaping
-`(B, nt*nh*nw, D)`; packed sequences run it with `layers.Attention`'s segment masks, where the
+`(B, nt*nh*nw, D)`; packed sequences run it with `attention.Attention`'s segment masks, where the
 "segments" are the groups same-example-and-same-t (spatial) or same-example-and-same-(h, w)
 (temporal), numbered by `group_ids`. Both give the same numbers (tested).
 """
@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from genjax.errors import check
-from genjax.models.dit import REMAT_POLICIES
-from genjax.models.layers import Attention, LayerNorm, Mlp, PatchEmbed
-from genjax.parallel.axes import BATCH, CONV_IN, CONV_OUT, EMBED, LAYERS, LENGTH
+from genjax.models.attention import Attention, factorised_attention
+from genjax.models.layers import REMAT_POLICIES, SIZES, LayerNorm, Mlp, PatchEmbed, logical, stack_blocks, zeros
+from genjax.parallel.axes import BATCH, CONV_IN, CONV_OUT, EMBED, LENGTH
 
 Dtype = Any
 Array = jax.Array
@@ -44,10 +44,6 @@ ATTENTION_KINDS = ("joint", "factorised_encoder", "factorised_self_attention")
 POS_EMBED_KINDS = ("learned", "sincos", "fractional")
 POOL_KINDS = ("mean", "cls")
 INFLATION_METHODS = ("central_frame", "filter_inflation")
-
-
-def _param(init, names):
-    return nn.with_logical_partitioning(init, names)
 
 
 # --------------------------------------------------------------------------- tubelets
@@ -177,11 +173,11 @@ class TubeletEmbed(nn.Module):
                   f"must be a video (B, T, H, W, C) or packed tubelets (B, L, P={p})")
             grid = None
         init = nn.initializers.xavier_uniform(in_axis=(0, 1, 2, 3), out_axis=4)
-        kernel = self.param("kernel", _param(init, (None, None, None, CONV_IN, CONV_OUT)),
+        kernel = self.param("kernel", logical(init, (None, None, None, CONV_IN, CONV_OUT)),
                             (pt, ph, pw, self.in_channels, self.features), self.param_dtype)
         y = jnp.einsum("blp,pd->bld", x.astype(self.dtype), jnp.asarray(kernel, self.dtype).reshape(p, -1))
         if self.use_bias:
-            bias = self.param("bias", _param(nn.initializers.zeros, (CONV_OUT,)), (self.features,),
+            bias = self.param("bias", zeros((CONV_OUT,)), (self.features,),
                               self.param_dtype)
             y = y + jnp.asarray(bias, self.dtype)
         return nn.with_logical_constraint(y, (BATCH, LENGTH, None)), grid
@@ -252,7 +248,7 @@ def segment_grid_sizes(segment_ids: Array, positions: Array) -> Array:
     return (top[flat] + 1).reshape(b, l, 3).astype(jnp.int32)
 
 
-class FactorizedPosEmbed(nn.Module):
+class FactorisedPosEmbed(nn.Module):
     """Factorised (t, h, w) absolute position embedding of tokens: positions `(B, L, 3)` -> `(B, L, D)`.
 
     kind:
@@ -296,7 +292,7 @@ class FactorizedPosEmbed(nn.Module):
         if self.kind == "learned":
             out = jnp.zeros((*positions.shape[:2], self.features), jnp.float32)
             for axis, (name, n) in enumerate(zip(("time", "height", "width"), maxes)):
-                table = self.param(name, _param(nn.initializers.normal(0.02), (None, EMBED)),
+                table = self.param(name, logical(nn.initializers.normal(0.02), (None, EMBED)),
                                    (n, self.features), self.param_dtype)
                 out = out + jnp.take(jnp.asarray(table, jnp.float32), positions[..., axis], axis=0, mode="clip")
             return out.astype(self.dtype)
@@ -349,7 +345,7 @@ def _group_mean(x: Array, ids: Array) -> Array:
 class EncoderBlock(nn.Module):
     """Pre-LN transformer block: x + MSA(LN(x)), then + MLP(LN(.)): `(B, L, D)` -> `(B, L, D)`.
 
-    Submodules `norm1`, `attn` (`layers.Attention`), `norm2`, `mlp` (`layers.Mlp`, GELU tanh
+    Submodules `norm1`, `attn` (`attention.Attention`), `norm2`, `mlp` (`layers.Mlp`, GELU tanh
     approximation as flax / Scenic ViViT). LayerNorm eps 1e-6, float32.
     Call `(x, segment_ids=None, kv_mask=None)`: `segment_ids (B, L)` restricts attention to equal
     nonzero ids; `kv_mask (B, L)` bool, False = key not attended.
@@ -397,20 +393,10 @@ class FactorisedSelfAttentionBlock(nn.Module):
         for axis, ids in (("spatial", frame_ids), ("temporal", location_ids)):
             h = LayerNorm(epsilon=1e-6, **kw, name=f"norm_{axis}")(x)
             attn = Attention(self.num_heads, **kw, name=f"attn_{axis}")
-            if self.grid is None:
-                h = attn(h, segment_ids=ids)
-            else:
-                groups = "(b t) s d" if axis == "spatial" else "(b s) t d"  # one attention per group
-                h = einops.rearrange(h, f"b (t s) d -> {groups}", t=self.grid[0])
-                h = einops.rearrange(attn(h), f"{groups} -> b (t s) d", b=x.shape[0])
-            x = x + h
+            x = x + factorised_attention(attn, h, axis, grid=self.grid, group_ids=ids)
         h = LayerNorm(epsilon=1e-6, **kw, name="norm_mlp")(x)
         x = x + Mlp(self.mlp_dim, **kw, name="mlp")(h)
         return nn.with_logical_constraint(x, (BATCH, LENGTH, None))
-
-
-def _scan_fn(block, x, *args):
-    return block(x, *args), None
 
 
 # --------------------------------------------------------------------------- encoder
@@ -457,17 +443,7 @@ class ViViTEncoder(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def _stack(self, block_cls, block_kw, depth, name, x, *args):
-        cls = block_cls
-        if self.remat != "none":
-            cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
-        if self.scan:
-            stack = nn.scan(_scan_fn, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast,) * len(args), length=depth,
-                            metadata_params={nn.PARTITION_NAME: LAYERS})
-            return stack(cls(**block_kw, name=name), x, *args)[0]
-        for i in range(depth):
-            x = cls(**block_kw, name=f"{name}_{i}")(x, *args)
-        return x
+        return stack_blocks(block_cls, block_kw, depth, name, x, *args, scan=self.scan, remat=self.remat)
 
     @nn.compact
     def __call__(self, x: Array, *, grid: Grid | None = None, segment_ids: Array | None = None,
@@ -522,13 +498,13 @@ class ViViTEncoder(nn.Module):
 
 
 class ViViTClassifier(nn.Module):
-    """Video classifier: TubeletEmbed + FactorizedPosEmbed -> ViViTEncoder -> pool -> LayerNorm -> Dense.
+    """Video classifier: TubeletEmbed + FactorisedPosEmbed -> ViViTEncoder -> pool -> LayerNorm -> Dense.
 
     Attributes:
       num_classes: output logits. patch_size: tubelet (pt, ph, pw). in_channels: C.
       hidden_size: D. num_layers, num_heads, mlp_dim, attention, num_temporal_layers, scan,
         remat: as `ViViTEncoder`.
-      pos_embed: "learned" | "sincos" | "fractional" (`FactorizedPosEmbed`); max_grid: its
+      pos_embed: "learned" | "sincos" | "fractional" (`FactorisedPosEmbed`); max_grid: its
         (max_t, max_h, max_w) in tubelets.
       pool: "mean" over the example's tokens, or "cls" (a learned token prepended to the
         sequence; only with attention="joint" on a regular video, as in ViT / ViViT model 1).
@@ -603,10 +579,10 @@ class ViViTClassifier(nn.Module):
             grid_sizes = jnp.asarray(grid)
 
         h, _ = TubeletEmbed(d, tuple(self.patch_size), self.in_channels, **kw, name="tubelet_embed")(x)
-        h = h + FactorizedPosEmbed(d, *self.max_grid, kind=self.pos_embed, **kw, name="pos_embed")(
+        h = h + FactorisedPosEmbed(d, *self.max_grid, kind=self.pos_embed, **kw, name="pos_embed")(
             positions, grid_sizes=grid_sizes, segment_ids=segment_ids)
         if self.pool == "cls":
-            cls = self.param("cls", _param(nn.initializers.zeros, (None, None, EMBED)), (1, 1, d), self.param_dtype)
+            cls = self.param("cls", zeros((None, None, EMBED)), (1, 1, d), self.param_dtype)
             h = jnp.concatenate([jnp.broadcast_to(jnp.asarray(cls, self.dtype), (h.shape[0], 1, d)), h], axis=1)
         h = ViViTEncoder(self.num_layers, self.num_heads, self.mlp_dim, self.attention, self.num_temporal_layers,
                          self.scan, self.remat, **kw, name="encoder")(
@@ -621,20 +597,19 @@ class ViViTClassifier(nn.Module):
         else:
             pooled = h.mean(axis=1)
         pooled = LayerNorm(epsilon=1e-6, **kw, name="norm")(pooled)
-        logits = nn.Dense(self.num_classes, **kw, kernel_init=_param(nn.initializers.zeros, (EMBED, None)),
-                          bias_init=_param(nn.initializers.zeros, (None,)), name="head")(pooled)
+        logits = nn.Dense(self.num_classes, **kw, kernel_init=zeros((EMBED, None)),
+                          bias_init=zeros((None,)), name="head")(pooled)
         return logits.astype(jnp.float32)
 
 
 # --------------------------------------------------------------------------- variants
 
-_SIZES = {"Ti": (192, 12, 3), "S": (384, 12, 6), "B": (768, 12, 12)}
 VARIANTS: dict[str, dict[str, Any]] = {
     # ViT widths / depths / heads (Dosovitskiy et al. 2021; Ti, S from DeiT), MLP 4 D,
     # tubelet 16x16x2 as ViViT-B/16x2; max_grid covers 32 frames at 224^2 (ViViT's Kinetics input).
     **{name: dict(hidden_size=d, num_layers=depth, num_heads=heads, mlp_dim=4 * d, patch_size=(2, 16, 16),
                   max_grid=(16, 14, 14), num_temporal_layers=4)
-       for name, (d, depth, heads) in _SIZES.items()},
+       for name, (depth, d, heads) in SIZES.items() if name in ("Ti", "S", "B")},
     # A few thousand parameters; 8 frames of 32^2 Moving MNIST -> a 4 x 4 x 4 tubelet grid.
     "smoke": dict(hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32, patch_size=(2, 8, 8), in_channels=1,
                   max_grid=(4, 4, 4), num_temporal_layers=1),

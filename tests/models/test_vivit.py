@@ -111,10 +111,10 @@ def test_uniform_frame_sampling_and_frame_patch_embed():
 # --------------------------------------------------------------------------- positions
 
 
-def test_factorized_pos_embed_kinds():
+def test_factorised_pos_embed_kinds():
     grid = (2, 3, 4)
     pos = jnp.asarray(vivit.grid_positions(grid))[None]
-    learned = vivit.FactorizedPosEmbed(12, 3, 4, 5, kind="learned")
+    learned = vivit.FactorisedPosEmbed(12, 3, 4, 5, kind="learned")
     params = _init(learned, pos)
     tab = params["params"]
     want = tab["time"][pos[..., 0]] + tab["height"][pos[..., 1]] + tab["width"][pos[..., 2]]
@@ -123,14 +123,14 @@ def test_factorized_pos_embed_kinds():
     d = 12
     dt, dh, dw = vivit.sincos_split(d)
     assert (dt, dh, dw) == (4, 4, 4)
-    sincos = vivit.FactorizedPosEmbed(d, *grid, kind="sincos").apply({}, pos)[0]
+    sincos = vivit.FactorisedPosEmbed(d, *grid, kind="sincos").apply({}, pos)[0]
     p = np.asarray(pos[0])
     want = np.concatenate([sincos_pos_embed_1d(dt, p[:, 0]), sincos_pos_embed_1d(dh, p[:, 1]),
                            sincos_pos_embed_1d(dw, p[:, 2])], 1)
     np.testing.assert_allclose(sincos, want, atol=1e-6)
     assert len({tuple(np.round(r, 5)) for r in np.asarray(sincos)}) == np.prod(grid)  # axes distinguishable
 
-    frac = vivit.FactorizedPosEmbed(d, *grid, kind="fractional")
+    frac = vivit.FactorisedPosEmbed(d, *grid, kind="fractional")
     np.testing.assert_allclose(frac.apply({}, pos, grid_sizes=jnp.asarray(grid))[0], sincos, atol=1e-6)
     # Resolution invariance: (t, h, w) on grid g == (2t, 2h, 2w) on grid 2g.
     coarse = frac.apply({}, pos, grid_sizes=jnp.asarray(grid))
