@@ -93,7 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     dit.data = _data(32, 6_000)
     dit.model = ml_collections.ConfigDict(dict(
         name="video_dit", patch_size=(1, 2, 2), hidden_size=128, depth=4, num_heads=4, mlp_ratio=4.0,
-        attention="joint", pos_embed="sincos", text_dim=64, text_dropout_prob=0.1, dtype="float32"))
+        attention="joint", pos_embed="sincos", context_dim=64, text_dropout_prob=0.1, dtype="float32"))
     dit.diffusion = ml_collections.ConfigDict(dict(
         schedule="cosine", num_timesteps=1000, prediction_type="epsilon",
         frame_mask_probs={"none": 0.8, "first": 0.2}))

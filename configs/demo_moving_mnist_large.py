@@ -116,7 +116,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     dit.data = _data(64, 50_000)
     dit.model = ml_collections.ConfigDict(dict(
         name="video_dit", patch_size=(1, 2, 2), hidden_size=768, depth=12, num_heads=12, mlp_ratio=4.0,
-        attention="joint", pos_embed="sincos", text_dim=text.model.text_width, text_dropout_prob=0.1,
+        attention="joint", pos_embed="sincos", context_dim=text.model.text_width, text_dropout_prob=0.1,
         dtype="bfloat16", scan=True, remat="dots_with_no_batch_dims_saveable"))
     dit.diffusion = ml_collections.ConfigDict(dict(
         schedule="cosine", num_timesteps=1000, prediction_type="epsilon",
@@ -142,7 +142,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         vae.eval.sample_every_steps = 0
         text.model.update(embed_dim=32, text_width=32, text_layers=1, text_heads=2, image_size=(32, 32),
                           vision_width=32, vision_heads=2, video_max_grid=(2, 4, 4), video_layers=1)
-        dit.model.update(hidden_size=32, depth=1, num_heads=2, text_dim=32)
+        dit.model.update(hidden_size=32, depth=1, num_heads=2, context_dim=32)
         sample.update(prompts=("digits 3 and 7",), samples_per_prompt=2, num_steps=3, num_reference=0)
 
     c = ml_collections.ConfigDict(dict(vae=vae, text=text, dit=dit, sample=sample))

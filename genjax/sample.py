@@ -144,7 +144,7 @@ def init_fn(dit_module, config):
     """`key -> boxed params` of the video DiT at the training latent shape `config.latent_shape`
     (T, h, w, c), with `config.text_context` text tokens."""
     shape = (1, *config.latent_shape)
-    s, w = config.text_context, dit_module.text_dim
+    s, w = config.text_context, dit_module.context_dim
 
     def init(key):
         return dit_module.init(key, jnp.zeros(shape), jnp.zeros((1,), jnp.int32),

@@ -137,7 +137,6 @@ def load(workdir: str, *, vae: str | None = None, sampler: str = "ddim", num_ste
         config.eval = eval_section
         task = tasks.build(config)
         params = convert.load_converted(workdir)[1]
-        params = params.get("params", params)  # DiT's load_diffusers wraps them as {"params": ...}
     num_classes = int(config.model.get("num_classes", 0))
     return ImageModel(config, task, nn.meta.unbox(params), num_classes, int(config.data.image_size))
 

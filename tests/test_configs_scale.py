@@ -43,7 +43,7 @@ def test_large_config_sizes_fit_together():
     assert np.prod([s // p for s, p in zip(latent[:3], (pt, ph, pw))]) == 1024  # tokens per clip
     # The DiT cross-attends to the frozen CLIP text tower's states: ViT-B/32's text tower.
     t = c.text.model
-    assert (t.text_width, t.text_layers, t.text_heads) == (512, 12, 8) == (c.dit.model.text_dim, 12, 8)
+    assert (t.text_width, t.text_layers, t.text_heads) == (512, 12, 8) == (c.dit.model.context_dim, 12, 8)
     assert c.dit.model.hidden_size % c.dit.model.num_heads == 0
     grid = tuple(s // p for s, p in zip((c.text.data.num_frames, 64, 64), t.video_patch_size))
     assert all(g <= m for g, m in zip(grid, t.video_max_grid))

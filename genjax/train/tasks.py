@@ -663,13 +663,13 @@ def build_video_dit(config, *, mesh: Mesh | None = None) -> Task:
         clip_module, clip_params = load_frozen(m.text_encoder, mesh=mesh, family="clip")
         check(length <= clip_module.context_length, "model.text_length", length,
               f"must be <= the CLIP's context_length {clip_module.context_length}")
-        text_module, text_dim = clip_module, clip_module.text_width
+        text_module, context_dim = clip_module, clip_module.text_width
     else:
         text_module = clip.TextTransformer(**module_kwargs(
             clip.TextTransformer, m.text, vocab_size=tok.vocab_size, context_length=length,
             dtype=DTYPES[m.get("dtype", "float32")]))
-        text_dim = text_module.width
-    module = video_dit.VideoDiT(**module_kwargs(video_dit.VideoDiT, m, in_channels=x_shape[-1], text_dim=text_dim,
+        context_dim = text_module.width
+    module = video_dit.VideoDiT(**module_kwargs(video_dit.VideoDiT, m, in_channels=x_shape[-1], context_dim=context_dim,
                                                 num_classes=0))
     check(all(s % p == 0 for s, p in zip(x_shape[:3], module.patch_size)), "model.patch_size",
           tuple(module.patch_size), f"must divide the latent grid {x_shape[:3]}")
@@ -680,7 +680,7 @@ def build_video_dit(config, *, mesh: Mesh | None = None) -> Task:
 
     def init_params(key):
         dit_key, text_key = jax.random.split(key)
-        text = jnp.zeros((1, length, text_dim), jnp.float32)
+        text = jnp.zeros((1, length, context_dim), jnp.float32)
         params = {"dit": module.init(dit_key, jnp.zeros((1, *x_shape), jnp.float32), jnp.zeros((1,), jnp.int32),
                                      text=text, text_mask=jnp.ones((1, length), bool))["params"]}
         if not frozen_text:
