@@ -195,7 +195,7 @@ def factorised_attention(attn: Callable[..., Array], x: Array, axis: str, *, gri
       axis: "spatial" or "temporal".
       grid: `(nt, nh, nw)` of a regular video (L = nt*nh*nw): the tokens are reshaped to
         `(B*nt, nh*nw, D)` (spatial) or `(B*nh*nw, nt, D)` (temporal), attended, and put back.
-      group_ids: `(B, L)` int32 for packed sequences (grid None), `vivit.group_ids` of (segment, t)
+      group_ids: `(B, L)` int32 for packed sequences (grid None), `spacetime.group_ids` of (segment, t)
         for spatial or (segment, h, w) for temporal, used as attention segment ids.
 
     Returns:

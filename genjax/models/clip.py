@@ -30,7 +30,8 @@ from genjax.errors import check
 from genjax.io.weights import StateDictReader, load_state_dict
 from genjax.models.attention import Attention
 from genjax.models.layers import LayerNorm, Mlp, PatchEmbed, logical, stack_blocks
-from genjax.models.vivit import ATTENTION_KINDS, FactorisedPosEmbed, TubeletEmbed, ViViTEncoder, grid_positions
+from genjax.models.spacetime import FactorisedPosEmbed, TubeletEmbed, grid_positions
+from genjax.models.vivit import ATTENTION_KINDS, ViViTEncoder
 from genjax.parallel.axes import BATCH, EMBED, LENGTH, MLP, VOCAB
 
 Dtype = Any

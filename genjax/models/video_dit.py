@@ -36,8 +36,8 @@ from genjax.errors import check
 from genjax.models.adaln import FinalLayer, TextEmbedder, adaln_norm, cfg_drop, check_text, embed_labels, modulations
 from genjax.models.attention import Attention, factorised_attention
 from genjax.models.layers import REMAT_POLICIES, SIZES, Mlp, TimestepEmbedder, stack_blocks
-from genjax.models.vivit import (POS_EMBED_KINDS, FactorisedPosEmbed, TubeletEmbed, grid_positions, group_ids,
-                                 unpatchify_3d)
+from genjax.models.spacetime import (POS_EMBED_KINDS, FactorisedPosEmbed, TubeletEmbed, grid_positions, group_ids,
+                                     unpatchify_3d)
 from genjax.parallel.axes import BATCH, LENGTH
 
 Dtype = Any
@@ -59,7 +59,7 @@ class VideoDiTBlock(nn.Module):
     block is the identity.
 
     Regular grids (`grid` = (nt, nh, nw) set, L = nt*nh*nw) run factorised attention by reshaping;
-    packed sequences (grid None) use `frame_ids` / `location_ids` from `vivit.group_ids` as
+    packed sequences (grid None) use `frame_ids` / `location_ids` from `spacetime.group_ids` as
     attention segments. Call positional args (for `nn.scan`): `x, c (B, G, D), c_index (B, L) | None,
     segment_ids, frame_ids, location_ids, context (B, S, D), context_mask (B, S),
     context_segment_ids (B, S)` (unused ones None; see `adaln.per_token` for c / c_index).
@@ -108,7 +108,7 @@ class VideoDiT(nn.Module):
       in_channels: C of the latents. hidden_size: D. depth: blocks. num_heads: N. mlp_ratio.
       attention: "joint" (full spacetime attention, Sora / VDT) | "factorised" (spatial then
         temporal in each block, ViViT model 3 / Latte / Open-Sora STDiT).
-      pos_embed: "sincos" (fixed, any grid) | "learned" | "fractional" (`vivit.FactorisedPosEmbed`);
+      pos_embed: "sincos" (fixed, any grid) | "learned" | "fractional" (`spacetime.FactorisedPosEmbed`);
         max_grid: its (max_t, max_h, max_w) in tubelets (used by "learned" / "fractional").
       num_classes: class labels (0 = none; id num_classes = null class when class_dropout_prob > 0).
       class_dropout_prob / text_dropout_prob: CFG dropout probabilities in training.

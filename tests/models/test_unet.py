@@ -121,7 +121,7 @@ def test_jit_init_shapes_and_logical_axes():
     spec = nn.get_partition_spec(variables)["params"]
     assert spec["conv_in"]["kernel"] == jax.sharding.PartitionSpec(None, None, "conv_in", "conv_out")
     assert spec["class_embedding"]["embedding"] == jax.sharding.PartitionSpec(None, "embed")
-    assert spec["mid_block"]["attentions_0"]["to_q"]["kernel"] == jax.sharding.PartitionSpec("embed", "mlp")
+    assert spec["mid_block"]["attentions_0"]["attn"]["to_q"]["kernel"] == jax.sharding.PartitionSpec("embed", "heads", "kv")
     # A scalar t is broadcast over the batch, as in diffusers.
     apply = jax.jit(module.apply)
     out = apply(variables, x, t, y)
