@@ -133,7 +133,7 @@ def add_dit_args(parser: argparse.ArgumentParser) -> None:
 
 
 def dit_pair(args: argparse.Namespace, seed: int = 0):
-    """(torch_model, jax_module, jax_params): diffusers `DiTTransformer2DModel` with its default
+    """(torch_model, jax_module, jax_params (the bare tree; apply with {"params": ...})): diffusers `DiTTransformer2DModel` with its default
     random init (learn_sigma False: out_channels = in_channels; LayerNorm eps 1e-6 as DiT) and
     the same weights in genjax via `genjax.models.dit.load_diffusers`.
 

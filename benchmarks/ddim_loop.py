@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def denoise(x_t, t, y, params):
         traces.append(1)  # runs at trace time only
-        return module.apply(params, x_t, t, y)
+        return module.apply({"params": params}, x_t, t, y)
 
     @jax.jit
     def sample_jax(params, noise, y):

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     inputs = common.dit_inputs(args)
 
     def loss_fn(params, x, t, y, target):
-        return jnp.mean((module.apply(params, x, t, y) - target) ** 2)
+        return jnp.mean((module.apply({"params": params}, x, t, y) - target) ** 2)
 
     grad_step = jax.jit(jax.value_and_grad(loss_fn))
     jax_args = (params, inputs["x"], inputs["t"], inputs["y"], inputs["target"])

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         return losses.diffusion_loss(denoise, batch["image"], rng, schedule=schedule, cond={"y": batch["label"]})
 
-    host_params = params["params"]
+    host_params = params
     state = state_lib.TrainState(
         step=np.int32(0), params=host_params, opt_state=tx.init(host_params),
         ema_params=jax.tree.map(np.copy, host_params), rng=jax.random.PRNGKey(0),

@@ -102,7 +102,6 @@ def restore(path: str, *, vae: str | None, image_size: int | None):
         return tasks.restore(path)
     config = converted_config(converted, path, vae, image_size)
     params = convert.load_converted(path)[1]
-    params = params.get("params", params)  # TEMP until dit.load_diffusers returns the bare tree
     return config, tasks.build(config), tasks.replicated(params, None)
 
 

@@ -67,7 +67,7 @@ def test_large_video_dit_parameter_count():
     counted by hand here (not taken from the model)."""
     c = _large()
     m = c.dit.model
-    module = tasks.make_model(video_dit, video_dit.VideoDiT, m, in_channels=4, text_dim=512, num_classes=0)
+    module = tasks.make_model(video_dit, video_dit.VideoDiT, m, in_channels=4, context_dim=512, num_classes=0)
     x = jax.ShapeDtypeStruct((1, 16, 16, 16, 4), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
     text = jax.ShapeDtypeStruct((1, 32, 512), jnp.float32)

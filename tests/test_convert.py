@@ -43,7 +43,7 @@ def test_convert_round_trip_matches_diffusers(dit_folder, tmp_path):
     x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
     t = np.array([3, 700], np.int32)
     y = np.array([1, 9], np.int32)
-    ours = np.asarray(module.apply(params, jnp.asarray(x), jnp.asarray(t), jnp.asarray(y)))
+    ours = np.asarray(module.apply({"params": params}, jnp.asarray(x), jnp.asarray(t), jnp.asarray(y)))
     with torch.no_grad():
         theirs = ref(torch.from_numpy(x).permute(0, 3, 1, 2), timestep=torch.from_numpy(t),
                      class_labels=torch.from_numpy(y).long()).sample.permute(0, 2, 3, 1).numpy()

@@ -28,17 +28,14 @@ import numpy as np
 
 from genjax.errors import check
 from genjax.io.weights import StateDictReader, load_state_dict
-from genjax.models.dit import REMAT_POLICIES
-from genjax.models.layers import Attention, LayerNorm, Mlp, PatchEmbed
-from genjax.models.vivit import ATTENTION_KINDS, FactorizedPosEmbed, TubeletEmbed, ViViTEncoder, grid_positions
-from genjax.parallel.axes import BATCH, EMBED, LAYERS, LENGTH, MLP, VOCAB
+from genjax.models.attention import Attention
+from genjax.models.layers import LayerNorm, Mlp, PatchEmbed, logical, stack_blocks
+from genjax.models.spacetime import FactorisedPosEmbed, TubeletEmbed, grid_positions
+from genjax.models.vivit import ATTENTION_KINDS, ViViTEncoder
+from genjax.parallel.axes import BATCH, EMBED, LENGTH, MLP, VOCAB
 
 Dtype = Any
 Array = jax.Array
-
-
-def _param(init, names):
-    return nn.with_logical_partitioning(init, names)
 
 
 def quick_gelu(x: Array) -> Array:
@@ -59,7 +56,7 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN block: x + MSA(LN(x)), then + MLP(LN(.)): `(B, L, D)` -> `(B, L, D)` in `dtype`.
 
-    Submodules `layer_norm1`, `self_attn` (`layers.Attention`), `layer_norm2`, `mlp`
+    Submodules `layer_norm1`, `self_attn` (`attention.Attention`), `layer_norm2`, `mlp`
     (`layers.Mlp`); `kv_mask (B, L)` bool (False = key never attended), `causal` (query l sees
     keys <= l). Source: OpenAI CLIP `ResidualAttentionBlock`; transformers `CLIPEncoderLayer`.
     """
@@ -107,21 +104,11 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, x: Array, kv_mask: Array | None = None) -> Array:
         check(self.activation in ACTIVATIONS, "activation", self.activation, f"must be one of {list(ACTIVATIONS)}")
-        check(self.remat in REMAT_POLICIES, "remat", self.remat, f"must be one of {sorted(REMAT_POLICIES)}")
         block_kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, activation=self.activation,
                         layer_norm_eps=self.layer_norm_eps, causal=self.causal, dtype=self.dtype,
                         param_dtype=self.param_dtype)
-        cls = ResidualAttentionBlock
-        if self.remat != "none":
-            cls = nn.remat(cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
-        if self.scan:
-            stack = nn.scan(lambda blk, h, m: (blk(h, m), None), variable_axes={"params": 0},
-                            split_rngs={"params": True}, in_axes=nn.broadcast, length=self.num_layers,
-                            metadata_params={nn.PARTITION_NAME: LAYERS})
-            return stack(cls(**block_kw, name="layers"), x, kv_mask)[0]
-        for i in range(self.num_layers):
-            x = cls(**block_kw, name=f"layers_{i}")(x, kv_mask)
-        return x
+        return stack_blocks(ResidualAttentionBlock, block_kw, self.num_layers, "layers", x, kv_mask,
+                            scan=self.scan, remat=self.remat)
 
 
 # --------------------------------------------------------------------------- towers
@@ -178,8 +165,8 @@ class TextTransformer(nn.Module):
               f"must equal ids.shape={(b, l)}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         tok = nn.Embed(self.vocab_size, self.width, **kw, name="token_embedding",
-                       embedding_init=_param(nn.initializers.normal(0.02), (VOCAB, EMBED)))(ids)
-        pos = self.param("position_embedding", _param(nn.initializers.normal(0.01), (None, EMBED)),
+                       embedding_init=logical(nn.initializers.normal(0.02), (VOCAB, EMBED)))(ids)
+        pos = self.param("position_embedding", logical(nn.initializers.normal(0.01), (None, EMBED)),
                          (self.context_length, self.width), self.param_dtype)
         h = tok + jnp.asarray(pos[:l], self.dtype)[None]
         h = Transformer(self.num_layers, self.num_heads, self.mlp_dim, self.activation, self.layer_norm_eps,
@@ -236,9 +223,9 @@ class VisionTransformer(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         d, n = self.width, (hh // ph) * (ww // pw)
         h = PatchEmbed(d, (ph, pw), use_bias=False, **kw, name="patch_embed")(x)
-        cls = self.param("class_embedding", _param(nn.initializers.normal(d ** -0.5), (EMBED,)), (d,),
+        cls = self.param("class_embedding", logical(nn.initializers.normal(d ** -0.5), (EMBED,)), (d,),
                          self.param_dtype)
-        pos = self.param("position_embedding", _param(nn.initializers.normal(d ** -0.5), (None, EMBED)),
+        pos = self.param("position_embedding", logical(nn.initializers.normal(d ** -0.5), (None, EMBED)),
                          (n + 1, d), self.param_dtype)
         cls = jnp.broadcast_to(jnp.asarray(cls, self.dtype), (x.shape[0], 1, d))
         h = jnp.concatenate([cls, h], axis=1) + jnp.asarray(pos, self.dtype)[None]
@@ -288,7 +275,7 @@ class VideoTransformer(nn.Module):
         check(all(g <= m for g, m in zip(grid, self.max_grid)), "tubelet grid", grid,
               f"must fit max_grid={tuple(self.max_grid)} (learned position embeddings)")
         positions = jnp.broadcast_to(grid_positions(grid)[None], (x.shape[0], math.prod(grid), 3))
-        h = h + FactorizedPosEmbed(self.width, *self.max_grid, kind="learned", **kw, name="pos_embed")(positions)
+        h = h + FactorisedPosEmbed(self.width, *self.max_grid, kind="learned", **kw, name="pos_embed")(positions)
         h = ViViTEncoder(self.num_layers, self.num_heads, self.mlp_dim, self.attention, self.num_temporal_layers,
                          self.scan, self.remat, **kw, name="encoder")(h, grid=grid)
         pooled = h.astype(jnp.float32).mean(axis=1)
@@ -370,7 +357,7 @@ class CLIP(nn.Module):
             self.video_temporal_layers, **kw)
 
         def proj(name):
-            init = _param(nn.initializers.lecun_normal(), (EMBED, MLP))
+            init = logical(nn.initializers.lecun_normal(), (EMBED, MLP))
             return nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                             kernel_init=init, name=name)
 

@@ -24,11 +24,11 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from genjax.errors import check
 from genjax.io.weights import StateDictReader
-from genjax.models.layers import Attention, LayerNorm
+from genjax.models.attention import Attention
+from genjax.models.layers import LayerNorm, zeros
 from genjax.parallel.axes import CONV_IN, CONV_OUT, EMBED, MLP, NORM
 
 Dtype = Any
@@ -204,9 +204,9 @@ class SpatialAttention(nn.Module):
     """Self-attention over the H*W positions of an image, with a residual connection.
 
         h = group_norm(x)                                  (skipped when num_groups is None)
-        q, k, v = to_q(h), to_k(h), to_v(h)                (B, H*W, N, K), N*K = C
-        o = softmax(q k^T / sqrt(K)) v                     (softmax in float32)
-        out = (to_out(o) + x) / rescale_output_factor
+        o = Attention(h as (B, H*W, C))                    `attention.Attention` "attn": to_q / to_k /
+                                                           to_v C -> (N, K), N*K = C, to_out -> C
+        out = (o + x) / rescale_output_factor              softmax(q k^T / sqrt(K)) in float32
 
     The DDPM / LDM "AttnBlock" (Ho et al. 2020 Appendix B; Wang et al. 2018 non-local block);
     numbers match diffusers 0.42 `Attention(residual_connection=True, upcast_softmax=True,
@@ -242,21 +242,15 @@ class SpatialAttention(nn.Module):
         h = x
         if self.num_groups is not None:
             h = group_norm(h, num_groups=self.num_groups, eps=self.eps, name="group_norm", **kw)
-        h = h.reshape(b, height * width, c)
-        q, k, v = (dense(c, (EMBED, MLP), name=n, **kw)(h).reshape(b, -1, c // head_dim, head_dim)
-                   for n in ("to_q", "to_k", "to_v"))
-        logits = jnp.einsum("bqnk,bsnk->bnqs", q, k, preferred_element_type=jnp.float32)
-        weights = nn.softmax(logits / np.sqrt(head_dim).astype(np.float32), axis=-1)
-        o = jnp.einsum("bnqs,bsnk->bqnk", weights.astype(self.dtype), v).reshape(b, -1, c)
-        o = dense(c, (MLP, EMBED), name="to_out", **kw)(o).reshape(b, height, width, c)
-        return ((o + x) / self.rescale_output_factor).astype(self.dtype)
+        o = Attention(c // head_dim, head_dim=head_dim, name="attn", **kw)(h.reshape(b, height * width, c))
+        return ((o.reshape(b, height, width, c) + x) / self.rescale_output_factor).astype(self.dtype)
 
 
 class SpatialCrossAttention(nn.Module):
     """Cross-attention from an image's H*W positions to context (text) tokens, with a residual.
 
         h = layer_norm(x)                                  per position over C, float32
-        o = Attention(h, context, context_mask)            `layers.Attention`: to_q C -> (N, K),
+        o = Attention(h, context, context_mask)            `attention.Attention`: to_q C -> (N, K),
                                                            to_k / to_v Dc -> (N, K), to_out -> C
         out = x + proj_out(o)                              proj_out (C -> C) zero-initialised
 
@@ -299,10 +293,7 @@ class SpatialCrossAttention(nn.Module):
         h = LayerNorm(epsilon=self.eps, name="norm", **kw)(x.reshape(b, height * width, c))
         o = Attention(c // head_dim, head_dim=head_dim, qkv_bias=False, name="attn", **kw)(
             h, context.astype(self.dtype), context_mask=jnp.asarray(context_mask).astype(bool))
-        zeros = nn.initializers.zeros_init()
-        o = nn.Dense(c, name="proj_out", **kw,
-                     kernel_init=nn.with_logical_partitioning(zeros, (MLP, EMBED)),
-                     bias_init=nn.with_logical_partitioning(zeros, (EMBED,)))(o)
+        o = nn.Dense(c, name="proj_out", **kw, kernel_init=zeros((MLP, EMBED)), bias_init=zeros((EMBED,)))(o)
         return (x + o.reshape(b, height, width, c)).astype(self.dtype)
 
 
@@ -346,16 +337,28 @@ _DEPRECATED_ATTENTION_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value",
                                "to_out.0": "proj_attn"}
 
 
-def load_attention(r: StateDictReader, prefix: str) -> dict[str, Any]:
-    """Params of a `SpatialAttention` from diffusers `Attention` keys under `prefix`.
+def load_attention(r: StateDictReader, prefix: str, head_dim: int | None = None) -> dict[str, Any]:
+    """Params of a `SpatialAttention(head_dim=head_dim)` from diffusers `Attention` keys under `prefix`.
 
     Accepts both current names (`to_q`, `to_k`, `to_v`, `to_out.0`) and the deprecated
-    `query`, `key`, `value`, `proj_attn`. `group_norm` is read when present.
+    `query`, `key`, `value`, `proj_attn`. `group_norm` is read when present. The torch Linear
+    weights `(C, C)` become `attn`'s DenseGeneral params: to_q / to_k / to_v kernel `(C, N, K)`,
+    bias `(N, K)`; to_out kernel `(N, K, C)`, bias `(C,)`, with K = head_dim (None: one head,
+    K = C) and N = C / K (the state dict does not record the head count).
     """
     prefix, p = _dot(prefix), {}
     if r.has(f"{prefix}group_norm.weight"):
         p["group_norm"] = r.norm(f"{prefix}group_norm")
+    attn = {}
     for ours, theirs in _DEPRECATED_ATTENTION_NAMES.items():
         name = theirs if r.has(f"{prefix}{theirs}.weight") else ours
-        p[ours.split(".")[0]] = r.linear(f"{prefix}{name}")
+        lin = r.linear(f"{prefix}{name}")  # kernel (C_in, C_out), bias (C_out,)
+        c = lin["kernel"].shape[0]
+        k = head_dim or c
+        check(c % k == 0, "attention_head_dim", head_dim, f"must divide the attention block's channel count {c}")
+        if ours == "to_out.0":
+            attn["to_out"] = {"kernel": lin["kernel"].reshape(c // k, k, -1), "bias": lin["bias"]}
+        else:
+            attn[ours] = {"kernel": lin["kernel"].reshape(c, c // k, k), "bias": lin["bias"].reshape(c // k, k)}
+    p["attn"] = attn
     return p

@@ -23,160 +23,13 @@ import numpy as np
 
 from genjax.errors import UserError, check
 from genjax.io.weights import StateDictReader, load_state_dict
-from genjax.models.layers import (Attention, LayerNorm, Mlp, PatchEmbed, TimestepEmbedder, attention_mask,
-                                  dot_product_attention, sincos_pos_embed_2d, unpatchify, xavier_uniform)
-from genjax.parallel.axes import BATCH, EMBED, HEADS, KV, LAYERS, LENGTH, MLP, VOCAB
+from genjax.models.adaln import FinalLayer, TextEmbedder, adaln_norm, cfg_drop, check_text, embed_labels, modulations
+from genjax.models.attention import Attention
+from genjax.models.layers import SIZES, Mlp, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, stack_blocks, unpatchify
+from genjax.parallel.axes import BATCH, LENGTH
 
 Dtype = Any
 Array = jax.Array
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-def _zeros(names: tuple[str | None, ...]):
-    return nn.with_logical_partitioning(nn.initializers.zeros, names)
-
-
-def _modulate(h: Array, shift: Array, scale: Array) -> Array:
-    """adaLN: `h * (1 + scale) + shift`, h `(B, L, D)`, shift/scale `(B, 1, D)` or `(B, L, D)`."""
-    return h * (1 + scale) + shift
-
-
-def per_token(mod: Array, c_index: Array | None = None) -> Array:
-    """Condition rows -> tokens, float32: `(B, F)` -> `(B, 1, F)`; `(B, G, F)` with `c_index (B, L)` -> `(B, L, F)`.
-
-    `c_index[b, l]` in [0, G) names the condition row of token l (its example in a packed sequence,
-    its frame for per-frame timesteps); indices are clipped into range (padding tokens take row 0).
-    """
-    mod = mod.astype(jnp.float32)
-    if mod.ndim == 2:
-        return mod[:, None, :]
-    if mod.shape[1] == 1:
-        return mod
-    index = jnp.clip(c_index, 0, mod.shape[1] - 1)[..., None]
-    return jnp.take_along_axis(mod, index, axis=1)
-
-
-class CrossAttention(nn.Module):
-    """Multi-head cross-attention from tokens to text tokens, output projection zero-initialised.
-
-    `(B, L, D), context (B, S, D)` -> `(B, L, D)`. Submodules `to_q`, `to_k`, `to_v`, `to_out` as
-    `layers.Attention` (same math: `layers.attention_mask` + `layers.dot_product_attention`); the
-    difference is `to_out`'s zero init, so a fresh block is the identity on this path (PixArt-alpha
-    `initialize_weights` zeroes `cross_attn.proj`). Applied without a norm before it, as PixArt-alpha
-    / Open-Sora STDiT (`x = x + cross_attn(x, y, mask)`).
-
-    Call `(x, context, context_mask, segment_ids=None, context_segment_ids=None)`: `context_mask
-    (B, S)` bool, False = text token ignored (exactly: zero weight); with packed sequences the
-    segment ids make query segment j see only context tokens of segment j (0 = padding, sees
-    nothing). A query with no visible context token gets 0 before `to_out`.
-
-    Source: Chen et al. 2023, PixArt-alpha sec. 2.3 / Fig. 4 (cross-attention layer).
-    """
-
-    num_heads: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array, context: Array, context_mask: Array, segment_ids: Array | None = None,
-                 context_segment_ids: Array | None = None) -> Array:
-        d = x.shape[-1]
-        check(d % self.num_heads == 0, "num_heads", self.num_heads, f"must divide the width D={d}")
-        k_dim = d // self.num_heads
-
-        def proj(name, inp):
-            return nn.DenseGeneral((self.num_heads, k_dim), dtype=self.dtype, param_dtype=self.param_dtype,
-                                   kernel_init=nn.with_logical_partitioning(xavier_uniform, (EMBED, HEADS, KV)),
-                                   bias_init=_zeros((HEADS, KV)), name=name)(inp)
-
-        q, k, v = proj("to_q", x), proj("to_k", context), proj("to_v", context)
-        mask = attention_mask(segment_ids, context_segment_ids, kv_mask=context_mask)
-        out = dot_product_attention(q, k, v, mask)
-        return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-                               kernel_init=_zeros((HEADS, KV, EMBED)), bias_init=_zeros((EMBED,)),
-                               name="to_out")(out)
-
-
-class TextEmbedder(nn.Module):
-    """Text-encoder outputs -> cross-attention context and a pooled adaLN condition, with null text for CFG.
-
-    Params: `null_text (Dt,)` (the unconditional token) and `null_pooled (Dt,)`, normal(0.02);
-    `caption_projection` (Mlp Dt -> D -> D, GELU-tanh: PixArt-alpha `caption_projection`) and
-    `pooled_projection` (Mlp Dt -> D -> D, SiLU: SD3 `CombinedTimestepTextProjEmbeddings`).
-
-    Call `(text (N, S, Dt), text_mask (N, S), text_pooled (N, Dt) | None, drop (N,) bool | None)`:
-      - pooled = `text_pooled`, or the masked mean of the text tokens (masked tokens excluded with
-        `jnp.where`, so they never reach the output; an all-masked row pools to 0);
-      - where `drop`: the tokens become `null_text` everywhere with a mask of one valid token
-        (the first), and the pooled vector `null_pooled` (classifier-free guidance dropout, Ho &
-        Salimans 2022; PixArt-alpha replaces the caption by its learned null embedding).
-    Returns `(context (N, S, D) dtype, context_mask (N, S) bool, pooled (N, D) dtype)`.
-    """
-
-    hidden_size: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, text: Array, text_mask: Array, text_pooled: Array | None = None,
-                 drop: Array | None = None) -> tuple[Array, Array, Array]:
-        dt, d = text.shape[-1], self.hidden_size
-        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (EMBED,))
-        null_text = self.param("null_text", init, (dt,), self.param_dtype)
-        null_pooled = self.param("null_pooled", init, (dt,), self.param_dtype)
-        mask = jnp.asarray(text_mask).astype(bool)
-        text = text.astype(jnp.float32)
-        if text_pooled is None:
-            total = jnp.where(mask[..., None], text, 0.0).sum(axis=1)
-            text_pooled = total / jnp.maximum(mask.sum(axis=1, keepdims=True), 1).astype(jnp.float32)
-        pooled = jnp.asarray(text_pooled, jnp.float32)
-        if drop is not None:
-            drop = jnp.asarray(drop).astype(bool)
-            text = jnp.where(drop[:, None, None], jnp.asarray(null_text, jnp.float32), text)
-            first = jnp.arange(mask.shape[1]) == 0
-            mask = jnp.where(drop[:, None], first[None, :], mask)
-            pooled = jnp.where(drop[:, None], jnp.asarray(null_pooled, jnp.float32), pooled)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        context = Mlp(d, d, **kw, name="caption_projection")(text.astype(self.dtype))
-        pooled = Mlp(d, d, activation=nn.silu, **kw, name="pooled_projection")(pooled.astype(self.dtype))
-        return context, mask, pooled
-
-
-def check_text(text, text_mask, text_pooled, lead: tuple[int, ...], text_dim: int | None) -> None:
-    """UserError unless text `(*lead, S, text_dim)`, text_mask `(*lead, S)`, text_pooled `(*lead, text_dim)`
-    are given together (text_pooled optional) when `text_dim` is set, and none of them otherwise."""
-    if text_dim is None:
-        check(text is None and text_mask is None and text_pooled is None, "text", "given",
-              "needs a model built with text_dim")
-        return
-    shape = None if text is None else tuple(jnp.shape(text))
-    check(shape is not None and len(shape) == len(lead) + 2 and shape[:len(lead)] == lead
-          and shape[-1] == text_dim, "text.shape", shape, f"must be {(*lead, 'S_text', text_dim)}")
-    check(text_mask is not None, "text_mask", None, "must be given with text (1 = real token, 0 = padding)")
-    check(tuple(jnp.shape(text_mask)) == shape[:-1], "text_mask.shape", tuple(jnp.shape(text_mask)),
-          f"must be {shape[:-1]}")
-    check(text_pooled is None or tuple(jnp.shape(text_pooled)) == (*lead, text_dim), "text_pooled.shape",
-          None if text_pooled is None else tuple(jnp.shape(text_pooled)), f"must be {(*lead, text_dim)}")
-
-
-def cfg_drop(module: nn.Module, shape: tuple[int, ...], prob: float, train: bool,
-              force_drop_ids: Array | None = None) -> Array | None:
-    """Which examples get the null condition (CFG dropout), bool of `shape` or None (keep all).
-
-    `force_drop_ids == 1` if given; else, with train and an rng named "dropout", a Bernoulli(prob)
-    draw of `shape`; else None.
-    """
-    if force_drop_ids is not None:
-        return jnp.asarray(force_drop_ids) == 1
-    if train and prob > 0 and module.has_rng("dropout"):
-        return jax.random.uniform(module.make_rng("dropout"), shape) < prob
-    return None
 
 
 class DiTBlock(nn.Module):
@@ -185,9 +38,10 @@ class DiTBlock(nn.Module):
     `adaLN_modulation` = Dense(SiLU(c)) -> shift/scale/gate for attention and MLP (this order, as
     DiT and diffusers `AdaLayerNormZero`), zero-initialised so each block starts as the identity.
     LayerNorms are non-affine, in float32, eps 1e-6 (DiT) except `mlp_norm_eps` before the MLP
-    (diffusers' `norm3` uses the config's `norm_eps`, 1e-5 by default). With `cross_attention`, `x + CrossAttention(x,
-    context)` runs between self-attention and the MLP (PixArt-alpha Fig. 4); call
-    `(x, c, context (B, S, D), context_mask (B, S))`.
+    (diffusers' `norm3` uses the config's `norm_eps`, 1e-5 by default). With `cross_attention`,
+    `x + cross_attn(x, context)` (an `attention.Attention` with zero-initialised `to_out`, no norm
+    before it, as PixArt-alpha / Open-Sora STDiT) runs between self-attention and the MLP
+    (PixArt-alpha Fig. 4); call `(x, c, context (B, S, D), context_mask (B, S))`.
     """
 
     hidden_size: int
@@ -200,50 +54,18 @@ class DiTBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, c: Array, context: Array | None = None, context_mask: Array | None = None) -> Array:
-        d = self.hidden_size
-        mod = nn.Dense(6 * d, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_zeros((EMBED, MLP)),
-                       bias_init=_zeros((MLP,)), name="adaLN_modulation")(nn.silu(c))
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(per_token(mod), 6, axis=-1)
-        norm = dict(epsilon=1e-6, use_scale=False, use_bias=False, dtype=jnp.float32)
-        h = _modulate(LayerNorm(**norm, name="norm1")(x), shift_msa, scale_msa).astype(self.dtype)
-        h = Attention(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(h)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulations(c, 6, self.hidden_size, **kw)
+        h = adaln_norm(x, shift_msa, scale_msa, dtype=self.dtype, name="norm1")
+        h = Attention(self.num_heads, **kw, name="attn")(h)
         x = x + (gate_msa * h).astype(self.dtype)
         if self.cross_attention:
-            x = x + CrossAttention(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
-                                   name="cross_attn")(x, context, context_mask)
-        norm["epsilon"] = self.mlp_norm_eps
-        h = _modulate(LayerNorm(**norm, name="norm2")(x), shift_mlp, scale_mlp).astype(self.dtype)
-        h = Mlp(int(d * self.mlp_ratio), dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(h)
+            x = x + Attention(self.num_heads, zero_init_out=True, **kw, name="cross_attn")(
+                x, context, context_mask=context_mask)
+        h = adaln_norm(x, shift_mlp, scale_mlp, eps=self.mlp_norm_eps, dtype=self.dtype, name="norm2")
+        h = Mlp(int(self.hidden_size * self.mlp_ratio), **kw, name="mlp")(h)
         x = x + (gate_mlp * h).astype(self.dtype)
         return nn.with_logical_constraint(x, (BATCH, LENGTH, None))
-
-
-class FinalLayer(nn.Module):
-    """adaLN LayerNorm then Dense(D -> P), both zero-initialised (DiT `FinalLayer`).
-
-    `(B, L, D), (B, D)` -> `(B, L, P)` float32, P = ph * pw * C_out. Per-token conditions: c
-    `(B, G, D)` with `c_index (B, L)` (see `per_token`).
-    """
-
-    patch_values: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array, c: Array, c_index: Array | None = None) -> Array:
-        mod = nn.Dense(2 * x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
-                       kernel_init=_zeros((EMBED, MLP)), bias_init=_zeros((MLP,)),
-                       name="adaLN_modulation")(nn.silu(c))
-        shift, scale = jnp.split(per_token(mod, c_index), 2, axis=-1)
-        h = LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, dtype=jnp.float32, name="norm")(x)
-        h = _modulate(h, shift, scale).astype(self.dtype)
-        out = nn.Dense(self.patch_values, dtype=self.dtype, param_dtype=self.param_dtype,
-                       kernel_init=_zeros((EMBED, None)), bias_init=_zeros((None,)), name="linear")(h)
-        return out.astype(jnp.float32)
-
-
-def _scan_block(block: DiTBlock, x: Array, *args):
-    return block(x, *args), None
 
 
 class DiT(nn.Module):
@@ -256,7 +78,7 @@ class DiT(nn.Module):
         classifier-free guidance (its embedding row exists when class_dropout_prob > 0).
         0 = no labels (y must be None; e.g. text-only conditioning).
       class_dropout_prob: label-dropout probability in training (DiT: 0.1).
-      text_dim: Dt of the text-encoder tokens; None = no text conditioning (the model, its
+      context_dim: Dc, the width of the text-encoder tokens; None = no text conditioning (the model, its
         parameters and its numbers are exactly the class-conditional DiT). When set, every block
         cross-attends to the projected text tokens and the pooled text joins the adaLN condition
         (`TextEmbedder`, PixArt-alpha style).
@@ -284,7 +106,7 @@ class DiT(nn.Module):
     mlp_ratio: float = 4.0
     num_classes: int = 1000
     class_dropout_prob: float = 0.1
-    text_dim: int | None = None
+    context_dim: int | None = None
     text_dropout_prob: float = 0.1
     learn_sigma: bool = True
     out_channels: int | None = None
@@ -313,9 +135,9 @@ class DiT(nn.Module):
           t: `(B,)` (or scalar) diffusion timesteps, int or float, in [0, 1000).
           y: `(B,)` int class labels in [0, num_classes); `num_classes` = the null (unconditional)
             class, valid when class_dropout_prob > 0. None when num_classes = 0.
-          text: `(B, S, text_dim)` float text-encoder tokens (only with text_dim set, then required).
+          text: `(B, S, context_dim)` float text-encoder tokens (only with context_dim set, then required).
           text_mask: `(B, S)` bool/int, 1 = real token, 0 = padding (never influences the output).
-          text_pooled: optional `(B, text_dim)` pooled text embedding (default: masked mean of text).
+          text_pooled: optional `(B, context_dim)` pooled text embedding (default: masked mean of text).
           train: apply label / text dropout (probs class_dropout_prob / text_dropout_prob, drawn
             independently) when an rng named "dropout" is given.
           force_drop_ids: `(B,)` int/bool; 1 -> replace that label by the null class and its text
@@ -327,7 +149,7 @@ class DiT(nn.Module):
 
         Raises:
           UserError: wrong rank / channels / indivisible size, t or y of the wrong shape, y given
-            without labels, text given without text_dim (or missing with it), text_mask missing
+            without labels, text given without context_dim (or missing with it), text_mask missing
             or misshaped, remat policy unknown, force_drop_ids without a null class or text.
         """
         check(x.ndim == 4, "x.shape", x.shape, "must be (B, H, W, C)")
@@ -342,10 +164,9 @@ class DiT(nn.Module):
                   f"must be (B,)=({b},)")
         else:
             check(y is None, "y", "given", "needs num_classes > 0")
-        check_text(text, text_mask, text_pooled, (b,), self.text_dim)
-        check(self.remat in REMAT_POLICIES, "remat", self.remat, f"must be one of {sorted(REMAT_POLICIES)}")
+        check_text(text, text_mask, text_pooled, (b,), self.context_dim)
         has_null_class = self.num_classes and self.class_dropout_prob > 0
-        check(force_drop_ids is None or has_null_class or (self.text_dim and not self.num_classes),
+        check(force_drop_ids is None or has_null_class or (self.context_dim and not self.num_classes),
               "force_drop_ids", "given", "needs a null class (class_dropout_prob > 0) or text-only conditioning")
         d, grid = self.hidden_size, (hgt // p, wid // p)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -357,17 +178,10 @@ class DiT(nn.Module):
                                 **kw, name="t_embedder")(jnp.broadcast_to(t, (b,)))
         cond = temb
         if self.num_classes:
-            y = jnp.asarray(y, jnp.int32)
-            if force_drop_ids is not None:
-                y = jnp.where(jnp.asarray(force_drop_ids) == 1, self.num_classes, y)
-            elif train and self.class_dropout_prob > 0 and self.has_rng("dropout"):
-                drop = jax.random.uniform(self.make_rng("dropout"), (b,)) < self.class_dropout_prob
-                y = jnp.where(drop, self.num_classes, y)
-            table = self.num_classes + int(self.class_dropout_prob > 0)
-            cond = cond + nn.Embed(table, d, **kw, embedding_init=nn.with_logical_partitioning(
-                nn.initializers.normal(0.02), (VOCAB, EMBED)), name="y_embedder")(y)
+            drop = cfg_drop(self, (b,), self.class_dropout_prob, train, force_drop_ids)
+            cond = cond + embed_labels(y, drop, self.num_classes, self.class_dropout_prob > 0, d, **kw)
         context = context_mask = None
-        if self.text_dim:
+        if self.context_dim:
             drop = cfg_drop(self, (b,), self.text_dropout_prob, train, force_drop_ids)
             context, context_mask, pooled = TextEmbedder(d, **kw, name="text_embedder")(
                 text, text_mask, text_pooled, drop)
@@ -375,29 +189,18 @@ class DiT(nn.Module):
         cond = cond.astype(self.dtype)
 
         block_kw = dict(hidden_size=d, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-                        cross_attention=bool(self.text_dim), mlp_norm_eps=self.mlp_norm_eps, **kw)
-        block_cls = DiTBlock
-        if self.remat != "none":
-            block_cls = nn.remat(DiTBlock, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
-        if self.scan:
-            stack = nn.scan(_scan_block, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast,) * 3, length=self.depth,
-                            metadata_params={nn.PARTITION_NAME: LAYERS})
-            h, _ = stack(block_cls(**block_kw, name="blocks"), h, cond, context, context_mask)
-        else:
-            for i in range(self.depth):
-                h = block_cls(**block_kw, name=f"blocks_{i}")(h, cond, context, context_mask)
-
+                        cross_attention=bool(self.context_dim), mlp_norm_eps=self.mlp_norm_eps, **kw)
+        h = stack_blocks(DiTBlock, block_kw, self.depth, "blocks", h, cond, context, context_mask,
+                         scan=self.scan, remat=self.remat)
         out = FinalLayer(p * p * self.out_dim, **kw, name="final_layer")(h, cond)
         return unpatchify(out, grid, (p, p))
 
 
 # --------------------------------------------------------------------------- variants
 
-_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 VARIANTS: dict[str, dict[str, Any]] = {
-    f"{name}/{p}": dict(depth=depth, hidden_size=width, num_heads=heads, patch_size=p)
-    for name, (depth, width, heads) in _SIZES.items() for p in (2, 4, 8)
+    f"{name}/{p}": dict(depth=SIZES[name][0], hidden_size=SIZES[name][1], num_heads=SIZES[name][2], patch_size=p)
+    for name in ("S", "B", "L", "XL") for p in (2, 4, 8)
 }
 
 
@@ -441,10 +244,12 @@ def load_diffusers(src: str | Mapping[str, Any], **overrides) -> tuple[DiT, dict
         no config.json, since head count is not visible in the weights).
 
     Returns:
-      (module, params): params `{"params": ...}` of plain float32 numpy arrays, with the tree of
-      `nn.unbox(module.init(...))` (stacked over blocks when scan=True). The module uses diffusers'
-      timestep sinusoid (`time_freq_shift=1`) and position interpolation, so its forward matches
-      `DiTTransformer2DModel` (NCHW in, NCHW out) to float32 rounding.
+      (module, params): params of plain float32 numpy arrays, the tree of
+      `nn.unbox(module.init(...))["params"]` (stacked over blocks when scan=True), as
+      `vae.load_diffusers` / `unet.load_diffusers`; use `module.apply({"params": params}, ...)`.
+      The module uses diffusers' timestep sinusoid (`time_freq_shift=1`) and position
+      interpolation, so its forward matches `DiTTransformer2DModel` (NCHW in, NCHW out) to float32
+      rounding.
 
     Raises:
       UserError: missing / misshaped / extra keys (another model family), an unsupported config
@@ -514,4 +319,4 @@ def load_diffusers(src: str | Mapping[str, Any], **overrides) -> tuple[DiT, dict
     r.finish()
     check(module.out_dim == kw["out_channels"] and module.patch_size == p and module.hidden_size == d,
           "overrides", overrides, "must not change the checkpoint's shapes")
-    return module, {"params": params}
+    return module, params

@@ -1,4 +1,6 @@
-"""Shared transformer layers: attention (segment-aware), MLP, norms, embeddings, (un)patchify.
+"""Shared layers: MLP, norms, embeddings, (un)patchify, size table, remat policies, scan-over-layers.
+
+Attention lives in `genjax.models.attention`.
 
 Dimension letters, used in shapes and einsum strings across genjax/models:
 
@@ -30,16 +32,36 @@ import jax.numpy as jnp
 import numpy as np
 
 from genjax.errors import check
-from genjax.parallel.axes import BATCH, CONV_IN, CONV_OUT, EMBED, HEADS, KV, LENGTH, MLP, NORM
+from genjax.parallel.axes import BATCH, CONV_IN, CONV_OUT, EMBED, LAYERS, LENGTH, MLP, NORM
 
 Dtype = Any
 Array = jax.Array
 
 xavier_uniform = nn.initializers.xavier_uniform()
 
+# Transformer sizes (depth, width D, heads N): ViT / DeiT (Dosovitskiy et al. 2021 Table 1; Ti from
+# Touvron et al. 2021) and DiT (Peebles & Xie 2023 Table 1, which adds XL). Models pick their names.
+SIZES: dict[str, tuple[int, int, int]] = {
+    "Ti": (12, 192, 3), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16),
+}
 
-def _param(init: Callable, names: tuple[str | None, ...]) -> Callable:
+# `remat` values of the deep stacks -> jax checkpoint policy (None: no rematerialisation).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def logical(init: Callable, names: tuple[str | None, ...]) -> Callable:
+    """`init` whose parameter carries the logical axis `names` (`genjax.parallel.axes`)."""
     return nn.with_logical_partitioning(init, names)
+
+
+def zeros(names: tuple[str | None, ...]) -> Callable:
+    """Zero initialiser with logical axis `names` (adaLN-Zero modulations, zero-init projections)."""
+    return logical(nn.initializers.zeros, names)
 
 
 # --------------------------------------------------------------------------- embeddings
@@ -157,11 +179,11 @@ class TimestepEmbedder(nn.Module):
                                   downscale_freq_shift=self.downscale_freq_shift)
         init = nn.initializers.normal(0.02)
         h = nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype,
-                     kernel_init=_param(init, (None, MLP)), bias_init=_param(nn.initializers.zeros, (MLP,)),
+                     kernel_init=logical(init, (None, MLP)), bias_init=zeros((MLP,)),
                      name="linear_1")(freq)
         h = nn.silu(h)
         return nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype,
-                        kernel_init=_param(init, (MLP, EMBED)), bias_init=_param(nn.initializers.zeros, (EMBED,)),
+                        kernel_init=logical(init, (MLP, EMBED)), bias_init=zeros((EMBED,)),
                         name="linear_2")(h)
 
 
@@ -185,8 +207,8 @@ class LayerNorm(nn.Module):
     def __call__(self, x: Array) -> Array:
         y = nn.LayerNorm(epsilon=self.epsilon, use_scale=self.use_scale, use_bias=self.use_bias,
                          dtype=jnp.float32, param_dtype=self.param_dtype,
-                         scale_init=_param(nn.initializers.ones, (NORM,)),
-                         bias_init=_param(nn.initializers.zeros, (NORM,)), name="norm")(x.astype(jnp.float32))
+                         scale_init=logical(nn.initializers.ones, (NORM,)),
+                         bias_init=zeros((NORM,)), name="norm")(x.astype(jnp.float32))
         return y.astype(self.dtype)
 
 
@@ -209,147 +231,12 @@ class Mlp(nn.Module):
     def __call__(self, x: Array) -> Array:
         out = self.out_features or x.shape[-1]
         h = nn.Dense(self.hidden_features, use_bias=self.use_bias, dtype=self.dtype,
-                     param_dtype=self.param_dtype, kernel_init=_param(xavier_uniform, (EMBED, MLP)),
-                     bias_init=_param(nn.initializers.zeros, (MLP,)), name="fc1")(x)
+                     param_dtype=self.param_dtype, kernel_init=logical(xavier_uniform, (EMBED, MLP)),
+                     bias_init=zeros((MLP,)), name="fc1")(x)
         h = self.activation(h)
         return nn.Dense(out, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                        kernel_init=_param(xavier_uniform, (MLP, EMBED)),
-                        bias_init=_param(nn.initializers.zeros, (EMBED,)), name="fc2")(h)
-
-
-# --------------------------------------------------------------------------- attention
-
-
-def attention_mask(q_segment_ids: Array | None = None, kv_segment_ids: Array | None = None, *,
-                   kv_mask: Array | None = None, causal: bool = False,
-                   q_len: int | None = None, kv_len: int | None = None) -> Array | None:
-    """Boolean attention mask `(B|1, 1, L, S)`: True where query l may attend to key s.
-
-    Args:
-      q_segment_ids: `(B, L)` int, 0 = padding (a padding query attends to nothing).
-      kv_segment_ids: `(B, S)` int, 0 = padding (a padding key is attended by nothing). With both,
-        query l sees key s only if their ids are equal and nonzero (block-diagonal packing).
-      kv_mask: `(B, S)` bool, False = key not attended.
-      causal: query l sees keys s <= l (needs `q_len` and `kv_len`).
-
-    Returns:
-      The mask, or None when nothing is masked.
-
-    Source: NaViT (Dehghani et al. 2023) sec. 2.2 "Patch n' Pack" masked self-attention.
-    """
-    mask = None
-
-    def _and(a, b):
-        return b if a is None else a & b
-
-    if q_segment_ids is not None:
-        mask = _and(mask, (q_segment_ids != 0)[:, None, :, None])
-    if kv_segment_ids is not None:
-        mask = _and(mask, (kv_segment_ids != 0)[:, None, None, :])
-    if q_segment_ids is not None and kv_segment_ids is not None:
-        mask = _and(mask, q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :])
-    if kv_mask is not None:
-        mask = _and(mask, kv_mask.astype(bool)[:, None, None, :])
-    if causal:
-        mask = _and(mask, jnp.tril(jnp.ones((q_len, kv_len), bool))[None, None])
-    return mask
-
-
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None = None) -> Array:
-    """softmax(q k^T / sqrt(K)) v with a boolean mask; softmax in float32.
-
-    Args:
-      q: `(B, L, N, K)`; k, v: `(B, S, N, K)`.
-      mask: broadcastable to `(B, N, L, S)` bool, True = attend.
-
-    Returns:
-      `(B, L, N, K)` in q's dtype. A query row with no allowed key gives exactly 0 (not NaN), and
-      masked keys get weight exactly 0, so a packed batch equals its examples run alone.
-
-    Source: Vaswani et al. 2017 eq. 1.
-    """
-    logits = jnp.einsum("blnk,bsnk->bnls", q, k, preferred_element_type=jnp.float32)
-    logits = logits / jnp.sqrt(jnp.float32(q.shape[-1]))
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1)
-    if mask is not None:
-        weights = jnp.where(mask, weights, 0.0)  # fully-masked rows: uniform -> 0
-    return jnp.einsum("bnls,bsnk->blnk", weights.astype(v.dtype), v)
-
-
-class Attention(nn.Module):
-    """Multi-head self- or cross-attention with q/k/v/out projections.
-
-    Submodules `to_q`, `to_k`, `to_v` (DenseGeneral D -> (N, K), kernel axes `(embed, heads, kv)`)
-    and `to_out` ((N, K) -> out, axes `(heads, kv, embed)`), diffusers `Attention` names.
-    Init xavier-uniform as DiT.
-
-    Attributes:
-      num_heads: N. head_dim: K (default D // N).
-      out_features: output width (default D of x). qkv_bias / out_bias: use biases.
-
-    Source: Vaswani et al. 2017; diffusers `Attention` / DiT's timm `Attention` (same math).
-    """
-
-    num_heads: int
-    head_dim: int | None = None
-    out_features: int | None = None
-    qkv_bias: bool = True
-    out_bias: bool = True
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array, context: Array | None = None, *, segment_ids: Array | None = None,
-                 context_segment_ids: Array | None = None, context_mask: Array | None = None,
-                 causal: bool = False) -> Array:
-        """Attend from x to itself (context None) or to context.
-
-        Args:
-          x: `(B, L, D)` queries' tokens.
-          context: `(B, S, Dc)` keys'/values' tokens, or None for self-attention.
-          segment_ids: `(B, L)` int32, 0 = padding; in self-attention tokens attend only within
-            their segment, padding neither attends nor is attended. Its rows give 0 before `to_out`
-            (the output there is `to_out`'s bias).
-          context_segment_ids: `(B, S)` int32 for packed cross-attention (query segment must match).
-          context_mask: `(B, S)` bool, False = context token ignored.
-          causal: query l attends to keys <= l.
-
-        Returns:
-          `(B, L, out_features or D)` in `dtype`.
-
-        Raises:
-          UserError: head_dim missing and D not divisible by num_heads; mask shapes wrong.
-        """
-        d = x.shape[-1]
-        check(self.head_dim is not None or d % self.num_heads == 0, "num_heads", self.num_heads,
-              f"must divide the width D={d} (or give head_dim)")
-        k_dim = self.head_dim or d // self.num_heads
-        b, l = x.shape[:2]
-        kv_in = x if context is None else context
-        s = kv_in.shape[1]
-        if segment_ids is not None:
-            check(segment_ids.shape == (b, l), "segment_ids.shape", segment_ids.shape, f"must be (B, L)={(b, l)}")
-        if context_mask is not None:
-            check(context_mask.shape == (b, s), "context_mask.shape", context_mask.shape, f"must be (B, S)={(b, s)}")
-        if context_segment_ids is not None:
-            check(context_segment_ids.shape == (b, s), "context_segment_ids.shape", context_segment_ids.shape,
-                  f"must be (B, S)={(b, s)}")
-
-        def proj(name, inp):
-            return nn.DenseGeneral((self.num_heads, k_dim), use_bias=self.qkv_bias, dtype=self.dtype,
-                                   param_dtype=self.param_dtype,
-                                   kernel_init=_param(xavier_uniform, (EMBED, HEADS, KV)),
-                                   bias_init=_param(nn.initializers.zeros, (HEADS, KV)), name=name)(inp)
-
-        q, k, v = proj("to_q", x), proj("to_k", kv_in), proj("to_v", kv_in)
-        kv_segments = segment_ids if context is None else context_segment_ids
-        mask = attention_mask(segment_ids, kv_segments, kv_mask=context_mask, causal=causal, q_len=l, kv_len=s)
-        out = dot_product_attention(q, k, v, mask)
-        return nn.DenseGeneral(self.out_features or d, axis=(-2, -1), use_bias=self.out_bias, dtype=self.dtype,
-                               param_dtype=self.param_dtype, kernel_init=_param(xavier_uniform, (HEADS, KV, EMBED)),
-                               bias_init=_param(nn.initializers.zeros, (EMBED,)), name="to_out")(out)
+                        kernel_init=logical(xavier_uniform, (MLP, EMBED)),
+                        bias_init=zeros((EMBED,)), name="fc2")(h)
 
 
 # --------------------------------------------------------------------------- patches
@@ -406,7 +293,41 @@ class PatchEmbed(nn.Module):
         init = nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3)
         y = nn.Conv(self.features, (ph, pw), strides=(ph, pw), padding="VALID", use_bias=self.use_bias,
                     dtype=self.dtype, param_dtype=self.param_dtype,
-                    kernel_init=_param(init, (None, None, CONV_IN, CONV_OUT)),
-                    bias_init=_param(nn.initializers.zeros, (CONV_OUT,)), name="proj")(x)
+                    kernel_init=logical(init, (None, None, CONV_IN, CONV_OUT)),
+                    bias_init=zeros((CONV_OUT,)), name="proj")(x)
         y = einops.rearrange(y, "b h w d -> b (h w) d")
         return nn.with_logical_constraint(y, (BATCH, LENGTH, None))
+
+
+# --------------------------------------------------------------------------- deep stacks
+
+
+def _scan_body(block: nn.Module, x: Array, *args):
+    return block(x, *args), None
+
+
+def stack_blocks(block_cls: type[nn.Module], block_kw: dict[str, Any], depth: int, name: str, x: Array,
+                 *args, scan: bool = False, remat: str = "none") -> Array:
+    """`depth` blocks `block_cls(**block_kw)` applied in turn: `x = block(x, *args)`.
+
+    Call only inside an `@nn.compact` method (the blocks become its submodules). Unrolled, the
+    blocks are `{name}_0 .. {name}_{depth-1}`; with `scan` one `nn.scan`ned block `name` whose
+    params have a leading `layers` axis of size depth (same numbers, one compiled body). `args`
+    are broadcast to every block (positional; None allowed). `remat` names a `REMAT_POLICIES`
+    entry applied per block.
+
+    Raises:
+      UserError: unknown remat.
+    """
+    check(remat in REMAT_POLICIES, "remat", remat, f"must be one of {sorted(REMAT_POLICIES)}")
+    cls = block_cls
+    if remat != "none":
+        cls = nn.remat(block_cls, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
+    if scan:
+        stack = nn.scan(_scan_body, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast,) * len(args), length=depth,
+                        metadata_params={nn.PARTITION_NAME: LAYERS})
+        return stack(cls(**block_kw, name=name), x, *args)[0]
+    for i in range(depth):
+        x = cls(**block_kw, name=f"{name}_{i}")(x, *args)
+    return x

@@ -12,7 +12,7 @@
                       [+ SpatialAttention]) [+ Upsample]
     out = conv_out(silu(group_norm(h)))
 
-With `cross_attention_dim` set, every SpatialAttention is followed by a cross-attention to the
+With `context_dim` set, every SpatialAttention is followed by a cross-attention to the
 text tokens (`conv.SpatialCrossAttention`) and the pooled text joins the time embedding; both
 are zero-initialised, so a fresh text U-Net computes exactly the U-Net without text.
 
@@ -240,7 +240,7 @@ class UNet(nn.Module):
       class_embed_type / num_class_embeds: None + an int -> learned class table `(num_class_embeds,
         E)`; "timestep" -> sinusoid + MLP of the label. None + None: unconditional.
       time_embedding_dim: E; None means 4 * block_out_channels[0].
-      cross_attention_dim: Dc, the width of the text tokens; None (default) means no text
+      context_dim: Dc, the width of the text tokens; None (default) means no text
         conditioning, and then the parameters and numbers are exactly diffusers' UNet2DModel's.
         When set, every attention layer (AttnDownBlock2D / AttnUpBlock2D / the mid attention) is
         followed by `conv.SpatialCrossAttention` to the text tokens (`cross_attentions_{j}`), and
@@ -254,11 +254,11 @@ class UNet(nn.Module):
     Call: `(x (B, H, W, C_in) float, t (B,) or () int/float timesteps (e.g. in [0, 1000)),
     y (B,) int class labels in [0, num_class_embeds) or None, *, text (B, S, Dc) float or None,
     text_mask (B, S) bool (True = real token, False = padding; padding never influences the
-    output) or None, force_drop_text (B,) or () bool or None, train=False) -> (B, H, W, C_out)`
-    in `dtype`. text and text_mask are required when cross_attention_dim is set. Where
-    force_drop_text is True the example's text is replaced by the null text (the unconditional
-    branch of classifier-free guidance: pass `force_drop_text=jnp.zeros((B,), bool)` with the
-    text and `null_cond={"force_drop_text": True}` to `genjax.diffusion.guidance.cfg_denoiser`);
+    output) or None, force_drop_ids (B,) or () bool or None, train=False) -> (B, H, W, C_out)`
+    in `dtype`. text and text_mask are required when context_dim is set. Where
+    force_drop_ids is True the example's text is replaced by the null text (the unconditional
+    branch of classifier-free guidance: pass `force_drop_ids=jnp.zeros((B,), bool)` with the
+    text and `null_cond={"force_drop_ids": True}` to `genjax.diffusion.guidance.cfg_denoiser`);
     with `train` and text_dropout_prob > 0 each example's text is also dropped with that
     probability. Dropout (residual and text) needs the "dropout" rng when `train`.
 
@@ -267,10 +267,10 @@ class UNet(nn.Module):
         class_embed_type; lists of different lengths; x not 4-D, C != in_channels, H or W not
         divisible by 2 ** (levels - 1); t not of shape () or (B,); y missing, given to an
         unconditional model or not of shape (B,); channels not divisible by the group counts or
-        attention_head_dim; cross_attention_dim < 1 or set without any attention layer,
-        text_dropout_prob outside [0, 1]; text / text_mask / force_drop_text given without
-        cross_attention_dim, text missing with it, text not (B, S, cross_attention_dim),
-        text_mask not (B, S), force_drop_text not () or (B,).
+        attention_head_dim; context_dim < 1 or set without any attention layer,
+        text_dropout_prob outside [0, 1]; text / text_mask / force_drop_ids given without
+        context_dim, text missing with it, text not (B, S, context_dim),
+        text_mask not (B, S), force_drop_ids not () or (B,).
     """
     sample_size: int | tuple[int, int] | None = None
     in_channels: int = 3
@@ -296,7 +296,7 @@ class UNet(nn.Module):
     class_embed_type: str | None = None
     num_class_embeds: int | None = None
     time_embedding_dim: int | None = None
-    cross_attention_dim: int | None = None
+    context_dim: int | None = None
     text_dropout_prob: float = 0.0
     remat: bool = False
     dtype: Dtype = jnp.float32
@@ -319,33 +319,33 @@ class UNet(nn.Module):
         check(self.layers_per_block >= 1, "layers_per_block", self.layers_per_block, "must be >= 1")
         check(0.0 <= self.text_dropout_prob <= 1.0, "text_dropout_prob", self.text_dropout_prob,
               "must be in [0, 1]")
-        if self.cross_attention_dim is not None:
-            check(isinstance(self.cross_attention_dim, int) and self.cross_attention_dim >= 1,
-                  "cross_attention_dim", self.cross_attention_dim, "must be None or an int >= 1")
+        if self.context_dim is not None:
+            check(isinstance(self.context_dim, int) and self.context_dim >= 1,
+                  "context_dim", self.context_dim, "must be None or an int >= 1")
             has_attention = (any(k.startswith("Attn") for k in self.down_block_types + self.up_block_types)
                              or (self.mid_block and self.add_attention))
-            check(has_attention, "cross_attention_dim", self.cross_attention_dim,
+            check(has_attention, "context_dim", self.context_dim,
                   "needs at least one attention layer (an Attn*Block2D or the mid attention)")
 
-    def _check_text(self, text, text_mask, force_drop_text, b: int) -> None:
-        if self.cross_attention_dim is None:
+    def _check_text(self, text, text_mask, force_drop_ids, b: int) -> None:
+        if self.context_dim is None:
             given = [k for k, v in (("text", text), ("text_mask", text_mask),
-                                    ("force_drop_text", force_drop_text)) if v is not None]
+                                    ("force_drop_ids", force_drop_ids)) if v is not None]
             check(not given, given[0] if given else "text", "given",
-                  "needs a UNet built with cross_attention_dim")
+                  "needs a UNet built with context_dim")
             return
-        check(text is not None, "text", None, f"(B, S, {self.cross_attention_dim}) text tokens are "
-              f"required (cross_attention_dim={self.cross_attention_dim})")
+        check(text is not None, "text", None, f"(B, S, {self.context_dim}) text tokens are "
+              f"required (context_dim={self.context_dim})")
         shape = tuple(jnp.shape(text))
         check(len(shape) == 3 and shape[0] == b
-              and shape[2] == self.cross_attention_dim, "text.shape", shape,
-              f"must be (B, S, cross_attention_dim) = ({b}, S, {self.cross_attention_dim})")
+              and shape[2] == self.context_dim, "text.shape", shape,
+              f"must be (B, S, context_dim) = ({b}, S, {self.context_dim})")
         check(text_mask is not None, "text_mask", None,
               "must be given with text (True = real token, False = padding)")
         check(tuple(jnp.shape(text_mask)) == shape[:2], "text_mask.shape", tuple(jnp.shape(text_mask)),
               f"must be (B, S) = {shape[:2]}")
-        check(force_drop_text is None or jnp.shape(force_drop_text) in ((), (b,)), "force_drop_text.shape",
-              None if force_drop_text is None else jnp.shape(force_drop_text), f"must be () or (B,) = ({b},)")
+        check(force_drop_ids is None or jnp.shape(force_drop_ids) in ((), (b,)), "force_drop_ids.shape",
+              None if force_drop_ids is None else jnp.shape(force_drop_ids), f"must be () or (B,) = ({b},)")
 
     @property
     def conditional(self) -> bool:
@@ -355,7 +355,7 @@ class UNet(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, t: jnp.ndarray, y: jnp.ndarray | None = None, *,
                  text: jnp.ndarray | None = None, text_mask: jnp.ndarray | None = None,
-                 force_drop_text: jnp.ndarray | None = None, train: bool = False) -> jnp.ndarray:
+                 force_drop_ids: jnp.ndarray | None = None, train: bool = False) -> jnp.ndarray:
         self._check_config()
         levels = len(self.block_out_channels)
         factor = 2 ** (levels - 1)
@@ -373,7 +373,7 @@ class UNet(nn.Module):
         else:
             check(y is None, "y", jnp.shape(y), "must be None for an unconditional model "
                   "(set num_class_embeds or class_embed_type)")
-        self._check_text(text, text_mask, force_drop_text, b)
+        self._check_text(text, text_mask, force_drop_ids, b)
 
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         c0 = self.block_out_channels[0]
@@ -388,10 +388,10 @@ class UNet(nn.Module):
                              embedding_init=nn.with_logical_partitioning(
                                  nn.initializers.normal(1.0), (None, EMBED)), **kw)
             temb = temb + table(y)
-        if self.cross_attention_dim is not None:
+        if self.context_dim is not None:
             drop = None
-            if force_drop_text is not None:
-                drop = jnp.broadcast_to(jnp.asarray(force_drop_text, bool), (b,))
+            if force_drop_ids is not None:
+                drop = jnp.broadcast_to(jnp.asarray(force_drop_ids, bool), (b,))
             if train and self.text_dropout_prob > 0:
                 sampled = jax.random.bernoulli(self.make_rng("dropout"), self.text_dropout_prob, (b,))
                 drop = sampled if drop is None else drop | sampled
@@ -401,7 +401,7 @@ class UNet(nn.Module):
         block = dict(attention_head_dim=self.attention_head_dim, num_groups=self.norm_num_groups,
                      eps=self.norm_eps, time_embedding_norm=self.resnet_time_scale_shift,
                      dropout=self.dropout, temb_channels=temb_dim,
-                     cross_attention=self.cross_attention_dim is not None, **kw)
+                     cross_attention=self.context_dim is not None, **kw)
         # `train` is positional and static (argnum 3 / 4 counting self) so remat can branch on it.
         down_cls, mid_cls, up_cls = DownBlock, MidBlock, UpBlock
         if self.remat:
@@ -471,6 +471,7 @@ _FIXED_CONFIG = {"time_embedding_type": ("positional",), "act_fn": ("silu", "swi
                  "downsample_type": ("conv",), "upsample_type": ("conv",),
                  "mid_block_type": ("UNetMidBlock2D", None)}
 _IGNORED_CONFIG = {"num_train_timesteps"}  # only used by time_embedding_type="learned"
+_RENAMED_CONFIG = {"cross_attention_dim": "context_dim"}  # diffusers key -> UNet field
 
 
 def _kwargs_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -481,6 +482,7 @@ def _kwargs_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in config.items():
         if key.startswith("_") or key in _IGNORED_CONFIG:
             continue
+        key = _RENAMED_CONFIG.get(key, key)
         if key in _FIXED_CONFIG:
             check(value in _FIXED_CONFIG[key], f"config.{key}", value,
                   f"genjax's UNet supports only {_FIXED_CONFIG[key]}")
@@ -562,7 +564,7 @@ def load_diffusers(src: Any, **overrides) -> tuple[UNet, dict[str, Any]]:
     module = Model(**{**(_kwargs_from_config(config) if config else _kwargs_from_state(state)),
                       **overrides})
     module._check_config()
-    check(module.cross_attention_dim is None, "cross_attention_dim", module.cross_attention_dim,
+    check(module.context_dim is None, "context_dim", module.context_dim,
           "UNet2DModel checkpoints have no text cross-attention; load without it")
     r = StateDictReader(state, family="UNet2DModel")
     levels, n = len(module.block_out_channels), module.layers_per_block
@@ -572,7 +574,7 @@ def load_diffusers(src: Any, **overrides) -> tuple[UNet, dict[str, Any]]:
         for j in range(layers):
             p[f"resnets_{j}"] = conv.load_resnet(r, f"{prefix}.resnets.{j}")
             if attention:
-                p[f"attentions_{j}"] = conv.load_attention(r, f"{prefix}.attentions.{j}")
+                p[f"attentions_{j}"] = conv.load_attention(r, f"{prefix}.attentions.{j}", module.attention_head_dim)
         if sampler:
             p[sampler_name.replace(".", "_")] = (conv.load_downsample if "down" in sampler_name
                                                  else conv.load_upsample)(r, f"{prefix}.{sampler_name}")
@@ -593,7 +595,7 @@ def load_diffusers(src: Any, **overrides) -> tuple[UNet, dict[str, Any]]:
         mid = {"resnets_0": conv.load_resnet(r, "mid_block.resnets.0"),
                "resnets_1": conv.load_resnet(r, "mid_block.resnets.1")}
         if module.add_attention:
-            mid["attentions_0"] = conv.load_attention(r, "mid_block.attentions.0")
+            mid["attentions_0"] = conv.load_attention(r, "mid_block.attentions.0", module.attention_head_dim)
         params["mid_block"] = mid
     for i, kind in enumerate(module.up_block_types):
         params[f"up_blocks_{i}"] = level(f"up_blocks.{i}", kind == "AttnUpBlock2D", n + 1,

@@ -8,7 +8,7 @@ Open-Sora STDiT (spatial then temporal attention per block); Chen et al. 2023, P
 (text cross-attention after self-attention, before the MLP); Dehghani et al. 2023, NaViT
 (patch n' pack). Dimension letters are defined in `genjax.models.layers`.
 
-  x (B, T, H, W, C) latents -> TubeletEmbed (pt, ph, pw) + FactorizedPosEmbed (t, h, w) -> (B, L, D)
+  x (B, T, H, W, C) latents -> TubeletEmbed (pt, ph, pw) + FactorisedPosEmbed (t, h, w) -> (B, L, D)
      or packed tubelets (S, L, P) + segment_ids (S, L) + positions (S, L, 3)   (genjax.data.packing)
   c = TimestepEmbedder(t) [+ pooled text] [+ label]   per example, or per (example, frame)
   depth x VideoDiTBlock: adaLN-Zero self-attention ("joint" over all tokens of an example, or
@@ -18,7 +18,7 @@ Open-Sora STDiT (spatial then temporal attention per block); Chen et al. 2023, P
 
 Packed sequences compile once per (S, L, M): examples of any (T, H, W) share the shape. Per-example
 conditions are gathered per token through `segment_ids - 1`; self-attention is block-diagonal
-over segments (`layers.Attention`, padding neither attends nor is attended), and cross-attention
+over segments (`attention.Attention`, padding neither attends nor is attended), and cross-attention
 of segment j sees only example j's text tokens. A packed forward equals each example run alone
 through the regular path (tested to 1e-5).
 """
@@ -27,29 +27,24 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from genjax.errors import check
-from genjax.models.dit import (REMAT_POLICIES, CrossAttention, FinalLayer, TextEmbedder, _modulate, cfg_drop,
-                               check_text, per_token)
-from genjax.models.layers import Attention, LayerNorm, Mlp, TimestepEmbedder
-from genjax.models.vivit import (POS_EMBED_KINDS, FactorizedPosEmbed, TubeletEmbed, grid_positions, group_ids,
-                                 unpatchify_3d)
-from genjax.parallel.axes import BATCH, EMBED, LAYERS, LENGTH, MLP, VOCAB
+from genjax.models.adaln import FinalLayer, TextEmbedder, adaln_norm, cfg_drop, check_text, embed_labels, modulations
+from genjax.models.attention import Attention, factorised_attention
+from genjax.models.layers import REMAT_POLICIES, SIZES, Mlp, TimestepEmbedder, stack_blocks
+from genjax.models.spacetime import (POS_EMBED_KINDS, FactorisedPosEmbed, TubeletEmbed, grid_positions, group_ids,
+                                     unpatchify_3d)
+from genjax.parallel.axes import BATCH, LENGTH
 
 Dtype = Any
 Array = jax.Array
 Grid = tuple[int, int, int]
 
 ATTENTION_KINDS = ("joint", "factorised")
-
-
-def _zeros(names):
-    return nn.with_logical_partitioning(nn.initializers.zeros, names)
 
 
 class VideoDiTBlock(nn.Module):
@@ -64,10 +59,10 @@ class VideoDiTBlock(nn.Module):
     block is the identity.
 
     Regular grids (`grid` = (nt, nh, nw) set, L = nt*nh*nw) run factorised attention by reshaping;
-    packed sequences (grid None) use `frame_ids` / `location_ids` from `vivit.group_ids` as
+    packed sequences (grid None) use `frame_ids` / `location_ids` from `spacetime.group_ids` as
     attention segments. Call positional args (for `nn.scan`): `x, c (B, G, D), c_index (B, L) | None,
     segment_ids, frame_ids, location_ids, context (B, S, D), context_mask (B, S),
-    context_segment_ids (B, S)` (unused ones None; see `dit.per_token` for c / c_index).
+    context_segment_ids (B, S)` (unused ones None; see `adaln.per_token` for c / c_index).
     """
 
     hidden_size: int
@@ -82,38 +77,27 @@ class VideoDiTBlock(nn.Module):
     @nn.compact
     def __call__(self, x, c, c_index, segment_ids, frame_ids, location_ids, context, context_mask,
                  context_segment_ids):
-        d = self.hidden_size
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attns = [("attn", segment_ids)] if self.attention == "joint" else [
-            ("attn_spatial", frame_ids), ("attn_temporal", location_ids)]
-        n_mod = 3 * (len(attns) + 1)
-        mod = nn.Dense(n_mod * d, **kw, kernel_init=_zeros((EMBED, MLP)), bias_init=_zeros((MLP,)),
-                       name="adaLN_modulation")(nn.silu(c))
-        mods = jnp.split(per_token(mod, c_index), n_mod, axis=-1)
-        norm = dict(epsilon=1e-6, use_scale=False, use_bias=False, dtype=jnp.float32)
-        for i, (name, ids) in enumerate(attns):
+        attns = [("attn", None, segment_ids)] if self.attention == "joint" else [
+            ("attn_spatial", "spatial", frame_ids), ("attn_temporal", "temporal", location_ids)]
+        mods = modulations(c, 3 * (len(attns) + 1), self.hidden_size, c_index, **kw)
+        for i, (name, axis, ids) in enumerate(attns):
             shift, scale, gate = mods[3 * i: 3 * i + 3]
-            h = _modulate(LayerNorm(**norm, name=f"norm_{name}")(x), shift, scale).astype(self.dtype)
+            h = adaln_norm(x, shift, scale, dtype=self.dtype, name=f"norm_{name}")
             attn = Attention(self.num_heads, **kw, name=name)
-            if self.grid is None or name == "attn":
+            if axis is None:
                 h = attn(h, segment_ids=ids)
             else:
-                groups = "(b t) s d" if name == "attn_spatial" else "(b s) t d"
-                h = einops.rearrange(h, f"b (t s) d -> {groups}", t=self.grid[0])
-                h = einops.rearrange(attn(h), f"{groups} -> b (t s) d", b=x.shape[0])
+                h = factorised_attention(attn, h, axis, grid=self.grid, group_ids=None if self.grid else ids)
             x = x + (gate * h).astype(self.dtype)
         if self.cross_attention:
-            x = x + CrossAttention(self.num_heads, **kw, name="cross_attn")(
-                x, context, context_mask, segment_ids, context_segment_ids)
+            x = x + Attention(self.num_heads, zero_init_out=True, **kw, name="cross_attn")(
+                x, context, segment_ids=segment_ids, context_segment_ids=context_segment_ids, context_mask=context_mask)
         shift, scale, gate = mods[-3:]
-        h = _modulate(LayerNorm(**norm, name="norm_mlp")(x), shift, scale).astype(self.dtype)
-        h = Mlp(int(d * self.mlp_ratio), **kw, name="mlp")(h)
+        h = adaln_norm(x, shift, scale, dtype=self.dtype, name="norm_mlp")
+        h = Mlp(int(self.hidden_size * self.mlp_ratio), **kw, name="mlp")(h)
         x = x + (gate * h).astype(self.dtype)
         return nn.with_logical_constraint(x, (BATCH, LENGTH, None))
-
-
-def _scan_block(block, x, *args):
-    return block(x, *args), None
 
 
 class VideoDiT(nn.Module):
@@ -124,11 +108,11 @@ class VideoDiT(nn.Module):
       in_channels: C of the latents. hidden_size: D. depth: blocks. num_heads: N. mlp_ratio.
       attention: "joint" (full spacetime attention, Sora / VDT) | "factorised" (spatial then
         temporal in each block, ViViT model 3 / Latte / Open-Sora STDiT).
-      pos_embed: "sincos" (fixed, any grid) | "learned" | "fractional" (`vivit.FactorizedPosEmbed`);
+      pos_embed: "sincos" (fixed, any grid) | "learned" | "fractional" (`spacetime.FactorisedPosEmbed`);
         max_grid: its (max_t, max_h, max_w) in tubelets (used by "learned" / "fractional").
       num_classes: class labels (0 = none; id num_classes = null class when class_dropout_prob > 0).
       class_dropout_prob / text_dropout_prob: CFG dropout probabilities in training.
-      text_dim: Dt of the text-encoder tokens, or None for no text (`dit.TextEmbedder`).
+      context_dim: Dc, the width of the text-encoder tokens, or None for no text (`adaln.TextEmbedder`).
       learn_sigma: output 2C channels [eps, v]; out_channels overrides C_out.
       frequency_embedding_size: timestep sinusoid width.
       scan / remat: as `dit.DiT` (scanned params `blocks` with a leading `layers` axis).
@@ -151,7 +135,7 @@ class VideoDiT(nn.Module):
     max_grid: Grid = (16, 32, 32)
     num_classes: int = 0
     class_dropout_prob: float = 0.1
-    text_dim: int | None = None
+    context_dim: int | None = None
     text_dropout_prob: float = 0.1
     learn_sigma: bool = False
     out_channels: int | None = None
@@ -180,11 +164,11 @@ class VideoDiT(nn.Module):
                   f"must be {lead}")
         else:
             check(y is None, "y", "given", "needs num_classes > 0")
-        check_text(text, text_mask, text_pooled, lead, self.text_dim)
+        check_text(text, text_mask, text_pooled, lead, self.context_dim)
         if force_drop_ids is not None:
             check(jnp.shape(force_drop_ids) == lead, "force_drop_ids.shape", jnp.shape(force_drop_ids),
                   f"must be {lead}")
-            check((self.num_classes and self.class_dropout_prob > 0) or (self.text_dim and not self.num_classes),
+            check((self.num_classes and self.class_dropout_prob > 0) or (self.context_dim and not self.num_classes),
                   "force_drop_ids", "given", "needs a null class (class_dropout_prob > 0) or text-only conditioning")
 
     def __call__(self, x: Array, t: Array, y: Array | None = None, *, text: Array | None = None,
@@ -197,9 +181,9 @@ class VideoDiT(nn.Module):
           t: `()` / `(B,)` timesteps, or `(B, T)` one per frame (frame conditioning: known frames
             t = 0); int or float in [0, 1000). With pt > 1 a tubelet takes its first frame's t.
           y: `(B,)` int labels (num_classes > 0), id num_classes = null class.
-          text: `(B, S, text_dim)` text-encoder tokens (required iff text_dim is set).
+          text: `(B, S, context_dim)` text-encoder tokens (required iff context_dim is set).
           text_mask: `(B, S)` bool/int, 1 = real token; masked tokens never influence the output.
-          text_pooled: optional `(B, text_dim)` (default: masked mean of text).
+          text_pooled: optional `(B, context_dim)` (default: masked mean of text).
           train: CFG dropout of labels / text when an rng named "dropout" is given.
           force_drop_ids: `(B,)`; 1 -> null label and null text (unconditional CFG branch).
 
@@ -246,8 +230,8 @@ class VideoDiT(nn.Module):
           segment_ids: `(S, L)` int, 0 = padding, j + 1 = slot j. positions: `(S, L, 3)` (t, h, w).
           t: `(S, M)` timestep per example, or `(S, M, F)` per example and tubelet frame (token
             frame positions[..., 0] < F); empty slots are ignored.
-          y: `(S, M)` labels. text: `(S, M, S_text, text_dim)`; text_mask: `(S, M, S_text)`;
-            text_pooled: `(S, M, text_dim)`; force_drop_ids: `(S, M)` — as the regular form, per slot.
+          y: `(S, M)` labels. text: `(S, M, S_text, context_dim)`; text_mask: `(S, M, S_text)`;
+            text_pooled: `(S, M, context_dim)`; force_drop_ids: `(S, M)` — as the regular form, per slot.
           example_shape: `(S, M, 3)` the packer's tubelet grids (for pos_embed="fractional").
           train: CFG dropout (per example) with an rng named "dropout".
 
@@ -296,7 +280,7 @@ class VideoDiT(nn.Module):
         d, b = self.hidden_size, t_rows.shape[0]
         packed = segment_ids is not None
         h, _ = TubeletEmbed(d, tuple(self.patch_size), self.in_channels, **kw, name="x_embedder")(x)
-        h = h + FactorizedPosEmbed(d, *self.max_grid, kind=self.pos_embed, **kw, name="pos_embed")(
+        h = h + FactorisedPosEmbed(d, *self.max_grid, kind=self.pos_embed, **kw, name="pos_embed")(
             positions, grid_sizes=grid_sizes, segment_ids=segment_ids)
 
         c = TimestepEmbedder(d, self.frequency_embedding_size, **kw, name="t_embedder")(
@@ -304,12 +288,9 @@ class VideoDiT(nn.Module):
         extra = jnp.zeros((b, m, d), self.dtype)  # per-example conditions, added to every row of the example
         if self.num_classes:
             drop = cfg_drop(self, (b, m), self.class_dropout_prob, train, force_drop_ids)
-            y = jnp.asarray(y, jnp.int32) if drop is None else jnp.where(drop, self.num_classes, y)
-            table = self.num_classes + int(self.class_dropout_prob > 0)
-            extra = extra + nn.Embed(table, d, **kw, embedding_init=nn.with_logical_partitioning(
-                nn.initializers.normal(0.02), (VOCAB, EMBED)), name="y_embedder")(y)
+            extra = extra + embed_labels(y, drop, self.num_classes, self.class_dropout_prob > 0, d, **kw)
         context = context_mask = context_segment_ids = None
-        if self.text_dim:
+        if self.context_dim:
             drop = cfg_drop(self, (b, m), self.text_dropout_prob, train, force_drop_ids)
             n_text = text.shape[2]
             flat = lambda a: None if a is None else a.reshape(b * m, *a.shape[2:])  # noqa: E731
@@ -328,19 +309,9 @@ class VideoDiT(nn.Module):
             frame_ids = group_ids(segment_ids, positions[..., :1])
             location_ids = group_ids(segment_ids, positions[..., 1:])
         block_kw = dict(hidden_size=d, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, attention=self.attention,
-                        grid=grid, cross_attention=bool(self.text_dim), **kw)
+                        grid=grid, cross_attention=bool(self.context_dim), **kw)
         args = (c, c_index, segment_ids, frame_ids, location_ids, context, context_mask, context_segment_ids)
-        block_cls = VideoDiTBlock
-        if self.remat != "none":
-            block_cls = nn.remat(VideoDiTBlock, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
-        if self.scan:
-            stack = nn.scan(_scan_block, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast,) * len(args), length=self.depth,
-                            metadata_params={nn.PARTITION_NAME: LAYERS})
-            h, _ = stack(block_cls(**block_kw, name="blocks"), h, *args)
-        else:
-            for i in range(self.depth):
-                h = block_cls(**block_kw, name=f"blocks_{i}")(h, *args)
+        h = stack_blocks(VideoDiTBlock, block_kw, self.depth, "blocks", h, *args, scan=self.scan, remat=self.remat)
         return FinalLayer(int(np.prod(self.patch_size)) * self.out_dim, **kw, name="final_layer")(h, c, c_index)
 
 
@@ -354,13 +325,12 @@ def apply_packed(module: VideoDiT, params, batch: Mapping[str, Any], t: Array, *
 
 # --------------------------------------------------------------------------- variants
 
-_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 VARIANTS: dict[str, dict[str, Any]] = {
     # DiT widths / depths (Peebles & Xie 2023, Table 1) on 4-channel latents with (1, 2, 2) tubelets,
     # factorised attention and 4096-wide T5 text tokens, as Open-Sora STDiT-XL/2.
     **{f"{name}/2": dict(depth=depth, hidden_size=width, num_heads=heads, patch_size=(1, 2, 2), in_channels=4,
-                         attention="factorised", text_dim=4096, learn_sigma=True)
-       for name, (depth, width, heads) in _SIZES.items()},
+                         attention="factorised", context_dim=4096, learn_sigma=True)
+       for name, (depth, width, heads) in SIZES.items() if name in ("S", "B", "L", "XL")},
     # Moving MNIST on CPU: 1-channel 64x64 frames, 4x4 patches -> 16x16 tokens per frame.
     "tiny": dict(depth=2, hidden_size=64, num_heads=4, patch_size=(1, 4, 4), in_channels=1, attention="factorised",
                  max_grid=(32, 16, 16)),

@@ -120,7 +120,7 @@ def build(config, *, mesh=None) -> Task:
 
     tok = tokenizer.ByteTokenizer()
     text_module, text_params, text_width, length = _text_tower(t, tok, mesh, DTYPES[config.model.get("dtype", "float32")])
-    module = make_model(video_dit, video_dit.VideoDiT, config.model, in_channels=x_shape[-1], text_dim=text_width,
+    module = make_model(video_dit, video_dit.VideoDiT, config.model, in_channels=x_shape[-1], context_dim=text_width,
                         num_classes=0)
     check(all(s % p == 0 for s, p in zip(x_shape[:3], module.patch_size)), "model.patch_size",
           tuple(module.patch_size), f"must divide the latent grid {x_shape[:3]}")

@@ -111,7 +111,7 @@ def test_spatial_attention_matches_diffusers(head_dim, groups, rescale):
                               residual_connection=True, bias=True, upcast_softmax=True,
                               _from_deprecated_attn_block=True), std=0.2)
     r = reader(ref)
-    params = conv.load_attention(r, "")
+    params = conv.load_attention(r, "", head_dim)
     r.finish()
     x = inputs((2, 4, 6, c))
     block = conv.SpatialAttention(head_dim=head_dim, num_groups=groups, eps=1e-6,

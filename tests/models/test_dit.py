@@ -85,7 +85,7 @@ def test_matches_diffusers(kw, size, tmp_path):
     want = _torch_forward(ref, x, t, y)
     ref.save_pretrained(tmp_path)  # folder with config.json + safetensors, as on the Hub
     module, params = dit.load_diffusers(str(tmp_path))
-    got = jax.jit(module.apply)(params, x, t, y.astype(np.int32))
+    got = jax.jit(module.apply)({"params": params}, x, t, y.astype(np.int32))
     assert got.shape == want.shape == (3, size, size, kw.get("out_channels", 8))
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
 
@@ -94,10 +94,10 @@ def test_load_from_state_dict_and_tree_matches_init():
     ref = _torch_dit()
     module, params = dit.load_diffusers(_state(ref), num_heads=2)
     x, t, y = _inputs(2, 8, 8, 4)
-    init = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), x, t, y))
+    init = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), x, t, y))["params"]
     assert jax.tree.structure(init) == jax.tree.structure(params)
     assert jax.tree.map(np.shape, init) == jax.tree.map(np.shape, params)
-    got = jax.jit(module.apply)(params, x, t, y)
+    got = jax.jit(module.apply)({"params": params}, x, t, y)
     np.testing.assert_allclose(np.asarray(got), _torch_forward(ref, x, t, y), atol=1e-4)
 
 
@@ -121,9 +121,10 @@ def test_scan_and_remat_equal_unrolled():
     ref = _torch_dit(num_layers=3)
     x, t, y = _inputs(2, 8, 8, 4)
     module, params = dit.load_diffusers(_state(ref), num_heads=2)
-    want = np.asarray(jax.jit(module.apply)(params, x, t, y))
+    want = np.asarray(jax.jit(module.apply)({"params": params}, x, t, y))
     smod, sparams = dit.load_diffusers(_state(ref), num_heads=2, scan=True, remat="full")
-    assert sparams["params"]["blocks"]["attn"]["to_q"]["kernel"].shape == (3, 16, 2, 8)
+    assert sparams["blocks"]["attn"]["to_q"]["kernel"].shape == (3, 16, 2, 8)
+    sparams = {"params": sparams}
     # the scanned init has the same tree as the converter's stacked params, with a "layers" axis
     init = jax.eval_shape(smod.init, jax.random.key(0), x, t, y)
     assert init["params"]["blocks"]["attn"]["to_q"]["kernel"].names == ("layers", "embed", "heads", "kv")
@@ -149,6 +150,7 @@ def test_label_dropout_and_force_drop():
     x, t, _ = _inputs(2, 8, 8, 4)
     y = np.array([1, 2], np.int32)
     m, params = dit.load_diffusers(_state(ref), num_heads=2)
+    params = {"params": params}
     apply = jax.jit(m.apply, static_argnames="train")
     null = np.asarray(apply(params, x, t, np.full(2, 10, np.int32)))
     cond = np.asarray(apply(params, x, t, y))
@@ -166,6 +168,7 @@ def test_bf16_close_to_f32():
     ref = _torch_dit()
     x, t, y = _inputs(2, 8, 8, 4)
     m, params = dit.load_diffusers(_state(ref), num_heads=2)
+    params = {"params": params}
     y32 = np.asarray(jax.jit(m.apply)(params, x, t, y))
     y16 = np.asarray(jax.jit(m.clone(dtype=jnp.bfloat16).apply)(params, x, t, y))
     assert np.abs(y16 - y32).max() <= 0.05 * np.abs(y32).max()
@@ -196,7 +199,7 @@ def test_bad_variant_and_remat():
 
 def _text_dit(**kw):
     return dit.DiT(**{**dict(patch_size=2, in_channels=4, hidden_size=16, depth=2, num_heads=2, num_classes=0,
-                             text_dim=6), **kw})
+                             context_dim=6), **kw})
 
 
 def _random_params(module, *args, seed=0, **kwargs):
@@ -272,7 +275,7 @@ def test_text_with_labels_and_scan_equal_unrolled():
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(), "text.shape"),                                          # text_dim set, text missing
+    (dict(), "text.shape"),                                          # context_dim set, text missing
     (dict(text=np.zeros((2, 5, 6), np.float32)), "text_mask"),         # text without its mask
     (dict(text=np.zeros((2, 5, 7), np.float32), text_mask=np.ones((2, 5))), "text.shape"),
     (dict(text=np.zeros((2, 5, 6), np.float32), text_mask=np.ones((2, 4))), "text_mask.shape"),
@@ -281,6 +284,6 @@ def test_text_bad_input_raises(kw, match):
     x, t, _, _ = _text_inputs()
     with pytest.raises(UserError, match=match):
         jax.eval_shape(_text_dit().init, jax.random.key(0), x, t, **kw)
-    with pytest.raises(UserError, match="text_dim"):
+    with pytest.raises(UserError, match="context_dim"):
         jax.eval_shape(dit.DiT(hidden_size=16, depth=1, num_heads=2, num_classes=10).init, jax.random.key(0), x, t,
                        np.zeros(2, np.int32), text=np.zeros((2, 5, 6)), text_mask=np.ones((2, 5)))

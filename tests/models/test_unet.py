@@ -121,7 +121,7 @@ def test_jit_init_shapes_and_logical_axes():
     spec = nn.get_partition_spec(variables)["params"]
     assert spec["conv_in"]["kernel"] == jax.sharding.PartitionSpec(None, None, "conv_in", "conv_out")
     assert spec["class_embedding"]["embedding"] == jax.sharding.PartitionSpec(None, "embed")
-    assert spec["mid_block"]["attentions_0"]["to_q"]["kernel"] == jax.sharding.PartitionSpec("embed", "mlp")
+    assert spec["mid_block"]["attentions_0"]["attn"]["to_q"]["kernel"] == jax.sharding.PartitionSpec("embed", "heads", "kv")
     # A scalar t is broadcast over the batch, as in diffusers.
     apply = jax.jit(module.apply)
     out = apply(variables, x, t, y)
@@ -208,11 +208,11 @@ def test_load_rejects_wrong_family_and_unsupported_config(tmp_path):
         unet.load_diffusers(tmp_path)
 
 
-# --- text conditioning (cross_attention_dim) ----------------------------------------------------
+# --- text conditioning (context_dim) ----------------------------------------------------
 
 TEXT = dict(in_channels=2, out_channels=2, block_out_channels=(8, 16), layers_per_block=1,
             norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-            up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4, cross_attention_dim=6)
+            up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4, context_dim=6)
 # One text U-Net and one compiled apply shared by the tests below (each compile costs seconds);
 # text_dropout_prob only acts with train=True.
 TEXT_UNET = unet.Model(**TEXT, text_dropout_prob=1.0)
@@ -256,7 +256,7 @@ def test_fresh_text_unet_equals_unet_without_text():
     assert {"cross_attentions_0"} <= set(params["down_blocks_1"]) and "cross_attentions_1" in params["up_blocks_0"]
     assert "cross_attentions_0" not in params["down_blocks_0"]  # plain DownBlock2D: no attention
 
-    base = module.clone(cross_attention_dim=None)
+    base = module.clone(context_dim=None)
     base_shapes = nn.unbox(jax.eval_shape(base.init, KEY, x, t))["params"]
     stripped = without_text(params)
     assert jax.tree.map(np.shape, stripped) == jax.tree.map(lambda s: s.shape, base_shapes)
@@ -289,13 +289,13 @@ def test_null_text_force_drop_cfg_and_training_dropout():
     params = random_params(module, x, t, text=text, text_mask=mask)
     apply = TEXT_APPLY
     cond = np.asarray(apply({"params": params}, x, t, text=text, text_mask=mask))
-    # force_drop_text == passing the null embedding as a one-token prompt (here padded to S=5).
+    # force_drop_ids == passing the null embedding as a one-token prompt (here padded to S=5).
     null_text = np.broadcast_to(params["text_embedding"]["null_text"], text.shape)
     null_mask = np.broadcast_to(np.arange(5) == 0, mask.shape)
     uncond = np.asarray(apply({"params": params}, x, t, text=null_text, text_mask=null_mask))
     assert np.abs(uncond - cond).max() > 1e-3
     mixed = apply({"params": params}, x, t, text=text, text_mask=mask,
-                  force_drop_text=np.array([True, False]))
+                  force_drop_ids=np.array([True, False]))
     np.testing.assert_allclose(mixed[0], uncond[0], atol=1e-5, rtol=0)
     np.testing.assert_allclose(mixed[1], cond[1], atol=1e-5, rtol=0)
     # text_dropout_prob = 1 in training drops every example's text.
@@ -303,12 +303,12 @@ def test_null_text_force_drop_cfg_and_training_dropout():
                     rngs={"dropout": KEY})
     np.testing.assert_allclose(dropped, uncond, atol=1e-5, rtol=0)
 
-    # Classifier-free guidance: null_cond={"force_drop_text": True} against force_drop_text=False.
+    # Classifier-free guidance: null_cond={"force_drop_ids": True} against force_drop_ids=False.
     @jax.jit
     def guided(scale):
         denoise = lambda x_t, t_, **c: module.apply({"params": params}, x_t, t_, **c)  # noqa: E731
-        g = cfg_denoiser(denoise, scale, null_cond={"force_drop_text": True})
-        return g(x, t, text=text, text_mask=mask, force_drop_text=np.zeros(2, bool))
+        g = cfg_denoiser(denoise, scale, null_cond={"force_drop_ids": True})
+        return g(x, t, text=text, text_mask=mask, force_drop_ids=np.zeros(2, bool))
 
     np.testing.assert_allclose(guided(1.0), cond, atol=1e-5, rtol=0)
     np.testing.assert_allclose(guided(0.0), uncond, atol=1e-5, rtol=0)
@@ -330,15 +330,15 @@ def test_text_bad_input_raises_user_error():
         init()
     with pytest.raises(UserError, match="text_mask.shape"):
         init(text=text, text_mask=mask[:, :3])
-    with pytest.raises(UserError, match="force_drop_text.shape"):
-        init(text=text, text_mask=mask, force_drop_text=np.zeros(3, bool))
-    with pytest.raises(UserError, match="needs a UNet built with cross_attention_dim"):
-        init(text=text, text_mask=mask, model=dict(cross_attention_dim=None))
+    with pytest.raises(UserError, match="force_drop_ids.shape"):
+        init(text=text, text_mask=mask, force_drop_ids=np.zeros(3, bool))
+    with pytest.raises(UserError, match="needs a UNet built with context_dim"):
+        init(text=text, text_mask=mask, model=dict(context_dim=None))
     with pytest.raises(UserError, match="at least one attention layer"):
         init(text=text, text_mask=mask, model=dict(down_block_types=("DownBlock2D",) * 2,
                                                    up_block_types=("UpBlock2D",) * 2, add_attention=False))
     with pytest.raises(UserError, match="text_dropout_prob"):
         init(text=text, text_mask=mask, model=dict(text_dropout_prob=1.5))
-    with pytest.raises(UserError, match="cross_attention_dim"):
+    with pytest.raises(UserError, match="context_dim"):
         unet.load_diffusers({k: v.numpy() for k, v in torch_unet(CONFIGS["misc"]).state_dict().items()},
-                            attention_head_dim=4, norm_num_groups=4, cross_attention_dim=8)
+                            attention_head_dim=4, norm_num_groups=4, context_dim=8)

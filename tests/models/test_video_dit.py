@@ -16,7 +16,7 @@ DT, ST = 5, 4  # text width, text tokens
 
 def _model(**kw):
     return video_dit.VideoDiT(**{**dict(patch_size=PATCH, in_channels=3, hidden_size=24, depth=2, num_heads=2,
-                                        text_dim=DT, num_classes=0), **kw})
+                                        context_dim=DT, num_classes=0), **kw})
 
 
 def _args(b=1, shape=(3, 4, 6), seed=0):

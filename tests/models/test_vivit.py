@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from genjax.errors import UserError
-from genjax.models import vivit
+from genjax.models import spacetime, vivit
 from genjax.models.layers import PatchEmbed, sincos_pos_embed_1d
 
 torch.set_num_threads(1)
@@ -37,13 +37,13 @@ def _t2n(t):
 
 def test_patchify_3d_order_and_roundtrip():
     video = np.random.default_rng(0).normal(size=(2, 4, 6, 4, 3)).astype(np.float32)
-    tokens, grid = vivit.patchify_3d(video, (2, 3, 2))
+    tokens, grid = spacetime.patchify_3d(video, (2, 3, 2))
     assert grid == (2, 2, 2) and tokens.shape == (2, 8, 2 * 3 * 2 * 3)
-    for t, h, w in vivit.grid_positions(grid):
+    for t, h, w in spacetime.grid_positions(grid):
         l = (t * 2 + h) * 2 + w  # (t, h, w) row-major
         want = video[:, 2 * t:2 * t + 2, 3 * h:3 * h + 3, 2 * w:2 * w + 2].reshape(2, -1)  # (pt, ph, pw, C)
         np.testing.assert_array_equal(tokens[:, l], want)
-    np.testing.assert_array_equal(vivit.unpatchify_3d(tokens, grid, (2, 3, 2)), video)
+    np.testing.assert_array_equal(spacetime.unpatchify_3d(tokens, grid, (2, 3, 2)), video)
 
 
 def test_tubelet_embed_matches_transformers_and_packed_path():
@@ -58,26 +58,26 @@ def test_tubelet_embed_matches_transformers_and_packed_path():
     video = np.random.default_rng(0).normal(size=(2, 4, 6, 8, 3)).astype(np.float32)
     want = _t2n(ref(torch.from_numpy(video).permute(0, 1, 4, 2, 3)))  # HF: (B, T, C, H, W)
 
-    m = vivit.TubeletEmbed(8, (2, 3, 4), in_channels=3)
+    m = spacetime.TubeletEmbed(8, (2, 3, 4), in_channels=3)
     params = {"params": {"kernel": _t2n(ref.projection.weight).transpose(2, 3, 4, 1, 0),
                          "bias": _t2n(ref.projection.bias)}}
     got, grid = m.apply(params, video)
     assert grid == (2, 2, 2)
     np.testing.assert_allclose(got, want, atol=1e-5)
-    packed, none = m.apply(params, vivit.patchify_3d(video, (2, 3, 4))[0])
+    packed, none = m.apply(params, spacetime.patchify_3d(video, (2, 3, 4))[0])
     assert none is None
     np.testing.assert_array_equal(packed, got)
 
 
-@pytest.mark.parametrize("method", vivit.INFLATION_METHODS)
+@pytest.mark.parametrize("method", spacetime.INFLATION_METHODS)
 def test_inflated_kernel_embeds_static_video_as_one_frame(method):
     pt, rng = 3, np.random.default_rng(0)
     frame = rng.normal(size=(1, 8, 12, 3)).astype(np.float32)
     patch = PatchEmbed(8, (4, 4))
     p2d = _init(patch, frame)["params"]["proj"]
     want = patch.apply({"params": {"proj": p2d}}, frame)  # (1, 2*3, D)
-    tube = vivit.TubeletEmbed(8, (pt, 4, 4), in_channels=3)
-    params = {"params": {"kernel": vivit.inflate_patch_kernel(p2d["kernel"], pt, method), "bias": p2d["bias"]}}
+    tube = spacetime.TubeletEmbed(8, (pt, 4, 4), in_channels=3)
+    params = {"params": {"kernel": spacetime.inflate_patch_kernel(p2d["kernel"], pt, method), "bias": p2d["bias"]}}
     static = np.repeat(frame[:, None], 2 * pt, axis=1)  # 6 identical frames -> nt = 2
     got, grid = tube.apply(params, static)
     assert grid == (2, 2, 3)
@@ -92,18 +92,18 @@ def test_inflated_kernel_embeds_static_video_as_one_frame(method):
 def test_uniform_frame_sampling_and_frame_patch_embed():
     video = np.broadcast_to(np.arange(10, dtype=np.float32)[None, :, None, None, None], (1, 10, 4, 4, 1))
     # frame i = floor((i + 1/2) * T / n): T=10, n=3 -> 1, 5, 8; T=10, n=5 -> 1, 3, 5, 7, 9
-    np.testing.assert_array_equal(vivit.uniform_frame_sampling(video, 3)[0, :, 0, 0, 0], [1, 5, 8])
-    np.testing.assert_array_equal(vivit.uniform_frame_sampling(video, 5)[0, :, 0, 0, 0], [1, 3, 5, 7, 9])
+    np.testing.assert_array_equal(spacetime.uniform_frame_sampling(video, 3)[0, :, 0, 0, 0], [1, 5, 8])
+    np.testing.assert_array_equal(spacetime.uniform_frame_sampling(video, 5)[0, :, 0, 0, 0], [1, 3, 5, 7, 9])
     with pytest.raises(UserError, match="num_frames"):
-        vivit.uniform_frame_sampling(video, 11)
+        spacetime.uniform_frame_sampling(video, 11)
 
     x = np.random.default_rng(0).normal(size=(2, 6, 8, 4, 3)).astype(np.float32)
-    frames = vivit.FramePatchEmbed(8, (4, 2), in_channels=3, num_frames=3)
+    frames = spacetime.FramePatchEmbed(8, (4, 2), in_channels=3, num_frames=3)
     params = _init(frames, x)
     got, grid = frames.apply(params, x)
     assert grid == (3, 2, 2)
     proj = params["params"]["patch_embed"]["proj"]
-    tube = vivit.TubeletEmbed(8, (1, 4, 2), in_channels=3)
+    tube = spacetime.TubeletEmbed(8, (1, 4, 2), in_channels=3)
     want, _ = tube.apply({"params": {"kernel": proj["kernel"][None], "bias": proj["bias"]}}, x[:, [1, 3, 5]])
     np.testing.assert_allclose(got, want, atol=1e-5)
 
@@ -111,26 +111,26 @@ def test_uniform_frame_sampling_and_frame_patch_embed():
 # --------------------------------------------------------------------------- positions
 
 
-def test_factorized_pos_embed_kinds():
+def test_factorised_pos_embed_kinds():
     grid = (2, 3, 4)
-    pos = jnp.asarray(vivit.grid_positions(grid))[None]
-    learned = vivit.FactorizedPosEmbed(12, 3, 4, 5, kind="learned")
+    pos = jnp.asarray(spacetime.grid_positions(grid))[None]
+    learned = spacetime.FactorisedPosEmbed(12, 3, 4, 5, kind="learned")
     params = _init(learned, pos)
     tab = params["params"]
     want = tab["time"][pos[..., 0]] + tab["height"][pos[..., 1]] + tab["width"][pos[..., 2]]
     np.testing.assert_allclose(learned.apply(params, pos), want, atol=1e-6)
 
     d = 12
-    dt, dh, dw = vivit.sincos_split(d)
+    dt, dh, dw = spacetime.sincos_split(d)
     assert (dt, dh, dw) == (4, 4, 4)
-    sincos = vivit.FactorizedPosEmbed(d, *grid, kind="sincos").apply({}, pos)[0]
+    sincos = spacetime.FactorisedPosEmbed(d, *grid, kind="sincos").apply({}, pos)[0]
     p = np.asarray(pos[0])
     want = np.concatenate([sincos_pos_embed_1d(dt, p[:, 0]), sincos_pos_embed_1d(dh, p[:, 1]),
                            sincos_pos_embed_1d(dw, p[:, 2])], 1)
     np.testing.assert_allclose(sincos, want, atol=1e-6)
     assert len({tuple(np.round(r, 5)) for r in np.asarray(sincos)}) == np.prod(grid)  # axes distinguishable
 
-    frac = vivit.FactorizedPosEmbed(d, *grid, kind="fractional")
+    frac = spacetime.FactorisedPosEmbed(d, *grid, kind="fractional")
     np.testing.assert_allclose(frac.apply({}, pos, grid_sizes=jnp.asarray(grid))[0], sincos, atol=1e-6)
     # Resolution invariance: (t, h, w) on grid g == (2t, 2h, 2w) on grid 2g.
     coarse = frac.apply({}, pos, grid_sizes=jnp.asarray(grid))
@@ -201,7 +201,7 @@ def _pack(examples, seq_len):
     for i, (tok, grid) in enumerate(examples):
         n = len(tok)
         tokens[0, start:start + n], seg[0, start:start + n] = tok, i + 1
-        pos[0, start:start + n] = vivit.grid_positions(grid)
+        pos[0, start:start + n] = spacetime.grid_positions(grid)
         start += n
     return tokens, seg, pos
 
@@ -236,7 +236,7 @@ def test_packing_invariance_classifier():
     rng = np.random.default_rng(0)
     videos = [rng.uniform(-1, 1, size=(1, *s, 1)).astype(np.float32) for s in ((4, 8, 8), (2, 8, 12))]
     params = _init(m, videos[0])
-    examples = [(vivit.patchify_3d(v, (2, 4, 4))[0][0], vivit.patchify_3d(v, (2, 4, 4))[1]) for v in videos]
+    examples = [(spacetime.patchify_3d(v, (2, 4, 4))[0][0], spacetime.patchify_3d(v, (2, 4, 4))[1]) for v in videos]
     tokens, seg, pos = _pack(examples, 16)
     packed = jax.jit(m.apply, static_argnames="num_segments")(params, tokens, segment_ids=seg, positions=pos,
                                                               num_segments=3)
@@ -300,7 +300,7 @@ def test_bad_input_raises_user_error():
     with pytest.raises(UserError, match="grid"):
         jax.eval_shape(functools.partial(enc.init, grid=(2, 2, 3)), key, jnp.zeros((1, 8, 16)))
     with pytest.raises(UserError, match="method"):
-        vivit.inflate_patch_kernel(jnp.zeros((4, 4, 3, 8)), 2, "mean")
+        spacetime.inflate_patch_kernel(jnp.zeros((4, 4, 3, 8)), 2, "mean")
     with pytest.raises(UserError, match="variant"):
         vivit.Model(variant="L", num_classes=10)
 
