@@ -24,6 +24,7 @@ import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from genjax.errors import check
 from genjax.models.layers import logical, xavier_uniform, zeros
@@ -99,6 +100,43 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None = Non
     return jnp.einsum("bnls,bsnk->blnk", weights.astype(v.dtype), v)
 
 
+class HeadsDense(nn.Module):
+    """`nn.DenseGeneral` contracting the last `in_axes` input axes into `features`, with its kernel
+    created at its final shape `(*in, *features)`: its logical axis names then describe the real
+    axes, so the sharding constraint a boxed parameter implies under a mesh applies (flax's
+    DenseGeneral initialises a flattened 2-D kernel, which a 3-name logical box rejects there).
+    The initialiser sees the flattened `(fan_in, fan_out)` shape, as in DenseGeneral, so
+    parameters and outputs are the same numbers.
+
+    Params: `kernel (*in, *features)` with `kernel_names`, `bias features` with `bias_names`.
+    """
+
+    features: tuple[int, ...]
+    kernel_names: tuple[str | None, ...]
+    bias_names: tuple[str | None, ...]
+    in_axes: int = 1
+    use_bias: bool = True
+    kernel_init: Callable = xavier_uniform
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        in_shape = x.shape[x.ndim - self.in_axes:]
+        flat = (int(np.prod(in_shape)), int(np.prod(self.features)))
+
+        def init(rng, shape, dtype):
+            return jnp.reshape(self.kernel_init(rng, flat, dtype), shape)
+
+        kernel = self.param("kernel", logical(init, self.kernel_names), (*in_shape, *self.features),
+                            self.param_dtype)
+        bias = self.param("bias", zeros(self.bias_names), self.features, self.param_dtype) if self.use_bias else None
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
+        y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+        return y if bias is None else y + bias
+
+
 class Attention(nn.Module):
     """Multi-head self- or cross-attention with q/k/v/out projections: `(B, L, D)` -> `(B, L, D_out)`.
 
@@ -168,18 +206,16 @@ class Attention(nn.Module):
                   f"must be (B, S)={(b, s)}")
 
         def proj(name, inp):
-            return nn.DenseGeneral((self.num_heads, k_dim), use_bias=self.qkv_bias, dtype=self.dtype,
-                                   param_dtype=self.param_dtype, kernel_init=logical(xavier_uniform, (EMBED, HEADS, KV)),
-                                   bias_init=zeros((HEADS, KV)), name=name)(inp)
+            return HeadsDense((self.num_heads, k_dim), (EMBED, HEADS, KV), (HEADS, KV), use_bias=self.qkv_bias,
+                              dtype=self.dtype, param_dtype=self.param_dtype, name=name)(inp)
 
         q, k, v = proj("to_q", x), proj("to_k", kv_in), proj("to_v", kv_in)
         kv_segments = segment_ids if context is None else context_segment_ids
         mask = attention_mask(segment_ids, kv_segments, kv_mask=context_mask, causal=causal, q_len=l, kv_len=s)
         out = dot_product_attention(q, k, v, mask, backend=self.backend)
-        out_init = zeros((HEADS, KV, EMBED)) if self.zero_init_out else logical(xavier_uniform, (HEADS, KV, EMBED))
-        return nn.DenseGeneral(self.out_features or d, axis=(-2, -1), use_bias=self.out_bias, dtype=self.dtype,
-                               param_dtype=self.param_dtype, kernel_init=out_init, bias_init=zeros((EMBED,)),
-                               name="to_out")(out)
+        out_init = nn.initializers.zeros if self.zero_init_out else xavier_uniform
+        return HeadsDense((self.out_features or d,), (HEADS, KV, EMBED), (EMBED,), in_axes=2, use_bias=self.out_bias,
+                          kernel_init=out_init, dtype=self.dtype, param_dtype=self.param_dtype, name="to_out")(out)
 
 
 FACTORISED_AXES = ("spatial", "temporal")

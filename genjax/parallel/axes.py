@@ -16,7 +16,7 @@ Logical names:
   vocab       text vocabulary                         -> "tensor"
   conv_in     conv input channels                     -> replicated
   conv_out    conv output channels                    -> "tensor"
-  height, width, frames, channels, norm, layers       -> replicated
+  channels, norm, layers                              -> replicated
 """
 
 from __future__ import annotations
@@ -30,17 +30,14 @@ KV = "kv"
 VOCAB = "vocab"
 CONV_IN = "conv_in"
 CONV_OUT = "conv_out"
-HEIGHT = "height"
-WIDTH = "width"
-FRAMES = "frames"
 CHANNELS = "channels"
 NORM = "norm"
 LAYERS = "layers"
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# (logical name, mesh axis or tuple of axes or None). Activations' "embed" stays replicated
-# through `act_embed`; parameters' "embed" is sharded over fsdp.
+# (logical name, mesh axis or tuple of axes or None). Parameters' "embed" is sharded over fsdp;
+# activations are constrained as (batch, length, None), so their width stays replicated.
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     (BATCH, ("data", "fsdp")),
     (LENGTH, None),
@@ -51,9 +48,6 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     (VOCAB, "tensor"),
     (CONV_IN, None),
     (CONV_OUT, "tensor"),
-    (HEIGHT, None),
-    (WIDTH, None),
-    (FRAMES, None),
     (CHANNELS, None),
     (NORM, None),
     (LAYERS, None),

@@ -157,7 +157,7 @@ def is_model_dir(path: str) -> bool:
     return bool(path) and os.path.isfile(os.path.join(path, "config.json"))
 
 
-def load_frozen(path: str, *, mesh: Mesh | None = None, family_name: str = "vae"):
+def load_frozen(path: str, *, family_name: str, mesh: Mesh | None = None):
     """`(module, params)` of a frozen model: a trained workdir (`genjax train` with model.name =
     family_name; its EMA params, `checkpoint.restore_ema`) or, for "vae", a `genjax convert
     --model vae` folder. Params are replicated over `mesh`. Only the module is built (the
@@ -183,10 +183,9 @@ def load_frozen(path: str, *, mesh: Mesh | None = None, family_name: str = "vae"
     return family(name).make_module(saved), checkpoint.restore_ema(path, mesh=mesh)
 
 
-def restore(workdir: str, *, mesh: Mesh | None = None, eval_overrides: Mapping[str, Any] | None = None):
+def restore(workdir: str, *, mesh: Mesh | None = None):
     """`(config, task, ema_params)` of the model trained in `workdir` (its config.json and the EMA
     params of its newest checkpoint, replicated over `mesh`, default the first device).
-    `eval_overrides` replaces fields of `config.eval` (the sample_fn defaults) before building.
 
     Raises:
       UserError: `workdir` holds no config.json or no finished checkpoint.
@@ -194,8 +193,6 @@ def restore(workdir: str, *, mesh: Mesh | None = None, eval_overrides: Mapping[s
     from genjax.io import checkpoint
 
     config = checkpoint.read_config(workdir)
-    if eval_overrides:
-        config.eval.update(dict(eval_overrides))
     mesh = mesh or Mesh(np.asarray(jax.devices()[:1]), ("data",))
     params = checkpoint.restore_ema(workdir, mesh=mesh)  # first: "no checkpoint" before any build
     return config, build(config, mesh=mesh), params

@@ -64,12 +64,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
       lr_schedule: if given, metrics include "lr", the rate of this step's update
         (`lr_schedule(updates applied so far)`, the count optax keeps).
 
-    The returned function traces under `nn.logical_axis_rules(rules)` but not under
-    `jax.set_mesh(mesh)`, so the models' activation constraints are no-ops and XLA propagates the
-    shardings from the sharded params and batch. (Under `jax.set_mesh`, flax's apply-time shape
-    check re-runs `DenseGeneral`'s boxed kernel init, whose flat 2-D kernel carries 3 logical names
-    in `models/layers.py` Attention, and fails.) `train_step.lower(state, batch, rng)` lowers it
-    the same way (for ahead-of-time compilation and XLA cost analysis). Metrics: loss, the
+    The returned function traces under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`,
+    so the models' activation constraints (`nn.with_logical_constraint`, e.g. tokens
+    `(batch, length, None)` -> batch over data x fsdp) are sharding constraints in the compiled
+    step (tests/train/test_trainer.py reads them in the lowered HLO). `train_step.lower(state,
+    batch, rng)` lowers it the same way (for ahead-of-time compilation and XLA cost analysis). Metrics: loss, the
     loss_fn's metrics, grad_norm, param_norm, ema_decay, finite, nonfinite_steps,
     nonfinite_streak (see `state_lib.apply_gradients`).
     """
@@ -105,11 +104,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
                      out_shardings=(state_shardings, replicated), donate_argnums=0)
 
     def train_step(state, batch, rng):
-        with nn.logical_axis_rules(rules):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return jitted(state, batch, rng)
 
     def lower(state, batch, rng):
-        with nn.logical_axis_rules(rules):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return jitted.lower(state, batch, rng)
 
     train_step.lower = lower

@@ -59,6 +59,27 @@ def test_reference_run_writes_everything(reference):
     assert grid.size[0] > 2 * 28 and grid.mode == "L"
 
 
+def test_activation_constraints_shard_the_tokens_in_the_train_step(tmp_path):
+    """The models' `nn.with_logical_constraint(x, (batch, length, None))` takes effect in the
+    trainer's step: the lowered HLO constrains the DiT's tokens after the patch embedding and after
+    every block to batch over data x fsdp (the rules of parallel/axes.py), on a 2 x 4 mesh."""
+    config = smoke("--config.mesh.data=2", "--config.mesh.fsdp=4")
+    mesh = mesh_lib.make_mesh(config.mesh)
+    task = tasks.build(config, mesh=mesh)
+    tx, _ = state_lib.make_optimizer(config.optim, config.num_steps)
+    state, shardings = state_lib.create_train_state(task.init_params, tx, seed=0, mesh=mesh)
+    batch = mesh_lib.shard_batch(next(task.make_data(str(tmp_path))), mesh)
+    step = trainer.make_train_step(task.loss_fn, tx, mesh=mesh, state_shardings=shardings, ema_decay=0.9,
+                                   ema_warmup=False)
+    hlo = step.lower(state, batch, jax.random.key(0)).as_text()
+    tokens = (config.data.batch_size, (config.data.image_size // config.model.patch_size) ** 2,
+              config.model.hidden_size)
+    constrained = [line for line in hlo.splitlines() if "sharding_constraint" in line
+                   and f"tensor<{'x'.join(map(str, tokens))}xf32>" in line]
+    assert len(constrained) >= 1 + config.model.depth, constrained
+    assert all('[{"data", "fsdp"}, {}, {}]' in line for line in constrained), constrained
+
+
 @pytest.mark.slow  # ~15 s of compiling on a quiet 2-core machine, minutes under load
 def test_eight_devices_match_one_device_and_shard_params(reference, tmp_path):
     config = smoke("--config.mesh.data=2", "--config.mesh.fsdp=4")
