@@ -11,7 +11,7 @@ symmetric InfoNCE losses (Radford et al. 2021) over the global batch: digit imag
 
 Evaluation (every `eval.every_steps` and at the end, into WORKDIR/metrics.jsonl): zero-shot
 accuracy with the prompts "digit 0" ... "digit 9" on the 1,000 held-out test digits and on
-`eval.num_videos` test videos (`genjax.models.clip.zero_shot_accuracy`).
+`eval.num_videos` test videos (`genjax.models.contrastive.zero_shot_accuracy`).
 
 Hardware: one CPU host is enough (0.34 M parameters); the batch is split over all local devices
 on the ("data", "fsdp") mesh axes. Run time: NOT measured for the full 1,000 steps (an estimate:

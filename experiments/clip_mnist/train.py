@@ -26,7 +26,7 @@ import optax
 from genjax.config import load_config
 from genjax.data.sources import MnistEmbeddedSource, MovingMnistSource
 from genjax.errors import UserError
-from genjax.models import clip
+from genjax.models import clip, contrastive
 from genjax.models.tokenizer import ByteTokenizer
 from genjax.parallel.mesh import make_mesh, shard_batch
 
@@ -73,8 +73,8 @@ def train(config, workdir: str) -> dict[str, float]:
         def loss_fn(p):
             img = module.apply(p, b["img_ids"], b["img_mask"], b["images"])
             vid = module.apply(p, b["vid_ids"], b["vid_mask"], videos=b["videos"])
-            li = clip.clip_loss(img["image"], img["text"], img["logit_scale"])
-            lv = clip.clip_loss(vid["video"], vid["text"], vid["logit_scale"])
+            li = contrastive.clip_loss(img["image"], img["text"], img["logit_scale"])
+            lv = contrastive.clip_loss(vid["video"], vid["text"], vid["logit_scale"])
             return li + lv, (li, lv)
 
         (loss, (li, lv)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -85,8 +85,8 @@ def train(config, workdir: str) -> dict[str, float]:
     clips, clip_labels = np.stack([e["video"] for e in test_clips]), np.array([e["labels"][0] for e in test_clips])
 
     def evaluate():  # the first digit's label for multi-digit videos
-        return dict(zero_shot_image=clip.zero_shot_accuracy(params, module, test_digits.images, test_digits.labels, tok),
-                    zero_shot_video=clip.zero_shot_accuracy(params, module, clips, clip_labels, tok))
+        return dict(zero_shot_image=contrastive.zero_shot_accuracy(params, module, test_digits.images, test_digits.labels, tok),
+                    zero_shot_video=contrastive.zero_shot_accuracy(params, module, clips, clip_labels, tok))
 
     log = open(os.path.join(workdir, "metrics.jsonl"), "a")
     start, metrics = time.time(), {}

@@ -4,7 +4,9 @@
 (`diffusion_pytorch_model.safetensors` + `config.json`), a single `.safetensors` file, or an
 in-memory dict (numpy arrays or torch tensors, for tests). The per-family key mapping lives in
 each model file's `load_diffusers`; the helpers here check that every key is consumed once and
-that shapes agree, so a state dict from another model family fails with a clear error.
+that shapes agree, so a state dict from another model family fails with a clear error;
+`check_overrides` and `check_params_match` check a loader's keyword overrides and its finished
+param tree against the module.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import json
 import os
 from typing import Any, Mapping
 
+import flax.linen as nn
+import jax
 import numpy as np
 
-from genjax.errors import UserError
+from genjax.errors import UserError, check
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 
@@ -126,3 +130,20 @@ class StateDictReader:
             raise UserError(f"state dict keys {extra[:3]}{more}: unexpected for {self.family} "
                             "with this config (wrong model family or config?)")
 
+
+def check_overrides(cls: type, overrides: dict[str, Any]) -> None:
+    """Raise UserError for an override that is not an attribute of the module class `cls`."""
+    fields = sorted(set(cls.__dataclass_fields__) - {"parent", "name"})
+    for k in overrides:
+        check(k in fields, "override", k, f"must be one of {fields}")
+
+
+def check_params_match(module: nn.Module, params: dict, *args: Any, family: str) -> None:
+    """Raise UserError unless `params` has exactly the paths and shapes of
+    `nn.unbox(module.init(key, *args)["params"])` (checked with `jax.eval_shape`, no compute)."""
+    expected = jax.eval_shape(lambda: nn.unbox(module.init(jax.random.PRNGKey(0), *args))["params"])
+    want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+    got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    for key in sorted(set(want) | set(got)):
+        check(want.get(key) == got.get(key), f"{family} param {key}", got.get(key),
+              f"the state dict gives this shape but the model with this config needs {want.get(key)}")

@@ -11,9 +11,9 @@ Layout (channels-last): videos `(B, T, H, W, C)` float in [-1, 1]; latents
 `(B, 1 + (T - 1) / ft, H / fs, W / fs, latent_channels)` with fs = 2 ** (len(block_out_channels) - 1)
 (spatial) and ft = 2 ** sum(temporal_downsample) (temporal). T must be 1 + k * ft; T = 1 is an image.
 
-The network is the LDM encoder / decoder of `vae.py` with every 3x3 conv replaced by a
+The network is the LDM encoder / decoder of `ldm_autoencoder.py` with every 3x3 conv replaced by a
 `CausalConv3d` (kt x 3 x 3), 1x1 convs by 1x1x1, GroupNorm and the mid-block attention applied
-per frame, and:
+per frame (the causal blocks are in `causal_conv.py`), and:
   - spatial downsample = `CausalConv3d` kt x 3 x 3, stride (st, 2, 2), st = 2 at levels with
     temporal downsampling (bottom/right spatial padding like diffusers' VAE): with the causal
     front padding of kt - 1 frames, output frame j sees input frames 2j - kt + 1 .. 2j, so frame 0
@@ -40,185 +40,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from genjax.errors import check
-from genjax.models.conv import SpatialAttention, group_norm
 from genjax.models import vae
-from genjax.models.vae import EPS, AutoencoderKL, DiagonalGaussian
-from genjax.parallel.axes import CONV_IN, CONV_OUT
+from genjax.models.causal_conv import (TEMPORAL_PADDINGS, CausalConv3d, CausalMidBlock, CausalResnetBlock,
+                                       SpaceTimeDownsample, SpaceTimeUpsample, frame_group_norm)
+from genjax.models.vae import AutoencoderKL, DiagonalGaussian
 
 Dtype = Any
-TEMPORAL_PADDINGS = ("replicate", "zeros")
 
 
-def _frames(fn, x: jax.Array) -> jax.Array:
-    """Apply an image function `(N, H, W, C) -> (N, H, W, C')` to each frame of `x (B, T, H, W, C)`."""
-    b, t = x.shape[:2]
-    y = fn(x.reshape((b * t,) + x.shape[2:]))
-    return y.reshape((b, t) + y.shape[1:])
-
-
-def frame_group_norm(x: jax.Array, *, num_groups: int, dtype: Dtype, param_dtype: Dtype,
-                     name: str) -> jax.Array:
-    """GroupNorm of each frame of `x (B, T, H, W, C)` (statistics over H, W, C/groups, in float32).
-
-    Per-frame statistics keep the network causal and make a 1-frame video match the 2D VAE.
-    Call only inside an `@nn.compact` method (creates `nn.GroupNorm` `name`, params `(C,)`).
-    """
-    return _frames(lambda h: group_norm(h, num_groups=num_groups, eps=EPS, dtype=dtype,
-                                        param_dtype=param_dtype, name=name), x)
-
-
-class CausalConv3d(nn.Module):
-    """3D convolution over `(B, T, H, W, C)` that is causal in time.
-
-    The input is padded with `kt - 1` frames at the start (copies of the first frame for
-    `temporal_padding="replicate"`, MAGVIT-v2 / CogVideoX; zeros for "zeros") and none at the end,
-    then a VALID temporal conv is applied: output frame j (stride st) sees input frames
-    st*j - kt + 1 .. st*j, so it never depends on later frames. Spatial padding is symmetric
-    (k // 2) by default, or explicit `((top, bottom), (left, right))`.
-
-    Params: `kernel (kt, kh, kw, C_in, C_out)` with logical axes
-    (None, None, None, conv_in, conv_out), `bias (C_out,)` (conv_out). The tap `kernel[-1]`
-    acts on the current frame (the one `inflate_from_2d` fills).
-
-    Call: `(x (B, T, H, W, C_in)) -> (B, (T - 1) // st + 1, H', W', features)` in `dtype`.
-
-    Raises:
-      UserError: x not 5-D, unknown `temporal_padding`.
-    """
-    features: int
-    kernel_size: Sequence[int] = (3, 3, 3)
-    strides: Sequence[int] = (1, 1, 1)
-    spatial_padding: Any = None
-    temporal_padding: str = "replicate"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        check(x.ndim == 5, "x.shape", tuple(x.shape), "must be (B, T, H, W, C)")
-        check(self.temporal_padding in TEMPORAL_PADDINGS, "temporal_padding",
-              self.temporal_padding, f"must be one of {TEMPORAL_PADDINGS}")
-        kt, kh, kw = self.kernel_size
-        kernel = self.param("kernel", nn.with_logical_partitioning(
-            nn.linear.default_kernel_init, (None, None, None, CONV_IN, CONV_OUT)),
-            (kt, kh, kw, x.shape[-1], self.features), self.param_dtype)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (CONV_OUT,)),
-                          (self.features,), self.param_dtype)
-        x = x.astype(self.dtype)
-        if kt > 1:
-            first = x[:, :1] if self.temporal_padding == "replicate" else jnp.zeros_like(x[:, :1])
-            x = jnp.concatenate([jnp.repeat(first, kt - 1, axis=1), x], axis=1)
-        spatial = self.spatial_padding
-        if spatial is None:
-            spatial = ((kh // 2, kh // 2), (kw // 2, kw // 2))
-        # The kt taps as channels, then one 2D conv over (B * T_out) frames: the same sums as a
-        # VALID conv3d, and ~5x faster than XLA:CPU's conv3d (forward + backward).
-        st = self.strides[0]
-        b, t_out = x.shape[0], (x.shape[1] - kt) // st + 1
-        x = jnp.concatenate([x[:, k:k + st * (t_out - 1) + 1:st] for k in range(kt)], axis=-1)
-        kernel = jnp.asarray(kernel, self.dtype).transpose(1, 2, 0, 3, 4).reshape(kh, kw, -1, self.features)
-        y = jax.lax.conv_general_dilated(
-            x.reshape((b * t_out,) + x.shape[2:]), kernel, window_strides=tuple(self.strides[1:]),
-            padding=tuple(tuple(p) for p in spatial), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return (y + jnp.asarray(bias, self.dtype)).reshape((b, t_out) + y.shape[1:])
-
-
-class CausalResnetBlock(nn.Module):
-    """`conv.ResnetBlock` (no timestep) with causal kt x 3 x 3 convs and per-frame GroupNorm.
-
-        h = conv2(silu(norm2(conv1(silu(norm1(x))))));  out = shortcut(x) + h
-
-    shortcut = 1x1x1 conv when C_in != out_channels. Params as diffusers `ResnetBlock2D`:
-    norm1, conv1, norm2, conv2, conv_shortcut. `(B, T, H, W, C_in) -> (B, T, H, W, C_out)`.
-    """
-    out_channels: int | None = None
-    num_groups: int = 32
-    temporal_kernel_size: int = 3
-    temporal_padding: str = "replicate"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        ckw = dict(temporal_padding=self.temporal_padding, **kw)
-        c_out = self.out_channels or x.shape[-1]
-        k3 = (self.temporal_kernel_size, 3, 3)
-        h = nn.silu(frame_group_norm(x, num_groups=self.num_groups, name="norm1", **kw))
-        h = CausalConv3d(c_out, k3, name="conv1", **ckw)(h)
-        h = nn.silu(frame_group_norm(h, num_groups=self.num_groups, name="norm2", **kw))
-        h = CausalConv3d(c_out, k3, name="conv2", **ckw)(h)
-        x = x.astype(self.dtype)
-        if x.shape[-1] != c_out:
-            x = CausalConv3d(c_out, (1, 1, 1), name="conv_shortcut", **ckw)(x)
-        return x + h
-
-
-class SpaceTimeDownsample(nn.Module):
-    """Halve H and W, and T (1 + 2k -> 1 + k) when `temporal`: one causal kt x 3 x 3 conv with
-    stride (2 or 1, 2, 2), padded at the bottom / right only (diffusers VAE `Downsample2D(padding=0)`).
-    Param `conv` (a `CausalConv3d`)."""
-    out_channels: int
-    temporal: bool = False
-    temporal_kernel_size: int = 3
-    temporal_padding: str = "replicate"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return CausalConv3d(self.out_channels, (self.temporal_kernel_size, 3, 3),
-                            strides=(2 if self.temporal else 1, 2, 2),
-                            spatial_padding=((0, 1), (0, 1)), temporal_padding=self.temporal_padding,
-                            dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
-
-
-class SpaceTimeUpsample(nn.Module):
-    """Nearest x2 in H and W and, when `temporal`, in T with the first copy dropped
-    (1 + k -> 1 + 2k frames: [z0, z1, z1, z2, z2, ...]), then a causal kt x 3 x 3 conv
-    (diffusers `Upsample2D` with a causal time axis). Param `conv`."""
-    out_channels: int
-    temporal: bool = False
-    temporal_kernel_size: int = 3
-    temporal_padding: str = "replicate"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.repeat(jnp.repeat(x.astype(self.dtype), 2, axis=2), 2, axis=3)
-        if self.temporal:
-            x = jnp.repeat(x, 2, axis=1)[:, 1:]
-        return CausalConv3d(self.out_channels, (self.temporal_kernel_size, 3, 3),
-                            temporal_padding=self.temporal_padding, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name="conv")(x)
-
-
-class CausalMidBlock(nn.Module):
-    """resnet -> per-frame spatial attention (optional) -> resnet (`vae.MidBlock` in 3D)."""
-    norm_num_groups: int = 32
-    attention: bool = True
-    temporal_kernel_size: int = 3
-    temporal_padding: str = "replicate"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, h: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        rkw = dict(num_groups=self.norm_num_groups, temporal_kernel_size=self.temporal_kernel_size,
-                   temporal_padding=self.temporal_padding, **kw)
-        h = CausalResnetBlock(name="resnets_0", **rkw)(h)
-        if self.attention:
-            attn = SpatialAttention(num_groups=self.norm_num_groups, eps=EPS, name="attentions_0", **kw)
-            h = _frames(attn, h)
-        return CausalResnetBlock(name="resnets_1", **rkw)(h)
+# --------------------------------------------------------------------------- encoder / decoder
 
 
 class VideoEncoder(nn.Module):
     """Causal video encoder: conv_in -> [resnets (+ space-time downsample)] per level -> mid block
     -> per-frame norm, SiLU, conv_out. `(B, T, H, W, C_in) -> (B, 1 + (T-1)/ft, H/fs, W/fs,
-    out_channels * (2 if double_z else 1))` in `dtype`. Param names are those of `vae.Encoder`.
+    out_channels * (2 if double_z else 1))` in `dtype`. Param names are those of `ldm_autoencoder.Encoder`.
     `temporal_downsample[i]` halves T at the downsample after level i."""
     out_channels: int
     block_out_channels: Sequence[int] = (64,)
@@ -256,7 +92,7 @@ class VideoDecoder(nn.Module):
     """Causal video decoder: conv_in -> mid block -> [resnets (+ space-time upsample)] per level ->
     per-frame norm, SiLU, conv_out. `(B, t, h, w, c) -> (B, 1 + (t-1)*ft, h*fs, w*fs,
     out_channels)` in `dtype`; upsampling mirrors `temporal_downsample` (the encoder's level i
-    downsample is undone by up level `levels - 2 - i`). Param names are those of `vae.Decoder`."""
+    downsample is undone by up level `levels - 2 - i`). Param names are those of `ldm_autoencoder.Decoder`."""
     out_channels: int
     block_out_channels: Sequence[int] = (64,)
     layers_per_block: int = 2

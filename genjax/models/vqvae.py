@@ -3,7 +3,7 @@
 Source: van den Oord, Vinyals, Kavukcuoglu 2017, "Neural Discrete Representation Learning"
 (arXiv:1711.00937), eq. 3 (loss) and Appendix A.1 (EMA codebook updates), as implemented in
 Sonnet 2 `snt.nets.VectorQuantizer` / `VectorQuantizerEMA`. The autoencoder around the quantiser
-reuses the LDM `Encoder` / `Decoder` from `genjax.models.vae`, as VQGAN and LDM's `VQModel` do.
+reuses the LDM `Encoder` / `Decoder` from `genjax.models.ldm_autoencoder`, as VQGAN and LDM's `VQModel` do.
 
 `load_diffusers` reads diffusers `VQModel` checkpoints (e.g. the `vqvae/` of
 CompVis/ldm-super-resolution-4x-openimages). Shapes: encoder outputs `z (..., D)` channels-last; the codebook is `(K, D)` (K codes of width D);
@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 
 from genjax.errors import check
-from genjax.io.weights import StateDictReader, load_state_dict
+from genjax.io.weights import StateDictReader, check_overrides, check_params_match, load_state_dict
 from genjax.models.conv import conv2d
-from genjax.models.vae import (Decoder, Encoder, autoencoder_config, check_image, check_overrides,
-                               check_params_match, load_decoder, load_encoder)
+from genjax.models.ldm_autoencoder import (Decoder, Encoder, autoencoder_config, check_image,
+                                           load_decoder, load_encoder)
 from genjax.parallel.axes import EMBED, VOCAB
 
 Dtype = Any
@@ -181,7 +181,7 @@ def restart_dead_codes(codebook: jax.Array, usage_counts: jax.Array, z_batch: ja
 class VQVAE(nn.Module):
     """Vector-quantised autoencoder: encoder -> quant_conv -> quantiser -> post_quant_conv -> decoder.
 
-    The encoder / decoder are the LDM ones (`genjax.models.vae.Encoder` / `Decoder`, single `z`),
+    The encoder / decoder are the LDM ones (`genjax.models.ldm_autoencoder.Encoder` / `Decoder`, single `z`),
     as VQGAN (Esser et al. 2021) and LDM / diffusers `VQModel`; the bottleneck is
     `VectorQuantizer` (van den Oord et al. 2017).
 

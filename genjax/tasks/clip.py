@@ -3,10 +3,10 @@ on MNIST digits (data.dataset "mnist_embedded", batch `{"image", "ids", "mask"}`
 videos ("moving_mnist", `{"video", "ids", "mask"}`) paired with their captions ("digit N"),
 byte-tokenized (`tokenizer.ByteTokenizer`, model.context_length).
 
-loss_fn: `clip.clip_loss` (model.loss "clip") or `clip.siglip_loss` ("siglip") over the global
-batch; metric `logit_scale`. No samples; evaluate(params) -> {"zero_shot_accuracy"} on
+loss_fn: `contrastive.clip_loss` (model.loss "clip") or `contrastive.siglip_loss` ("siglip") over
+the global batch; metric `logit_scale`. No samples; evaluate(params) -> {"zero_shot_accuracy"} on
 eval.num_samples test examples with the prompts "digit 0" ... "digit 9"
-(`clip.zero_shot_accuracy`, Radford et al. 2021 Sec. 3.1.2; chance 0.1).
+(`contrastive.zero_shot_accuracy`, Radford et al. 2021 Sec. 3.1.2; chance 0.1).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def tokenize_fn(tok, length: int, key: str | None):
 def build(config, *, mesh=None) -> Task:
     del mesh
     from genjax.data import recipes
-    from genjax.models import clip, tokenizer
+    from genjax.models import contrastive, tokenizer
 
     video = config.data.dataset == "moving_mnist"
     key = "video" if video else "image"
@@ -58,15 +58,15 @@ def build(config, *, mesh=None) -> Task:
         inputs = {"videos" if video else "images": batch[key]}
         out = module.apply({"params": params}, ids=batch["ids"], mask=batch["mask"], **inputs)
         if module.loss == "clip":
-            loss = clip.clip_loss(out[key], out["text"], out["logit_scale"])
+            loss = contrastive.clip_loss(out[key], out["text"], out["logit_scale"])
         else:
-            loss = clip.siglip_loss(out[key], out["text"], out["logit_scale"], out["logit_bias"])
+            loss = contrastive.siglip_loss(out[key], out["text"], out["logit_scale"], out["logit_bias"])
         return loss, {"logit_scale": jnp.exp(out["logit_scale"])}
 
     held_out = recipes.fixed_examples(config, config.eval.num_samples)
 
     def evaluate(params):
-        acc = clip.zero_shot_accuracy({"params": params}, module, held_out[key], held_out["label"], tok)
+        acc = contrastive.zero_shot_accuracy({"params": params}, module, held_out[key], held_out["label"], tok)
         return {"zero_shot_accuracy": acc}
 
     make_data = recipes.pixel_data(config, tokenize_fn(tok, length, key))

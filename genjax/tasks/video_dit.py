@@ -11,7 +11,7 @@ S / fs, S / fs, latent_channels).
   data.latents = "cache": the posterior mean and std (and the caption tokens) are computed once
     into WORKDIR/latents/ (`recipes.latent_cache_data`), so a step costs only the DiT.
 Text: captions byte-tokenized (`tokenizer.ByteTokenizer`, task.text_length tokens) and encoded by
-`clip.TextTransformer` (task.text: width, num_layers, num_heads, mlp_dim), trained jointly, or,
+`clip_towers.TextTransformer` (task.text: width, num_layers, num_heads, mlp_dim), trained jointly, or,
 with task.text_encoder = a CLIP workdir, by that CLIP's frozen text tower; the DiT cross-attends
 to its hidden states `(B, L, Dt)` under text_mask (PixArt-alpha / Stable Diffusion use a frozen
 encoder's last hidden states). Params: `{"dit": ..., "text": ...}` (no "text" with a frozen encoder).
@@ -88,7 +88,7 @@ def latent_scale_of(config, num: int = 512) -> float:
 
 def _text_tower(t, tok, mesh, dtype):
     """`(module, frozen params or None, width, length)` of the text encoder."""
-    from genjax.models import clip
+    from genjax.models import clip_towers
 
     length = int(t.text_length)
     check(length >= 2, "task.text_length", length, "must be >= 2 (bos and eos)")
@@ -97,7 +97,7 @@ def _text_tower(t, tok, mesh, dtype):
         check(length <= clip_module.context_length, "task.text_length", length,
               f"must be <= the CLIP's context_length {clip_module.context_length}")
         return clip_module, clip_params, clip_module.text_width, length
-    text = clip.TextTransformer(**model_kwargs(clip.TextTransformer, t.text, vocab_size=tok.vocab_size,
+    text = clip_towers.TextTransformer(**model_kwargs(clip_towers.TextTransformer, t.text, vocab_size=tok.vocab_size,
                                                context_length=length, dtype=dtype))
     return text, None, text.width, length
 

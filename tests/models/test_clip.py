@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from genjax.data.sources import MnistEmbeddedSource
 from genjax.errors import UserError
-from genjax.models import clip
+from genjax.models import clip, clip_towers, contrastive
 from genjax.models.tokenizer import ByteTokenizer
 
 torch.set_num_threads(1)
@@ -97,7 +97,7 @@ def test_vision_tower_matches_transformers():
     with torch.no_grad():
         out = ref(pixel_values=torch.from_numpy(x).permute(0, 3, 1, 2))
     module, params = clip.load_transformers(ref.state_dict(), num_heads=2)
-    assert isinstance(module, clip.VisionTransformer) and module.image_size == (28, 28)
+    assert isinstance(module, clip_towers.VisionTransformer) and module.image_size == (28, 28)
     hidden, pooled = jax.jit(module.apply)({"params": params}, x)
     np.testing.assert_allclose(hidden, _t2n(out.last_hidden_state), atol=TOL)
     np.testing.assert_allclose(pooled, _t2n(out.pooler_output), atol=TOL)
@@ -130,7 +130,7 @@ def test_clip_model_matches_transformers(tmp_path):
 
 
 def test_padding_tokens_never_influence_real_tokens_or_pooled():
-    m = clip.TextTransformer(vocab_size=50, context_length=10, width=16, num_layers=2, num_heads=2, mlp_dim=32,
+    m = clip_towers.TextTransformer(vocab_size=50, context_length=10, width=16, num_layers=2, num_heads=2, mlp_dim=32,
                              eos_token_id=49)
     ids = np.array([[0, 0, 0, 1, 5, 6, 7, 49, 0, 0]], np.int32)  # left and right padding
     mask = np.zeros_like(ids, bool)
@@ -175,11 +175,11 @@ def _embeddings(n=16, e=8, seed=0):
 def test_losses_match_numpy():
     img, txt = _embeddings()
     for scale in (np.log(1 / 0.07), np.log(1000.0)):  # the second is clamped to 100
-        np.testing.assert_allclose(clip.clip_loss(img, txt, scale), _np_clip_loss(img, txt, scale), rtol=1e-5)
+        np.testing.assert_allclose(contrastive.clip_loss(img, txt, scale), _np_clip_loss(img, txt, scale), rtol=1e-5)
     for scale, bias in ((np.log(10.0), -10.0), (1.3, 0.5)):
-        np.testing.assert_allclose(clip.siglip_loss(img, txt, scale, bias), _np_siglip_loss(img, txt, scale, bias),
+        np.testing.assert_allclose(contrastive.siglip_loss(img, txt, scale, bias), _np_siglip_loss(img, txt, scale, bias),
                                    rtol=1e-5)
-    assert abs(float(clip.clip_loss(img, img[::-1], 0.0)) - _np_clip_loss(img, img[::-1], 0.0)) < 1e-5
+    assert abs(float(contrastive.clip_loss(img, img[::-1], 0.0)) - _np_clip_loss(img, img[::-1], 0.0)) < 1e-5
 
 
 def test_losses_under_8_device_sharding_equal_one_device():
@@ -191,7 +191,7 @@ def test_losses_under_8_device_sharding_equal_one_device():
     s_img, s_txt = jax.device_put(img, batch), jax.device_put(txt, batch)
     scale, bias = jnp.float32(2.3), jnp.float32(-3.0)
 
-    for name, loss, extra in (("clip", clip.clip_loss, ()), ("siglip", clip.siglip_loss, (bias,))):
+    for name, loss, extra in (("clip", contrastive.clip_loss, ()), ("siglip", contrastive.siglip_loss, (bias,))):
         want = loss(img, txt, scale, *extra)
         assert abs(jax.jit(loss)(s_img, s_txt, scale, *extra) - want) <= 1e-6, name
         # shard_map: each device holds 2 rows and gathers the rest; gradients flow back through all_gather
@@ -227,10 +227,10 @@ def test_tower_shapes_normalised_embeddings_and_bf16():
         assert np.abs(got[key] - want[key]).max() < 0.05, key  # bf16 close to float32
         assert np.all(np.sum(got[key] * want[key], -1) > 0.995), key  # cosine similarity
     p = params["params"]
-    towers = [(clip.TextTransformer(259, 32, 64, 2, 2, 256, "gelu_tanh"), p["text"], (ids, mask), (2, 32, 64)),
-              (clip.VisionTransformer((28, 28), (7, 7), 1, 64, 2, 2, 256, "gelu_tanh"), p["vision"], (images,),
+    towers = [(clip_towers.TextTransformer(259, 32, 64, 2, 2, 256, "gelu_tanh"), p["text"], (ids, mask), (2, 32, 64)),
+              (clip_towers.VisionTransformer((28, 28), (7, 7), 1, 64, 2, 2, 256, "gelu_tanh"), p["vision"], (images,),
                (2, 1 + 16, 64)),
-              (clip.VideoTransformer((2, 8, 8), 1, (4, 4, 4), 64, 2, 2, 256, num_temporal_layers=1), p["video"],
+              (clip_towers.VideoTransformer((2, 8, 8), 1, (4, 4, 4), 64, 2, 2, 256, num_temporal_layers=1), p["video"],
                (videos,), (2, 4 * 4 * 4, 64))]
     for tower, tower_params, args, hidden_shape in towers:
         hidden, pooled = jax.eval_shape(tower.apply, {"params": tower_params}, *args)
@@ -281,7 +281,7 @@ def test_bad_input_raises_user_error():
                                 np.zeros((1, 16, 32, 32, 1))), "max_grid"),
         (lambda: jax.eval_shape(clip.Model(variant="tiny", loss="nce").init, key, ids), "loss"),
         (lambda: clip.Model(variant="ViT-H/99"), "variant"),
-        (lambda: clip.zero_shot_accuracy({}, m, np.zeros((4, 28, 28)), np.zeros(4), ByteTokenizer()), "images"),
+        (lambda: contrastive.zero_shot_accuracy({}, m, np.zeros((4, 28, 28)), np.zeros(4), ByteTokenizer()), "images"),
     ]
     for fn, match in cases:
         with pytest.raises(UserError, match=match):
@@ -325,7 +325,7 @@ def _train_mnist_clip(steps, batch_size=64, seed=0):
     def step(params, opt_state, x, ids, mask):
         def loss_fn(p):
             out = m.apply(p, ids, mask, x)
-            return clip.clip_loss(out["image"], out["text"], out["logit_scale"])
+            return contrastive.clip_loss(out["image"], out["text"], out["logit_scale"])
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = opt.update(grads, opt_state, params)
@@ -339,7 +339,7 @@ def _train_mnist_clip(steps, batch_size=64, seed=0):
         params, opt_state, loss = step(params, opt_state, images[idx], captions[0][labels], captions[1][labels])
         losses.append(float(loss))
     test = MnistEmbeddedSource("test")
-    return clip.zero_shot_accuracy(params, m, test.images, test.labels, tok), losses
+    return contrastive.zero_shot_accuracy(params, m, test.images, test.labels, tok), losses
 
 
 def test_zero_shot_mnist_after_short_training():

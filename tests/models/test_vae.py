@@ -9,9 +9,9 @@ import torch
 
 from genjax.errors import UserError
 from genjax.models import vae
-from genjax.models.vae import (AutoencoderKL, DiagonalGaussian, PatchDiscriminator,
-                               adaptive_disc_weight, discriminator_hinge_loss, generator_loss,
-                               load_diffusers, vae_loss)
+from genjax.models.discriminator import (PatchDiscriminator, adaptive_disc_weight,
+                                         discriminator_hinge_loss, generator_loss)
+from genjax.models.vae import AutoencoderKL, DiagonalGaussian, load_diffusers, vae_loss
 
 torch.set_num_threads(1)
 

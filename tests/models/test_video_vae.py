@@ -18,7 +18,8 @@ import torch
 from genjax.data.sources import MovingMnistSource
 from genjax.errors import UserError
 from genjax.models import vae, video_vae
-from genjax.models.video_vae import CausalConv3d, VideoAutoencoderKL, inflate_from_2d
+from genjax.models.causal_conv import CausalConv3d
+from genjax.models.video_vae import VideoAutoencoderKL, inflate_from_2d
 
 torch.set_num_threads(1)
 
