@@ -20,7 +20,8 @@ Sections (each stage trains in WORKDIR/<stage>/, finished stages are skipped on 
          (1, 2, 2) tubelets: 16 x 8 x 8 = 1,024 tokens per clip), text cross-attention, text
          dropout 0.1, frame-conditioning masks (image-to-video); eps, cosine schedule; bfloat16
          compute, scanned blocks rematerialised except their weight matmuls; batch 64, 100K steps
-         on latents of 50K training clips (encoded once: dit/latents.npz, 3.3 GB).
+         on latents of 50K training clips (encoded once into the latent cache dit/latents/: the
+         posterior mean and std, float32, 6.6 GB).
   sample DDIM-50, cfg 4, 8 videos for each of 10 two-digit prompts.
 
 Captions: Moving MNIST's default two-digit caption "digits {d0} and {d1}" (`data.sources.

@@ -62,7 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.log_every_steps = 10
         c.data.update(batch_size=16, image_size=32, num_frames=8, num_examples=2048)
         c.model.update(**vivit.VARIANTS["smoke"], dtype="float32")
-        c.optim.update(lr=3e-3, schedule="constant", warmup_steps=0, weight_decay=0.0, grad_clip_norm=0.0)
+        c.optim.update(lr=3e-3, schedule="constant", warmup_steps=0, weight_decay=0.0, grad_clip_norm=0.0,
+                       ema_warmup=True)  # EMA decay (1 + n) / (10 + n): ~0.98 at step 400
         c.ckpt.update(save_interval_steps=200, max_to_keep=1)
         c.eval.update(sample_every_steps=400, num_samples=64)
     c.lock()

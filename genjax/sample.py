@@ -128,8 +128,9 @@ def main(args) -> int:
       UserError: a bad argument (before the model is built), a request the model cannot take
         (from `sample_fn`, before compiling), a workdir without a model.
     """
+    from genjax import convert
     from genjax.diffusion import samplers
-    from genjax.io import media
+    from genjax.io import checkpoint, media
 
     check(args.num >= 1, "--num", args.num, "must be an integer >= 1")
     check(args.out.endswith(".npz"), "--out", args.out, "must be a .npz file")
@@ -144,9 +145,6 @@ def main(args) -> int:
     for p in args.prompt:
         check(isinstance(p, str) and p.strip() != "", "--prompt", p, "must be a non-empty string")
     path = model_dir(args.workdir)
-    from genjax import convert
-    from genjax.io import checkpoint
-
     converted = convert.read_converted_config(path)
     name = converted["family"] if converted else checkpoint.read_config(path).model.name
     check(name in VIDEO_MODELS + IMAGE_MODELS, "--workdir", args.workdir,
