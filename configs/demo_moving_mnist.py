@@ -17,21 +17,23 @@ Sections (each stage trains in WORKDIR/<stage>/; a finished stage is skipped on 
          steps (165 CPU s): at 300 steps (zero-shot 69 %) the tower gave "digit 2" / "digit 6"
          almost the same states and the DiT drew 2s for "digit 6" (11 % digit accuracy on 6s);
          at 1,500 steps zero-shot is 97 % and the demo's digit accuracy rose from 70 to 84 %.
-  dit    the video DiT (`genjax.models.video_dit.VideoDiT`, joint spacetime attention, tubelets
-         (1, 2, 2), width 128, depth 4) trained on the frozen VAE's latents (encoded once,
-         normalised by 1 / their std, LDM App. D.1) with text cross-attention, text dropout 0.1
+  dit    a `genjax train` config (model.name "video_dit"): the video DiT (joint spacetime
+         attention, tubelets (1, 2, 2), width 128, depth 4) on the frozen VAE's latents (cached
+         once, data.latents "cache"; scaled by 1 / their std, LDM App. D.1, which `genjax demo`
+         measures into task.latent_scale) and the frozen text tower (task.text_encoder = the text
+         stage), with text cross-attention, text dropout 0.1
          for classifier-free guidance, and frame-conditioning masks (Open-Sora v1.1) so the same
          model does image-to-video; eps-prediction, cosine schedule; 2,500 steps of batch 32
-         (1,500 steps: digit accuracy 83.6 %; 2,500: 90.3 %, 16 wall-minutes on 2 idle cores).
+         (1,500 steps: digit accuracy 83.6 %; 2,500: 90.6 %; 32 wall-minutes on 2 idle EPYC cores).
   sample prompts and sampler settings for the demo's final samples.
 
 Canvas: 32 x 32 with one digit (not the 64 x 64 two-digit canvas of Srivastava et al. 2015) so the
 three stages fit the 30-minute budget on a 2-core CPU; two-digit prompts are sampled for show
 but are outside the training captions.
-Hardware: one 2-core CPU host. Run time (measured, idle 2-core CPU): `make demo` in a fresh clone
-23 min 55 s wall with the install (VAE 174 s, text 96 s, DiT 995 s; 2,319 CPU s). Expected result
-(measured, deterministic): the digit classifier recognises the prompted digit in 90.3 % of frames
-(target >= 80 %), temporal consistency 89.8 %, VAE PSNR 25.99 dB.
+Hardware: one 2-core CPU host. Run time (measured): `make demo` 43 min 24 s wall on a 2-core AMD
+EPYC (VAE 388 s, text 173 s, DiT 1,898 s; 4,379 CPU s), 23 min 55 s on an earlier 2-core Xeon.
+Expected result (measured, deterministic): the digit classifier recognises the prompted digit in
+90.6 % of frames (target >= 80 %), temporal consistency 91.3 %, VAE PSNR 26.36 dB.
 Smoke (`smoke=True`): 16 x 16-channel models, a handful of steps per stage; seconds on CPU.
 """
 
