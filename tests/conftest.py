@@ -19,3 +19,24 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Keep each xdist worker from oversubscribing the 2 cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+import pytest  # noqa: E402  (after the XLA flags above)
+
+
+@pytest.fixture(scope="session")
+def smoke_demo(tmp_path_factory):
+    """(workdir, stdout, wall seconds) of one `genjax demo --smoke` run, shared by test_demo.py and
+    test_sample.py (defined here once, so both files use the same session-scoped run)."""
+    import contextlib
+    import io
+    import time
+
+    from genjax import cli
+
+    workdir = str(tmp_path_factory.mktemp("demo"))
+    out = io.StringIO()
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["demo", "--smoke", "--workdir", workdir]) == 0
+    return workdir, out.getvalue(), time.perf_counter() - start

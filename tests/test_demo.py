@@ -11,25 +11,12 @@ import pytest
 
 from genjax import cli
 
-# One smoke demo run per session, shared by test_demo.py and test_sample.py: keep both files on
-# one xdist worker (`--dist loadgroup` in the Makefile) so the run is not repeated per worker.
-pytestmark = pytest.mark.xdist_group("smoke_demo")
+# One smoke demo run per session (the `smoke_demo` fixture in conftest.py, one definition shared by
+# test_demo.py and test_sample.py): keep both files on one xdist worker (`--dist loadgroup` in the
+# Makefile) so the run is not repeated per worker.
+pytestmark = pytest.mark.xdist_group(name="smoke_demo")
 
 STAGES = ("vae", "text", "dit")
-
-
-@pytest.fixture(scope="session")
-def smoke_demo(tmp_path_factory):
-    """(workdir, stdout, wall seconds) of one `genjax demo --smoke` run."""
-    import contextlib
-    import io
-
-    workdir = str(tmp_path_factory.mktemp("demo"))
-    out = io.StringIO()
-    start = time.perf_counter()
-    with contextlib.redirect_stdout(out):
-        assert cli.main(["demo", "--smoke", "--workdir", workdir]) == 0
-    return workdir, out.getvalue(), time.perf_counter() - start
 
 
 def test_demo_writes_every_output(smoke_demo):

@@ -10,11 +10,10 @@ import pytest
 
 from genjax import cli
 from genjax.errors import UserError
-from tests.test_demo import smoke_demo  # noqa: F401  (session fixture: one smoke run for both files)
 
 # One smoke demo run per session, shared by test_demo.py and test_sample.py: keep both files on
 # one xdist worker (`--dist loadgroup` in the Makefile) so the run is not repeated per worker.
-pytestmark = pytest.mark.xdist_group("smoke_demo")
+pytestmark = pytest.mark.xdist_group(name="smoke_demo")
 
 
 def _sample(workdir, out, *extra):
@@ -22,7 +21,7 @@ def _sample(workdir, out, *extra):
                      "--steps", "3", "--out", str(out), *extra])
 
 
-def test_sample_files_shapes_and_determinism(smoke_demo, tmp_path):  # noqa: F811
+def test_sample_files_shapes_and_determinism(smoke_demo, tmp_path):
     workdir = smoke_demo[0]
     a, b = tmp_path / "a.npz", tmp_path / "b.npz"
     assert _sample(workdir, a) == 0
@@ -36,7 +35,7 @@ def test_sample_files_shapes_and_determinism(smoke_demo, tmp_path):  # noqa: F81
         assert os.path.getsize(tmp_path / f"a{ext}") > 0
 
 
-def test_sample_sampler_and_size(smoke_demo, tmp_path):  # noqa: F811
+def test_sample_sampler_and_size(smoke_demo, tmp_path):
     out = tmp_path / "other.npz"
     assert cli.main(["sample", "--workdir", smoke_demo[0], "--prompt", "digit 3", "--prompt", "digit 5",
                      "--num", "1", "--steps", "3", "--sampler", "dpmpp_2m", "--frames", "4", "--height", "16",
@@ -53,7 +52,7 @@ def _restored(workdir):
     return tasks.restore(os.path.join(workdir, "dit"))
 
 
-def test_image_to_video_first_frame(smoke_demo, tmp_path):  # noqa: F811
+def test_image_to_video_first_frame(smoke_demo, tmp_path):
     """The first latent frame is pinned to the init frame's latent, so the first decoded frame is
     the VAE's reconstruction of the image (the VAE is frame-wise: temporal kernel 1)."""
     import jax
@@ -86,7 +85,7 @@ def test_image_to_video_first_frame(smoke_demo, tmp_path):  # noqa: F811
     (["--prompt", "digit 1", "--sampler", "dpmpp"], "--sampler='dpmpp': must be one of"),
     (["--prompt", "digit 1", "--class-label", "3"], "--class-label=[3]: is for class-conditional image models"),
 ])
-def test_sample_bad_input(smoke_demo, tmp_path, capsys, extra, message):  # noqa: F811
+def test_sample_bad_input(smoke_demo, tmp_path, capsys, extra, message):
     code = cli.main(["sample", "--workdir", smoke_demo[0], "--out", str(tmp_path / "x.npz"), *extra])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
@@ -102,7 +101,7 @@ def test_sample_workdir_without_model(tmp_path, capsys):
     assert "holds no trained model" in err
 
 
-def test_non_string_prompt(smoke_demo):  # noqa: F811
+def test_non_string_prompt(smoke_demo):
     import jax
 
     _, task, params = _restored(smoke_demo[0])
