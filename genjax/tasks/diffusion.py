@@ -88,6 +88,43 @@ def generate(denoise: Callable, shape: tuple[int, ...], rng: jax.Array, *, sched
     return media.to_uint8(out if decode is None else decode(out))
 
 
+def latent_fns(config, vae_module, vae_params, vae_path: str, key: str, inputs=None, meta=None):
+    """`(encode, decode, make_data)` of a latent diffusion task on a frozen autoencoder (LDM,
+    Rombach et al. 2022): x0 = `(z - shift_factor) * scaling_factor`, z ~ q(z | x) drawn with the
+    step's rng, from `batch[key]` pixels encoded inside the step (data.latents "on_the_fly") or
+    from the posterior mean and std of the latent cache (data.latents "cache",
+    `recipes.latent_cache_data`; the same draw, `DiagonalGaussian.sample`). `inputs` turns an
+    example into the batch fields (default `recipes.labelled_inputs`); `meta` adds to what the
+    cache depends on. decode: latents -> pixels in [-1, 1]."""
+    import os
+
+    from genjax.data import recipes
+
+    cached = config.data.get("latents", "on_the_fly") == "cache"
+    scale, shift = vae_module.scaling_factor, vae_module.shift_factor
+
+    def encode(batch, rng):
+        if cached:
+            eps = jax.random.normal(rng, batch["mean"].shape, jnp.float32)
+            return (batch["mean"] + batch["std"] * eps - shift) * scale
+        return vae_module.apply({"params": vae_params}, batch[key], rng,
+                                method=vae_module.encode_latents).astype(jnp.float32)
+
+    def decode(z):
+        return vae_module.apply({"params": vae_params}, z, method=vae_module.decode_latents)
+
+    if not cached:
+        return encode, decode, recipes.pixel_data(config, inputs)
+
+    @jax.jit
+    def posterior(x):
+        q = vae_module.apply({"params": vae_params}, x, method=vae_module.encode)
+        return q.mean, q.std
+
+    meta = {"vae": os.path.abspath(vae_path), **(meta or {})}
+    return encode, decode, recipes.latent_cache_data(config, posterior, meta=meta, inputs=inputs)
+
+
 def image_task(config, module, init_params, denoise, *, x_shape, make_data, encode=None, decode=None,
                conditional=True, num_classes: int = 0) -> Task:
     """Diffusion training and sampling around `denoise(params, x_t, t, y, rng | None) -> output`.

@@ -15,9 +15,7 @@ Samples are decoded by the VAE. See `tasks.diffusion.image_task` for loss_fn and
 
 from __future__ import annotations
 
-import os
 
-import jax
 import jax.numpy as jnp
 
 from genjax.errors import check
@@ -69,26 +67,6 @@ def build(config, *, mesh=None) -> Task:
     if not vae_path:
         return diffusion.image_task(config, module, init_params, denoise, make_data=recipes.pixel_data(config), **kw)
 
-    cached = config.data.get("latents", "on_the_fly") == "cache"
-    scale, shift = vae_module.scaling_factor, vae_module.shift_factor
-
-    def encode(batch, rng):
-        if cached:  # DiagonalGaussian.sample, exactly as encode_latents does it
-            eps = jax.random.normal(rng, batch["mean"].shape, jnp.float32)
-            return (batch["mean"] + batch["std"] * eps - shift) * scale
-        return vae_module.apply({"params": vae_params}, batch["image"], rng,
-                                method=vae_module.encode_latents).astype(jnp.float32)
-
-    def decode(z):
-        return vae_module.apply({"params": vae_params}, z, method=vae_module.decode_latents)
-
-    make_data = recipes.pixel_data(config)
-    if cached:
-        @jax.jit
-        def posterior(x):
-            q = vae_module.apply({"params": vae_params}, x, method=vae_module.encode)
-            return q.mean, q.std
-
-        make_data = recipes.latent_cache_data(config, posterior, meta={"vae": os.path.abspath(vae_path)})
+    encode, decode, make_data = diffusion.latent_fns(config, vae_module, vae_params, vae_path, "image")
     return diffusion.image_task(config, module, init_params, denoise, make_data=make_data, encode=encode,
                                 decode=decode, **kw)

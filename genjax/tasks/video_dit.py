@@ -43,7 +43,6 @@ Raises:
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -103,7 +102,6 @@ def _text_tower(t, tok, mesh, dtype):
 
 
 def build(config, *, mesh=None) -> Task:
-    from genjax.data import recipes
     from genjax.diffusion import frame_conditioning, losses
     from genjax.models import tokenizer, video_dit
     from genjax.tasks import clip as clip_task, diffusion
@@ -127,8 +125,6 @@ def build(config, *, mesh=None) -> Task:
     schedule = diffusion.make_schedule(config)
     channels, learn_sigma = x_shape[-1], module.learn_sigma
     probs = dict(config.diffusion.get("frame_mask_probs", {"none": 1.0}))
-    scale, shift = vae_module.scaling_factor, vae_module.shift_factor
-    cached = d.get("latents", "on_the_fly") == "cache"
 
     def init_params(key):
         dit_key, text_key = jax.random.split(key)
@@ -148,15 +144,9 @@ def build(config, *, mesh=None) -> Task:
             hidden = text_module.apply({"params": params["text"]}, ids, mask)[0]
         return hidden.astype(jnp.float32)
 
-    def encode(batch, rng):
-        if cached:  # DiagonalGaussian.sample, exactly as encode_latents does it
-            eps = jax.random.normal(rng, batch["mean"].shape, jnp.float32)
-            return (batch["mean"] + batch["std"] * eps - shift) * scale
-        return vae_module.apply({"params": vae_params}, batch["video"], rng,
-                                method=vae_module.encode_latents).astype(jnp.float32)
-
-    def decode(z):
-        return vae_module.apply({"params": vae_params}, z, method=vae_module.decode_latents)
+    tokenize = clip_task.tokenize_fn(tok, length, "video")
+    encode, decode, make_data = diffusion.latent_fns(config, vae_module, vae_params, t.vae, "video", inputs=tokenize,
+                                                     meta={"text_length": length})
 
     def loss_fn(params, batch, rng):
         vae_rng, model_rng, loss_rng, mask_rng = jax.random.split(rng, 4)
@@ -173,18 +163,6 @@ def build(config, *, mesh=None) -> Task:
         frame_mask = frame_conditioning.random_frame_mask(mask_rng, x0.shape[0], x0.shape[1], probs=probs)
         return frame_conditioning.frame_conditioned_diffusion_loss(denoise_fn, x0, loss_rng,
                                                                    frame_mask=frame_mask, **kw)
-
-    tokenize = clip_task.tokenize_fn(tok, length, "video")
-    if cached:
-        @jax.jit
-        def posterior(x):
-            q = vae_module.apply({"params": vae_params}, x, method=vae_module.encode)
-            return q.mean, q.std
-
-        make_data = recipes.latent_cache_data(config, posterior, inputs=tokenize,
-                                              meta={"vae": os.path.abspath(t.vae), "text_length": length})
-    else:
-        make_data = recipes.pixel_data(config, tokenize)
 
     @functools.partial(jax.jit, static_argnames=("shape", "sampler", "num_steps"))
     def run(params, rng, ids, mask, cfg_scale, init_frames, *, shape, sampler, num_steps):
