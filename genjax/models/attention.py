@@ -1,14 +1,15 @@
 """Attention: the one `dot_product_attention`, its masks, and the `Attention` layer every model uses.
 
 Dimension letters are defined in `genjax.models.layers` (B batch, L query tokens, S key tokens,
-D width, N heads, K head dim). `dot_product_attention` takes a `backend`; today only the dense
-reference "xla" exists (logits in float32, an `(B, N, L, S)` array); memory-linear and fused
-kernels go behind the same signature.
+D width, N heads, K head dim). `dot_product_attention` takes an `implementation`: the dense
+reference "xla" (float32 logits, an `(B, N, L, S)` array), the memory-linear "blockwise"
+(`blockwise_attention.py`, every platform), the fused "cudnn" and "pallas" kernels, or "auto". Masks
+go in as their ingredients (segment ids, key mask, causality), never as an `(L, S)` array, so the
+memory-linear paths build none; every model's `attention_impl` attribute chooses.
 
   Attention (DiT, video DiT, ViViT, CLIP, PixArt-style cross-attention, conv attention blocks)
     q = to_q(x), k = to_k(context or x), v = to_v(context or x)        (B, L|S, N, K)
-    mask = attention_mask(segment ids, key mask, causal)               (B|1, 1, L, S) bool
-    o = dot_product_attention(q, k, v, mask)                           (B, L, N, K)
+    o = dot_product_attention(q, k, v, segment ids, key mask, causal)  (B, L, N, K)
     out = to_out(o)                                                    (B, L, D_out)
 
 `factorised_attention` runs an attention layer spatially (tokens of one frame) or temporally
@@ -27,13 +28,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from genjax.errors import check
+from genjax.models.blockwise_attention import blockwise_attention
 from genjax.models.layers import logical, xavier_uniform, zeros
 from genjax.parallel.axes import EMBED, HEADS, KV
 
 Dtype = Any
 Array = jax.Array
 
-BACKENDS = ("xla",)
+IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "pallas")
+AUTO_DENSE_MAX = 2048 * 2048  # auto on CPU: dense while L * S is at most this (measured in BENCHMARKS.md)
 
 
 def attention_mask(q_segment_ids: Array | None = None, kv_segment_ids: Array | None = None, *,
@@ -71,25 +74,128 @@ def attention_mask(q_segment_ids: Array | None = None, kv_segment_ids: Array | N
     return mask
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None = None, *,
-                          backend: str = "xla") -> Array:
-    """softmax(q k^T / sqrt(K)) v with a boolean mask; logits and softmax in float32.
+def segment_ids_of(q: Array, k: Array, q_segment_ids: Array | None = None, kv_segment_ids: Array | None = None,
+                   kv_mask: Array | None = None) -> tuple[Array, Array]:
+    """The mask ingredients as one pair of `(B, L)`, `(B, S)` int32 ids with `attention_mask`'s meaning
+    under the single rule "equal and nonzero": missing ids become ones, a lone id array becomes
+    `id != 0`, and a key mask is folded into the key ids as 0."""
+    b, l, s = q.shape[0], q.shape[1], k.shape[1]
+    if q_segment_ids is not None and kv_segment_ids is not None:
+        qi, ki = q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32)
+    else:
+        qi = jnp.ones((b, l), jnp.int32) if q_segment_ids is None else (q_segment_ids != 0).astype(jnp.int32)
+        ki = jnp.ones((b, s), jnp.int32) if kv_segment_ids is None else (kv_segment_ids != 0).astype(jnp.int32)
+    if kv_mask is not None:
+        ki = jnp.where(kv_mask.astype(bool), ki, 0)
+    return qi, ki
+
+
+def _platform() -> str:
+    return jax.devices()[0].platform
+
+
+def resolve_implementation(implementation: str, *, platform: str, q_len: int, kv_len: int,
+                           packed: bool, key_mask: bool, self_attention: bool) -> str:
+    """The implementation `dot_product_attention` runs: `implementation` itself, or for "auto" by
+    platform and shape. "auto" rules:
+      gpu: "cudnn" when nothing is packed (cuDNN flash attention; key masks as a (B, 1, 1, S) mask),
+           else "pallas" for packed self-attention without a separate key mask, else "blockwise";
+      tpu: "pallas" (the Pallas TPU flash kernel, segment ids);
+      cpu and others: "xla" while L * S <= AUTO_DENSE_MAX, else "blockwise".
+
+    Raises:
+      UserError: an unknown implementation, or "cudnn" / "pallas" asked for a mask form or a
+        platform they do not support (the message names the one that does).
+    """
+    check(implementation in IMPLEMENTATIONS, "attention_impl", implementation, f"must be one of {IMPLEMENTATIONS}")
+    if implementation == "auto":
+        if platform == "gpu":
+            if not packed:
+                return "cudnn"
+            return "pallas" if self_attention and not key_mask else "blockwise"
+        if platform == "tpu":
+            return "pallas"
+        return "xla" if q_len * kv_len <= AUTO_DENSE_MAX else "blockwise"
+    if implementation == "cudnn":
+        check(platform == "gpu", "attention_impl", "cudnn",
+              f"needs an NVIDIA GPU (platform is {platform}); use 'blockwise'")
+        check(not packed, "attention_impl", "cudnn",
+              "does not take segment ids (packed sequences); use 'pallas' or 'blockwise'")
+    if implementation == "pallas":
+        check(platform in ("gpu", "tpu"), "attention_impl", "pallas",
+              f"needs a GPU or TPU (platform is {platform}); use 'blockwise'")
+        check(platform == "tpu" or (self_attention and not key_mask), "attention_impl", "pallas",
+              "on GPU takes self-attention with segment ids only (no cross-attention, no key mask); use 'blockwise'")
+    return implementation
+
+
+def _cudnn(q, k, v, kv_mask, causal):
+    mask = None if kv_mask is None else kv_mask.astype(bool)[:, None, None, :]
+    o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="cudnn")
+    if kv_mask is not None:  # a row with no key gives 0, as the other implementations
+        o = jnp.where(jnp.any(kv_mask, -1)[:, None, None, None], o, 0)
+    return o
+
+
+def pallas_attention(q: Array, k: Array, v: Array, q_ids: Array, kv_ids: Array, *, causal: bool,
+                     platform: str) -> Array:
+    """JAX's Pallas flash kernels with segment ids (ids as `segment_ids_of`): TPU `flash_attention`,
+    GPU (Triton) `mha` (self-attention, q_ids is kv_ids; in Pallas interpret mode off-GPU, for tests).
+    Padding queries (id 0) give 0."""
+    scale = 1.0 / float(np.sqrt(q.shape[-1]))
+    if platform == "tpu":
+        from jax.experimental.pallas.ops.tpu import flash_attention as tpu
+
+        o = tpu.flash_attention(*(jnp.swapaxes(x, 1, 2) for x in (q, k, v)), segment_ids=tpu.SegmentIds(q_ids, kv_ids),
+                                causal=causal, sm_scale=scale)
+        o = jnp.swapaxes(o, 1, 2)
+    else:
+        from jax.experimental.pallas.ops.gpu import attention as gpu
+
+        o = gpu.mha(q, k, v, q_ids, sm_scale=scale, causal=causal, interpret=platform != "gpu")
+    return jnp.where((q_ids != 0)[:, :, None, None], o, 0).astype(v.dtype)  # padding queries: 0
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, *, q_segment_ids: Array | None = None,
+                          kv_segment_ids: Array | None = None, kv_mask: Array | None = None, causal: bool = False,
+                          implementation: str = "auto") -> Array:
+    """softmax(q k^T / sqrt(K)) v with packed-segment, key and causal masks; softmax in float32.
 
     Args:
       q: `(B, L, N, K)`; k, v: `(B, S, N, K)`, any float dtype.
-      mask: broadcastable to `(B, N, L, S)` bool, True = attend.
-      backend: "xla", the dense reference (materialises the `(B, N, L, S)` logits).
+      q_segment_ids, kv_segment_ids, kv_mask, causal: the mask, as in `attention_mask` (query l
+        sees key s iff both ids are nonzero, equal when both are given, the key is not masked, and
+        s <= l when causal).
+      implementation: "xla" the dense reference (materialises `(B, N, L, S)` float32 logits);
+        "blockwise" memory-linear on every platform (`blockwise_attention`, block pairs that
+        cannot meet skipped); "cudnn" `jax.nn.dot_product_attention` on NVIDIA GPUs (no segment
+        ids); "pallas" JAX's Pallas flash kernels with segment ids (TPU; GPU self-attention);
+        "auto" by platform and shape (`resolve_implementation`).
 
     Returns:
       `(B, L, N, K)` in v's dtype. A query row with no allowed key gives exactly 0 (not NaN), and
-      masked keys get weight exactly 0, so a packed batch equals its examples run alone.
+      masked keys get weight exactly 0, so a packed batch equals its examples run alone. All
+      implementations equal "xla" to 1e-5 in float32, forward and gradient (tested; cudnn and
+      pallas on their platforms).
 
     Raises:
-      UserError: an unknown backend.
+      UserError: an unknown implementation, or one that does not support the platform or mask.
 
-    Source: Vaswani et al. 2017 eq. 1.
+    Source: Vaswani et al. 2017 eq. 1; blockwise: Rabe & Staats 2021, Dao et al. 2022.
     """
-    check(backend in BACKENDS, "backend", backend, f"must be one of {BACKENDS}")
+    packed = q_segment_ids is not None or kv_segment_ids is not None
+    impl = resolve_implementation(implementation, platform=_platform(), q_len=q.shape[1], kv_len=k.shape[1],
+                                  packed=packed, key_mask=kv_mask is not None,
+                                  self_attention=q_segment_ids is not None and kv_segment_ids is q_segment_ids)
+    if impl == "cudnn":
+        return _cudnn(q, k, v, kv_mask, causal)
+    if impl in ("blockwise", "pallas"):
+        q_ids, kv_ids = segment_ids_of(q, k, q_segment_ids, kv_segment_ids, kv_mask)
+        if impl == "pallas":
+            return pallas_attention(q, k, v, q_ids, kv_ids, causal=causal, platform=_platform())
+        return blockwise_attention(q, k, v, q_ids, kv_ids, causal=causal)[0]
+    mask = attention_mask(q_segment_ids, kv_segment_ids, kv_mask=kv_mask, causal=causal,
+                          q_len=q.shape[1], kv_len=k.shape[1])
     logits = jnp.einsum("blnk,bsnk->bnls", q, k, preferred_element_type=jnp.float32)
     logits = logits / jnp.sqrt(jnp.float32(q.shape[-1]))
     if mask is not None:
@@ -150,7 +256,8 @@ class Attention(nn.Module):
       zero_init_out: zero-initialise `to_out` (kernel and bias), so a fresh layer outputs 0 and a
         residual branch through it starts as the identity (PixArt-alpha `initialize_weights`
         zeroes `cross_attn.proj`; Open-Sora STDiT).
-      backend: `dot_product_attention`'s backend.
+      attention_impl: `dot_product_attention`'s implementation ("auto", "xla", "blockwise",
+        "cudnn", "pallas").
 
     Source: Vaswani et al. 2017; diffusers `Attention` / DiT's timm `Attention` (same math, tested
       against diffusers in tests/models/test_attention.py).
@@ -162,7 +269,7 @@ class Attention(nn.Module):
     qkv_bias: bool = True
     out_bias: bool = True
     zero_init_out: bool = False
-    backend: str = "xla"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -188,7 +295,7 @@ class Attention(nn.Module):
 
         Raises:
           UserError: head_dim missing and D not divisible by num_heads; mask shapes wrong;
-            unknown backend.
+            unknown or unsupported attention_impl.
         """
         d = x.shape[-1]
         check(self.head_dim is not None or d % self.num_heads == 0, "num_heads", self.num_heads,
@@ -211,8 +318,8 @@ class Attention(nn.Module):
 
         q, k, v = proj("to_q", x), proj("to_k", kv_in), proj("to_v", kv_in)
         kv_segments = segment_ids if context is None else context_segment_ids
-        mask = attention_mask(segment_ids, kv_segments, kv_mask=context_mask, causal=causal, q_len=l, kv_len=s)
-        out = dot_product_attention(q, k, v, mask, backend=self.backend)
+        out = dot_product_attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_segments,
+                                    kv_mask=context_mask, causal=causal, implementation=self.attention_impl)
         out_init = nn.initializers.zeros if self.zero_init_out else xavier_uniform
         return HeadsDense((self.out_features or d,), (HEADS, KV, EMBED), (EMBED,), in_axes=2, use_bias=self.out_bias,
                           kernel_init=out_init, dtype=self.dtype, param_dtype=self.param_dtype, name="to_out")(out)
@@ -232,7 +339,9 @@ def factorised_attention(attn: Callable[..., Array], x: Array, axis: str, *, gri
       grid: `(nt, nh, nw)` of a regular video (L = nt*nh*nw): the tokens are reshaped to
         `(B*nt, nh*nw, D)` (spatial) or `(B*nh*nw, nt, D)` (temporal), attended, and put back.
       group_ids: `(B, L)` int32 for packed sequences (grid None), `spacetime.group_ids` of (segment, t)
-        for spatial or (segment, h, w) for temporal, used as attention segment ids.
+        for spatial or (segment, h, w) for temporal: the tokens are sorted by group id (so each
+        group is contiguous and the memory-linear implementations skip the block pairs of
+        different groups), attended with the sorted ids as segment ids, and put back in place.
 
     Returns:
       `(B, L, D_out)`; both forms give the same numbers on the same tokens.
@@ -245,8 +354,11 @@ def factorised_attention(attn: Callable[..., Array], x: Array, axis: str, *, gri
     """
     check(axis in FACTORISED_AXES, "axis", axis, f"must be one of {FACTORISED_AXES}")
     check((grid is None) != (group_ids is None), "grid", grid, "give exactly one of grid or group_ids")
-    if grid is None:
-        return attn(x, segment_ids=group_ids)
+    if grid is None:  # sort tokens so each group is contiguous: block-sparse attention skips the rest
+        order = jnp.argsort(group_ids, axis=1, stable=True)
+        out = attn(jnp.take_along_axis(x, order[..., None], 1), segment_ids=jnp.take_along_axis(group_ids, order, 1))
+        inverse = jnp.argsort(order, axis=1)
+        return jnp.take_along_axis(out, inverse[..., None], 1)
     groups = "(b t) s d" if axis == "spatial" else "(b s) t d"  # one attention per group
     h = einops.rearrange(x, f"b (t s) d -> {groups}", t=grid[0])
     return einops.rearrange(attn(h), f"{groups} -> b (t s) d", b=x.shape[0])

@@ -92,12 +92,14 @@ class CLIP(nn.Module):
     activation: str = "quick_gelu"
     scan: bool = False
     remat: str = "none"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
         check(self.loss in ("clip", "siglip"), "loss", self.loss, "must be 'clip' or 'siglip'")
-        kw = dict(scan=self.scan, remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(scan=self.scan, remat=self.remat, attention_impl=self.attention_impl, dtype=self.dtype,
+                  param_dtype=self.param_dtype)
         self.text = TextTransformer(self.vocab_size, self.context_length, self.text_width, self.text_layers,
                                     self.text_heads, 4 * self.text_width, self.activation,
                                     eos_token_id=self.eos_token_id, **kw)

@@ -65,6 +65,7 @@ class ResidualAttentionBlock(nn.Module):
     activation: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     causal: bool = False
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -72,7 +73,8 @@ class ResidualAttentionBlock(nn.Module):
     def __call__(self, x: Array, kv_mask: Array | None = None) -> Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = LayerNorm(self.layer_norm_eps, **kw, name="layer_norm1")(x)
-        x = x + Attention(self.num_heads, **kw, name="self_attn")(h, context_mask=kv_mask, causal=self.causal)
+        x = x + Attention(self.num_heads, attention_impl=self.attention_impl, **kw, name="self_attn")(
+            h, context_mask=kv_mask, causal=self.causal)
         h = LayerNorm(self.layer_norm_eps, **kw, name="layer_norm2")(x)
         x = x + Mlp(self.mlp_dim, activation=ACTIVATIONS[self.activation], **kw, name="mlp")(h)
         return nn.with_logical_constraint(x, (BATCH, LENGTH, None))
@@ -97,6 +99,7 @@ class Transformer(nn.Module):
     causal: bool = False
     scan: bool = False
     remat: str = "none"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -104,7 +107,8 @@ class Transformer(nn.Module):
     def __call__(self, x: Array, kv_mask: Array | None = None) -> Array:
         check(self.activation in ACTIVATIONS, "activation", self.activation, f"must be one of {list(ACTIVATIONS)}")
         block_kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, activation=self.activation,
-                        layer_norm_eps=self.layer_norm_eps, causal=self.causal, dtype=self.dtype,
+                        layer_norm_eps=self.layer_norm_eps, causal=self.causal, attention_impl=self.attention_impl,
+                        dtype=self.dtype,
                         param_dtype=self.param_dtype)
         return stack_blocks(ResidualAttentionBlock, block_kw, self.num_layers, "layers", x, kv_mask,
                             scan=self.scan, remat=self.remat)
@@ -152,6 +156,7 @@ class TextTransformer(nn.Module):
     eos_token_id: int | None = None
     scan: bool = False
     remat: str = "none"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -169,7 +174,8 @@ class TextTransformer(nn.Module):
                          (self.context_length, self.width), self.param_dtype)
         h = tok + jnp.asarray(pos[:l], self.dtype)[None]
         h = Transformer(self.num_layers, self.num_heads, self.mlp_dim, self.activation, self.layer_norm_eps,
-                        causal=True, scan=self.scan, remat=self.remat, **kw, name="transformer")(
+                        causal=True, scan=self.scan, remat=self.remat, attention_impl=self.attention_impl, **kw,
+                        name="transformer")(
             h, None if mask is None else mask.astype(bool))
         h = LayerNorm(self.layer_norm_eps, **kw, name="final_layer_norm")(h)
         eot = jnp.argmax(ids if self.eos_token_id is None else (ids == self.eos_token_id).astype(jnp.int32), -1)
@@ -211,6 +217,7 @@ class VisionTransformer(nn.Module):
     layer_norm_eps: float = 1e-5
     scan: bool = False
     remat: str = "none"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -231,7 +238,8 @@ class VisionTransformer(nn.Module):
         h = jnp.concatenate([cls, h], axis=1) + jnp.asarray(pos, self.dtype)[None]
         h = LayerNorm(self.layer_norm_eps, **kw, name="pre_layernorm")(h)
         h = Transformer(self.num_layers, self.num_heads, self.mlp_dim, self.activation, self.layer_norm_eps,
-                        scan=self.scan, remat=self.remat, **kw, name="transformer")(h)
+                        scan=self.scan, remat=self.remat, attention_impl=self.attention_impl, **kw,
+                        name="transformer")(h)
         return h, LayerNorm(self.layer_norm_eps, **kw, name="post_layernorm")(h[:, 0])
 
 
@@ -263,6 +271,7 @@ class VideoTransformer(nn.Module):
     num_temporal_layers: int = 4
     scan: bool = False
     remat: str = "none"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -277,6 +286,6 @@ class VideoTransformer(nn.Module):
         positions = jnp.broadcast_to(grid_positions(grid)[None], (x.shape[0], math.prod(grid), 3))
         h = h + FactorisedPosEmbed(self.width, *self.max_grid, kind="learned", **kw, name="pos_embed")(positions)
         h = ViViTEncoder(self.num_layers, self.num_heads, self.mlp_dim, self.attention, self.num_temporal_layers,
-                         self.scan, self.remat, **kw, name="encoder")(h, grid=grid)
+                         self.scan, self.remat, attention_impl=self.attention_impl, **kw, name="encoder")(h, grid=grid)
         pooled = h.astype(jnp.float32).mean(axis=1)
         return h, LayerNorm(1e-6, **kw, name="norm")(pooled)

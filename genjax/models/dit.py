@@ -49,6 +49,7 @@ class DiTBlock(nn.Module):
     mlp_ratio: float = 4.0
     cross_attention: bool = False
     mlp_norm_eps: float = 1e-6
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -57,10 +58,11 @@ class DiTBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulations(c, 6, self.hidden_size, **kw)
         h = adaln_norm(x, shift_msa, scale_msa, dtype=self.dtype, name="norm1")
-        h = Attention(self.num_heads, **kw, name="attn")(h)
+        h = Attention(self.num_heads, attention_impl=self.attention_impl, **kw, name="attn")(h)
         x = x + (gate_msa * h).astype(self.dtype)
         if self.cross_attention:
-            x = x + Attention(self.num_heads, zero_init_out=True, **kw, name="cross_attn")(
+            x = x + Attention(self.num_heads, zero_init_out=True, attention_impl=self.attention_impl, **kw,
+                              name="cross_attn")(
                 x, context, context_mask=context_mask)
         h = adaln_norm(x, shift_mlp, scale_mlp, eps=self.mlp_norm_eps, dtype=self.dtype, name="norm2")
         h = Mlp(int(self.hidden_size * self.mlp_ratio), **kw, name="mlp")(h)
@@ -116,6 +118,7 @@ class DiT(nn.Module):
     pos_embed_base_size: int | None = None
     scan: bool = False
     remat: str = "none"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -189,7 +192,8 @@ class DiT(nn.Module):
         cond = cond.astype(self.dtype)
 
         block_kw = dict(hidden_size=d, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-                        cross_attention=bool(self.context_dim), mlp_norm_eps=self.mlp_norm_eps, **kw)
+                        cross_attention=bool(self.context_dim), mlp_norm_eps=self.mlp_norm_eps,
+                        attention_impl=self.attention_impl, **kw)
         h = stack_blocks(DiTBlock, block_kw, self.depth, "blocks", h, cond, context, context_mask,
                          scan=self.scan, remat=self.remat)
         out = FinalLayer(p * p * self.out_dim, **kw, name="final_layer")(h, cond)

@@ -308,8 +308,8 @@ def group_ids(segment_ids: Array, keys: Array) -> Array:
     """Number the groups of tokens that share a segment and a key: `(B, L)` int32, 0 = padding.
 
     Token l's id is 1 + the index of the first token of its group, so ids are equal exactly
-    within a group and a token is its group's representative iff `id == index + 1`. Built from
-    the `(B, L, L)` equality mask in one vectorised step (no loop over examples).
+    within a group and a token is its group's representative iff `id == index + 1`. Found in
+    O(L log L) by one lexicographic sort per row on (segment, keys, index): no `(L, L)` array.
 
     Args:
       segment_ids: `(B, L)` int, 0 = padding.
@@ -319,7 +319,16 @@ def group_ids(segment_ids: Array, keys: Array) -> Array:
     Source: NaViT (Dehghani et al. 2023) sec. 2.2 masked attention, applied to ViViT's factorised
       attention (sec. 3.3 models 2-3).
     """
-    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & jnp.all(
-        keys[:, :, None, :] == keys[:, None, :, :], axis=-1)
-    first = jnp.argmax(same, axis=-1).astype(jnp.int32)
-    return jnp.where(segment_ids != 0, first + 1, 0)
+    l = segment_ids.shape[1]
+    index = jnp.arange(l, dtype=jnp.int32)
+
+    def one_row(seg, key):
+        columns = (seg, *(key[:, i] for i in range(key.shape[-1])))
+        order = jnp.lexsort((index, *columns[::-1]))  # by segment, then keys, then index
+        sorted_cols = jnp.stack([c[order] for c in columns], -1)
+        starts = jnp.concatenate([jnp.ones((1,), bool), jnp.any(sorted_cols[1:] != sorted_cols[:-1], -1)])
+        start = jax.lax.cummax(jnp.where(starts, index, 0))  # sorted position of each group's first token
+        return jnp.zeros(l, jnp.int32).at[order].set(order[start].astype(jnp.int32) + 1)
+
+    first = jax.vmap(one_row)(segment_ids, keys)
+    return jnp.where(segment_ids != 0, first, 0)

@@ -71,6 +71,7 @@ class VideoDiTBlock(nn.Module):
     attention: str = "joint"
     grid: Grid | None = None
     cross_attention: bool = False
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -84,14 +85,15 @@ class VideoDiTBlock(nn.Module):
         for i, (name, axis, ids) in enumerate(attns):
             shift, scale, gate = mods[3 * i: 3 * i + 3]
             h = adaln_norm(x, shift, scale, dtype=self.dtype, name=f"norm_{name}")
-            attn = Attention(self.num_heads, **kw, name=name)
+            attn = Attention(self.num_heads, attention_impl=self.attention_impl, **kw, name=name)
             if axis is None:
                 h = attn(h, segment_ids=ids)
             else:
                 h = factorised_attention(attn, h, axis, grid=self.grid, group_ids=None if self.grid else ids)
             x = x + (gate * h).astype(self.dtype)
         if self.cross_attention:
-            x = x + Attention(self.num_heads, zero_init_out=True, **kw, name="cross_attn")(
+            x = x + Attention(self.num_heads, zero_init_out=True, attention_impl=self.attention_impl, **kw,
+                              name="cross_attn")(
                 x, context, segment_ids=segment_ids, context_segment_ids=context_segment_ids, context_mask=context_mask)
         shift, scale, gate = mods[-3:]
         h = adaln_norm(x, shift, scale, dtype=self.dtype, name="norm_mlp")
@@ -142,6 +144,7 @@ class VideoDiT(nn.Module):
     frequency_embedding_size: int = 256
     scan: bool = False
     remat: str = "none"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -309,7 +312,7 @@ class VideoDiT(nn.Module):
             frame_ids = group_ids(segment_ids, positions[..., :1])
             location_ids = group_ids(segment_ids, positions[..., 1:])
         block_kw = dict(hidden_size=d, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, attention=self.attention,
-                        grid=grid, cross_attention=bool(self.context_dim), **kw)
+                        grid=grid, cross_attention=bool(self.context_dim), attention_impl=self.attention_impl, **kw)
         args = (c, c_index, segment_ids, frame_ids, location_ids, context, context_mask, context_segment_ids)
         h = stack_blocks(VideoDiTBlock, block_kw, self.depth, "blocks", h, *args, scan=self.scan, remat=self.remat)
         return FinalLayer(int(np.prod(self.patch_size)) * self.out_dim, **kw, name="final_layer")(h, c, c_index)

@@ -50,10 +50,14 @@ POOL_KINDS = ("mean", "cls")
 
 
 def _group_mean(x: Array, ids: Array) -> Array:
-    """Each token replaced by the mean of its group (`ids` from `group_ids`), in float32."""
-    same = ((ids[:, :, None] == ids[:, None, :]) & (ids != 0)[:, :, None]).astype(jnp.float32)
-    total = jnp.einsum("bls,bsd->bld", same, x.astype(jnp.float32))
-    return total / jnp.maximum(same.sum(-1, keepdims=True), 1.0)
+    """Each token replaced by the mean of its group (`ids` from `group_ids`, 0 = padding -> 0), in
+    float32, by segment sums over (row, id): O(L), no `(L, L)` array."""
+    b, l = ids.shape
+    flat = (jnp.arange(b)[:, None] * (l + 1) + ids).reshape(-1)
+    total = jax.ops.segment_sum(x.reshape(b * l, -1).astype(jnp.float32), flat, num_segments=b * (l + 1))
+    count = jax.ops.segment_sum(jnp.ones(b * l, jnp.float32), flat, num_segments=b * (l + 1))
+    mean = (total / jnp.maximum(count, 1.0)[:, None])[flat].reshape(x.shape)
+    return jnp.where((ids != 0)[..., None], mean, 0.0)
 
 
 # --------------------------------------------------------------------------- blocks
@@ -73,6 +77,7 @@ class EncoderBlock(nn.Module):
 
     num_heads: int
     mlp_dim: int
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -80,7 +85,8 @@ class EncoderBlock(nn.Module):
     def __call__(self, x: Array, segment_ids: Array | None = None, kv_mask: Array | None = None) -> Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = LayerNorm(epsilon=1e-6, **kw, name="norm1")(x)
-        x = x + Attention(self.num_heads, **kw, name="attn")(h, segment_ids=segment_ids, context_mask=kv_mask)
+        x = x + Attention(self.num_heads, attention_impl=self.attention_impl, **kw, name="attn")(
+            h, segment_ids=segment_ids, context_mask=kv_mask)
         h = LayerNorm(epsilon=1e-6, **kw, name="norm2")(x)
         x = x + Mlp(self.mlp_dim, **kw, name="mlp")(h)
         return nn.with_logical_constraint(x, (BATCH, LENGTH, None))
@@ -101,6 +107,7 @@ class FactorisedSelfAttentionBlock(nn.Module):
     num_heads: int
     mlp_dim: int
     grid: Grid | None = None
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -109,7 +116,7 @@ class FactorisedSelfAttentionBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for axis, ids in (("spatial", frame_ids), ("temporal", location_ids)):
             h = LayerNorm(epsilon=1e-6, **kw, name=f"norm_{axis}")(x)
-            attn = Attention(self.num_heads, **kw, name=f"attn_{axis}")
+            attn = Attention(self.num_heads, attention_impl=self.attention_impl, **kw, name=f"attn_{axis}")
             x = x + factorised_attention(attn, h, axis, grid=self.grid, group_ids=ids)
         h = LayerNorm(epsilon=1e-6, **kw, name="norm_mlp")(x)
         x = x + Mlp(self.mlp_dim, **kw, name="mlp")(h)
@@ -156,6 +163,7 @@ class ViViTEncoder(nn.Module):
     num_temporal_layers: int = 4
     scan: bool = False
     remat: str = "none"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -179,7 +187,8 @@ class ViViTEncoder(nn.Module):
                       None if positions is None else tuple(positions.shape), f"must be (B, L, 3)={(b, l, 3)}")
             else:
                 check(len(grid) == 3 and math.prod(grid) == l, "grid", grid, f"must be (nt, nh, nw) with product L={l}")
-        kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, attention_impl=self.attention_impl, dtype=self.dtype,
+                  param_dtype=self.param_dtype)
 
         if self.attention == "joint":
             return self._stack(EncoderBlock, kw, self.num_layers, "blocks", x, segment_ids)
@@ -256,6 +265,7 @@ class ViViTClassifier(nn.Module):
     pool: str = "mean"
     scan: bool = False
     remat: str = "none"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -302,7 +312,7 @@ class ViViTClassifier(nn.Module):
             cls = self.param("cls", zeros((None, None, EMBED)), (1, 1, d), self.param_dtype)
             h = jnp.concatenate([jnp.broadcast_to(jnp.asarray(cls, self.dtype), (h.shape[0], 1, d)), h], axis=1)
         h = ViViTEncoder(self.num_layers, self.num_heads, self.mlp_dim, self.attention, self.num_temporal_layers,
-                         self.scan, self.remat, **kw, name="encoder")(
+                         self.scan, self.remat, attention_impl=self.attention_impl, **kw, name="encoder")(
             h, grid=None if packed else grid, segment_ids=segment_ids, positions=positions if packed else None)
 
         h = h.astype(jnp.float32)

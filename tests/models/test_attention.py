@@ -112,14 +112,17 @@ def test_attention_bad_mask_shape():
         m.apply(p, x, segment_ids=jnp.ones((2, 4), jnp.int32))
 
 
-def test_dot_product_attention_matches_softmax_reference_and_rejects_backends():
+@pytest.mark.parametrize("implementation", ["xla", "blockwise"])
+def test_dot_product_attention_matches_softmax_reference_and_rejects_implementations(implementation):
     rng = np.random.default_rng(4)
     q, k, v = (rng.normal(size=s).astype(np.float32) for s in ((2, 5, 3, 4), (2, 7, 3, 4), (2, 7, 3, 4)))
     keep = np.array([[1, 1, 0, 1, 0, 1, 1], [1, 0, 0, 0, 0, 0, 1]], bool)
-    got = attention.dot_product_attention(q, k, v, attention.attention_mask(kv_mask=keep))
+    got = attention.dot_product_attention(q, k, v, kv_mask=keep, implementation=implementation)
     np.testing.assert_allclose(np.asarray(got), _softmax_attention(q, k, v, keep), atol=1e-5)
-    with pytest.raises(UserError, match="backend"):
-        attention.dot_product_attention(q, k, v, backend="cudnn")
+    with pytest.raises(UserError, match="attention_impl='flash'"):
+        attention.dot_product_attention(q, k, v, implementation="flash")
+    with pytest.raises(UserError, match="needs an NVIDIA GPU"):  # this suite runs on CPU
+        attention.dot_product_attention(q, k, v, implementation="cudnn")
 
 
 def test_zero_init_out_gives_zero_output_at_init():
