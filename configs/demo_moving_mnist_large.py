@@ -21,7 +21,12 @@ Sections (each stage trains in WORKDIR/<stage>/, finished stages are skipped on 
          dropout 0.1, frame-conditioning masks (image-to-video); eps, cosine schedule; bfloat16
          compute, scanned blocks rematerialised except their weight matmuls; batch 64, 100K steps
          on latents of 50K training clips (encoded once into the latent cache dit/latents/: the
-         posterior mean and std, float32, 6.6 GB).
+         posterior mean and std, float32, 6.6 GB). model.attention_impl "auto": cuDNN flash
+         attention on NVIDIA GPUs, the Pallas flash kernel on TPU (dense "xla" on a CPU smoke
+         run); with it, attention memory is linear in tokens, so longer clips (e.g. 64 frames =
+         4,096 tokens, or 64 x 64 latents) fit where dense attention would not. Not measured on an
+         accelerator; the CPU measurement of memory against sequence length is in BENCHMARKS.md
+         ("Long sequences").
   sample DDIM-50, cfg 4, 8 videos for each of 10 two-digit prompts.
 
 Captions: Moving MNIST's default two-digit caption "digits {d0} and {d1}" (`data.sources.
@@ -116,7 +121,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     dit.data.latents = "cache"
     dit.model = ml_collections.ConfigDict(dict(
         name="video_dit", patch_size=(1, 2, 2), hidden_size=768, depth=12, num_heads=12, mlp_ratio=4.0,
-        attention="joint", pos_embed="sincos", text_dropout_prob=0.1,
+        attention="joint", pos_embed="sincos", text_dropout_prob=0.1, attention_impl="auto",
         dtype="bfloat16", scan=True, remat="dots_with_no_batch_dims_saveable"))
     dit.task = ml_collections.ConfigDict(dict(vae="", text_encoder="", latent_scale=0.0,
                                               text_length=text.model.context_length))

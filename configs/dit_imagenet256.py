@@ -30,7 +30,11 @@ no weight decay, no warmup, no gradient clipping, global batch 256, EMA 0.9999; 
 no rematerialisation: per device on 8 x 80 GB (batch 32) the float32 params, EMA and Adam moments
 plus gradients take ~13.5 GB and the saved activations ~15 GB (estimate: ~60 KB per token per
 block, float32 attention probabilities included). On a TPU v4-8 (4 chips of 32 GB, batch 64 each)
-use fsdp=4 and --config.model.remat=dots_with_no_batch_dims_saveable. Samples every 10K steps:
+use fsdp=4 and --config.model.remat=dots_with_no_batch_dims_saveable. Attention: model.attention_impl
+"auto" runs cuDNN flash attention on NVIDIA GPUs and the Pallas flash kernel on TPU (the dense
+"xla" on a CPU smoke run), so the attention probabilities are never stored: the ~15 GB above is an
+upper bound (256 tokens, so attention is a small part of it either way; not measured on an
+accelerator). Samples every 10K steps:
 DDPM-250 with classifier-free guidance 1.5 (the paper's FID-50K sampler), EMA weights.
 
 Hardware: 8 x H100 / A100 80 GB (one host) or a TPU v4-8. Run time, ESTIMATE, not measured:
@@ -75,7 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         name="dit", patch_size=2, hidden_size=1152, depth=28, num_heads=16, mlp_ratio=4.0,
         num_classes=1000, class_dropout_prob=0.1, learn_sigma=True, dtype="bfloat16", scan=True,
-        remat="none"))
+        remat="none", attention_impl="auto"))
     c.task = ml_collections.ConfigDict(dict(vae=a.vae))
     c.diffusion = ml_collections.ConfigDict(dict(schedule="linear", num_timesteps=1000,
                                                  prediction_type="epsilon", weighting="none"))

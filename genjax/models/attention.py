@@ -129,6 +129,20 @@ def resolve_implementation(implementation: str, *, platform: str, q_len: int, kv
     return implementation
 
 
+def describe_implementation(implementation: str, platform: str) -> str:
+    """One line saying what `implementation` runs on `platform`, for start-up logs.
+
+    Raises:
+      UserError: an unknown implementation.
+    """
+    check(implementation in IMPLEMENTATIONS, "attention_impl", implementation, f"must be one of {IMPLEMENTATIONS}")
+    if implementation != "auto":
+        return f"attention_impl={implementation} on {platform}"
+    rule = {"gpu": "cudnn, or pallas / blockwise for packed sequences", "tpu": "pallas (flash, segment ids)"}.get(
+        platform, f"xla while L*S <= {AUTO_DENSE_MAX:,}, else blockwise")
+    return f"attention_impl=auto on {platform}: {rule}"
+
+
 def _cudnn(q, k, v, kv_mask, causal):
     mask = None if kv_mask is None else kv_mask.astype(bool)[:, None, None, :]
     o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="cudnn")

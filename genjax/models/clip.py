@@ -54,6 +54,7 @@ class CLIP(nn.Module):
         vision_layers, vision_heads. Video (None = no video tower): video_patch_size (pt, ph, pw),
         video_max_grid, video_attention, video_layers, video_temporal_layers; width and heads
         are vision_width / vision_heads. MLPs are 4x wide. activation: `clip_towers.ACTIVATIONS` key.
+      scan, remat, attention_impl: of every tower (as `dit.DiT`).
 
     Methods (each returns L2-normalised float32 `(B, E)`):
       encode_text(ids (B, L) int, mask (B, L) bool | None), encode_image(images (B, H, W, C) in

@@ -97,6 +97,8 @@ class DiT(nn.Module):
       scan: scan the blocks with `nn.scan` (params `blocks` with a leading `layers` axis) instead of
         unrolled `blocks_0..blocks_{depth-1}`; same numbers.
       remat: "none" | "full" | "dots_saveable" | "dots_with_no_batch_dims_saveable" (per block).
+      attention_impl: "auto" | "xla" | "blockwise" | "cudnn" | "pallas", the implementation of
+        every attention layer (`attention.dot_product_attention`; same numbers to 1e-5).
       dtype / param_dtype: compute / storage dtype.
     """
 

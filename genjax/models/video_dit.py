@@ -117,7 +117,8 @@ class VideoDiT(nn.Module):
       context_dim: Dc, the width of the text-encoder tokens, or None for no text (`adaln.TextEmbedder`).
       learn_sigma: output 2C channels [eps, v]; out_channels overrides C_out.
       frequency_embedding_size: timestep sinusoid width.
-      scan / remat: as `dit.DiT` (scanned params `blocks` with a leading `layers` axis).
+      scan / remat / attention_impl: as `dit.DiT` (scanned params `blocks` with a leading `layers`
+        axis; "blockwise" keeps memory linear in the sequence length, packed and factorised too).
       dtype / param_dtype: compute / storage dtype (norms, softmax, timestep sinusoids in float32).
 
     Call forms (params from `init` on the regular form serve both):

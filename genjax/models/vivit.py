@@ -138,7 +138,8 @@ class ViViTEncoder(nn.Module):
       num_temporal_layers: model 2's temporal depth L_t.
       scan: `nn.scan` over blocks (params `blocks` / `spatial` / `temporal` with a leading
         `layers` axis); same numbers as unrolled. remat: "none" | "full" | "dots_saveable" |
-        "dots_with_no_batch_dims_saveable".
+        "dots_with_no_batch_dims_saveable". attention_impl: `attention.dot_product_attention`'s
+        implementation ("auto", "xla", "blockwise", "cudnn", "pallas").
 
     Call:
       x: `(B, L, D)` tokens.
@@ -229,7 +230,7 @@ class ViViTClassifier(nn.Module):
     Attributes:
       num_classes: output logits. patch_size: tubelet (pt, ph, pw). in_channels: C.
       hidden_size: D. num_layers, num_heads, mlp_dim, attention, num_temporal_layers, scan,
-        remat: as `ViViTEncoder`.
+        remat, attention_impl: as `ViViTEncoder`.
       pos_embed: "learned" | "sincos" | "fractional" (`FactorisedPosEmbed`); max_grid: its
         (max_t, max_h, max_w) in tubelets.
       pool: "mean" over the example's tokens, or "cls" (a learned token prepended to the
