@@ -177,11 +177,13 @@ class SpaceTimeUpsample(nn.Module):
 
 
 class CausalMidBlock(nn.Module):
-    """resnet -> per-frame spatial attention (optional) -> resnet (`ldm_autoencoder.MidBlock` in 3D)."""
+    """resnet -> per-frame spatial attention (optional) -> resnet (`ldm_autoencoder.MidBlock` in 3D).
+    `attention_impl`: the attention's `attention.dot_product_attention` implementation."""
     norm_num_groups: int = 32
     attention: bool = True
     temporal_kernel_size: int = 3
     temporal_padding: str = "replicate"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -192,6 +194,7 @@ class CausalMidBlock(nn.Module):
                    temporal_padding=self.temporal_padding, **kw)
         h = CausalResnetBlock(name="resnets_0", **rkw)(h)
         if self.attention:
-            attn = SpatialAttention(num_groups=self.norm_num_groups, eps=EPS, name="attentions_0", **kw)
+            attn = SpatialAttention(num_groups=self.norm_num_groups, eps=EPS, attention_impl=self.attention_impl,
+                                    name="attentions_0", **kw)
             h = _frames(attn, h)
         return CausalResnetBlock(name="resnets_1", **rkw)(h)

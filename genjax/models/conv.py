@@ -218,6 +218,7 @@ class SpatialAttention(nn.Module):
         `resnet_time_scale_shift="scale_shift"` and no `attn_norm_num_groups`).
       eps: GroupNorm epsilon.
       rescale_output_factor: divides the output.
+      attention_impl: `attention.dot_product_attention`'s implementation.
 
     Call: `(x (B, H, W, C)) -> (B, H, W, C)` in `dtype`.
 
@@ -228,6 +229,7 @@ class SpatialAttention(nn.Module):
     num_groups: int | None = 32
     eps: float = 1e-6
     rescale_output_factor: float = 1.0
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -242,7 +244,8 @@ class SpatialAttention(nn.Module):
         h = x
         if self.num_groups is not None:
             h = group_norm(h, num_groups=self.num_groups, eps=self.eps, name="group_norm", **kw)
-        o = Attention(c // head_dim, head_dim=head_dim, name="attn", **kw)(h.reshape(b, height * width, c))
+        o = Attention(c // head_dim, head_dim=head_dim, attention_impl=self.attention_impl, name="attn",
+                      **kw)(h.reshape(b, height * width, c))
         return ((o.reshape(b, height, width, c) + x) / self.rescale_output_factor).astype(self.dtype)
 
 
@@ -265,6 +268,7 @@ class SpatialCrossAttention(nn.Module):
     Attributes:
       head_dim: K; None means one head of width C.
       eps: LayerNorm epsilon.
+      attention_impl: `attention.dot_product_attention`'s implementation.
 
     Call: `(x (B, H, W, C), context (B, S, Dc) float, context_mask (B, S) bool, True = attend)
     -> (B, H, W, C)` in `dtype`. Masked context tokens get weight exactly 0, so their values never
@@ -277,6 +281,7 @@ class SpatialCrossAttention(nn.Module):
     """
     head_dim: int | None = None
     eps: float = 1e-5
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -291,7 +296,8 @@ class SpatialCrossAttention(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = x.astype(self.dtype)
         h = LayerNorm(epsilon=self.eps, name="norm", **kw)(x.reshape(b, height * width, c))
-        o = Attention(c // head_dim, head_dim=head_dim, qkv_bias=False, name="attn", **kw)(
+        o = Attention(c // head_dim, head_dim=head_dim, qkv_bias=False, attention_impl=self.attention_impl,
+                      name="attn", **kw)(
             h, context.astype(self.dtype), context_mask=jnp.asarray(context_mask).astype(bool))
         o = nn.Dense(c, name="proj_out", **kw, kernel_init=zeros((MLP, EMBED)), bias_init=zeros((EMBED,)))(o)
         return (x + o.reshape(b, height, width, c)).astype(self.dtype)

@@ -36,9 +36,11 @@ EPS = 1e-6  # every GroupNorm of the LDM autoencoder
 
 class MidBlock(nn.Module):
     """resnet -> attention (optional) -> resnet at the lowest resolution (diffusers `UNetMidBlock2D`
-    with one layer, `temb_channels=None`, single-head attention). `(B, h, w, C) -> (B, h, w, C)`."""
+    with one layer, `temb_channels=None`, single-head attention). `(B, h, w, C) -> (B, h, w, C)`.
+    `attention_impl`: the attention's `attention.dot_product_attention` implementation."""
     norm_num_groups: int = 32
     attention: bool = True
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -47,7 +49,8 @@ class MidBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = ResnetBlock(num_groups=self.norm_num_groups, eps=EPS, name="resnets_0", **kw)(h)
         if self.attention:
-            h = SpatialAttention(num_groups=self.norm_num_groups, eps=EPS, name="attentions_0", **kw)(h)
+            h = SpatialAttention(num_groups=self.norm_num_groups, eps=EPS, attention_impl=self.attention_impl,
+                                 name="attentions_0", **kw)(h)
         return ResnetBlock(num_groups=self.norm_num_groups, eps=EPS, name="resnets_1", **kw)(h)
 
 
@@ -58,8 +61,9 @@ class Encoder(nn.Module):
     f = 2 ** (len(block_out_channels) - 1). Downsampling pads bottom/right only, as diffusers'
     VAE (`Downsample2D(padding=0)`). Matches diffusers `Encoder` with `DownEncoderBlock2D`s.
     Params: conv_in, down_blocks_{i}_resnets_{j}, down_blocks_{i}_downsamplers_0, mid_block,
-    conv_norm_out, conv_out (diffusers' module paths with "." -> "_"). Raises UserError when a
-    channel count is not divisible by `norm_num_groups`.
+    conv_norm_out, conv_out (diffusers' module paths with "." -> "_"). `attention_impl` goes to
+    the mid block's attention. Raises UserError when a channel count is not divisible by
+    `norm_num_groups`.
     """
     out_channels: int
     block_out_channels: Sequence[int] = (64,)
@@ -67,6 +71,7 @@ class Encoder(nn.Module):
     norm_num_groups: int = 32
     mid_block_attention: bool = True
     double_z: bool = True
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -80,7 +85,8 @@ class Encoder(nn.Module):
                                 name=f"down_blocks_{i}_resnets_{j}", **kw)(h)
             if i < len(self.block_out_channels) - 1:
                 h = Downsample(ch, padding=0, name=f"down_blocks_{i}_downsamplers_0", **kw)(h)
-        h = MidBlock(self.norm_num_groups, self.mid_block_attention, name="mid_block", **kw)(h)
+        h = MidBlock(self.norm_num_groups, self.mid_block_attention, attention_impl=self.attention_impl,
+                     name="mid_block", **kw)(h)
         h = nn.silu(group_norm(h, num_groups=self.norm_num_groups, eps=EPS, name="conv_norm_out", **kw))
         c = self.out_channels * (2 if self.double_z else 1)
         return conv2d(c, 3, padding=1, name="conv_out", **kw)(h)
@@ -93,12 +99,14 @@ class Decoder(nn.Module):
     `layers_per_block + 1` resnets, levels run over reversed `block_out_channels`. Matches
     diffusers `Decoder` with `UpDecoderBlock2D`s (`norm_type="group"`). Params: conv_in,
     mid_block, up_blocks_{i}_resnets_{j}, up_blocks_{i}_upsamplers_0, conv_norm_out, conv_out.
+    `attention_impl` goes to the mid block's attention.
     """
     out_channels: int
     block_out_channels: Sequence[int] = (64,)
     layers_per_block: int = 2
     norm_num_groups: int = 32
     mid_block_attention: bool = True
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -106,7 +114,8 @@ class Decoder(nn.Module):
     def __call__(self, z: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = conv2d(self.block_out_channels[-1], 3, padding=1, name="conv_in", **kw)(z.astype(self.dtype))
-        h = MidBlock(self.norm_num_groups, self.mid_block_attention, name="mid_block", **kw)(h)
+        h = MidBlock(self.norm_num_groups, self.mid_block_attention, attention_impl=self.attention_impl,
+                     name="mid_block", **kw)(h)
         for i, ch in enumerate(reversed(self.block_out_channels)):
             for j in range(self.layers_per_block + 1):
                 h = ResnetBlock(ch, num_groups=self.norm_num_groups, eps=EPS,

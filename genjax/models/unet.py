@@ -84,6 +84,8 @@ class UNet(nn.Module):
       text_dropout_prob: probability, with `train=True`, of replacing an example's text by the
         learned null text (classifier-free guidance training; SD and PixArt use 0.1).
       remat: rematerialise each block in the backward pass (less memory, same numbers).
+      attention_impl: the implementation of every attention layer (self- and cross-attention),
+        see `attention.dot_product_attention`.
       dtype, param_dtype: compute and storage dtypes; GroupNorm, softmax and the timestep
         sinusoid compute in float32.
 
@@ -114,8 +116,7 @@ class UNet(nn.Module):
     center_input_sample: bool = False
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
-    down_block_types: tuple[str, ...] = ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D",
-                                         "AttnDownBlock2D")
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")
     up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")
     block_out_channels: tuple[int, ...] = (224, 448, 672, 896)
     layers_per_block: int = 2
@@ -135,6 +136,7 @@ class UNet(nn.Module):
     context_dim: int | None = None
     text_dropout_prob: float = 0.0
     remat: bool = False
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -153,8 +155,7 @@ class UNet(nn.Module):
         check(self.class_embed_type in (None, "timestep"), "class_embed_type",
               self.class_embed_type, 'must be None (with num_class_embeds) or "timestep"')
         check(self.layers_per_block >= 1, "layers_per_block", self.layers_per_block, "must be >= 1")
-        check(0.0 <= self.text_dropout_prob <= 1.0, "text_dropout_prob", self.text_dropout_prob,
-              "must be in [0, 1]")
+        check(0.0 <= self.text_dropout_prob <= 1.0, "text_dropout_prob", self.text_dropout_prob, "must be in [0, 1]")
         if self.context_dim is not None:
             check(isinstance(self.context_dim, int) and self.context_dim >= 1,
                   "context_dim", self.context_dim, "must be None or an int >= 1")
@@ -173,8 +174,7 @@ class UNet(nn.Module):
         check(text is not None, "text", None, f"(B, S, {self.context_dim}) text tokens are "
               f"required (context_dim={self.context_dim})")
         shape = tuple(jnp.shape(text))
-        check(len(shape) == 3 and shape[0] == b
-              and shape[2] == self.context_dim, "text.shape", shape,
+        check(len(shape) == 3 and shape[0] == b and shape[2] == self.context_dim, "text.shape", shape,
               f"must be (B, S, context_dim) = ({b}, S, {self.context_dim})")
         check(text_mask is not None, "text_mask", None,
               "must be given with text (True = real token, False = padding)")
@@ -236,7 +236,7 @@ class UNet(nn.Module):
 
         block = dict(attention_head_dim=self.attention_head_dim, num_groups=self.norm_num_groups,
                      eps=self.norm_eps, time_embedding_norm=self.resnet_time_scale_shift,
-                     dropout=self.dropout, temb_channels=temb_dim,
+                     dropout=self.dropout, temb_channels=temb_dim, attention_impl=self.attention_impl,
                      cross_attention=self.context_dim is not None, **kw)
         # `train` is positional and static (argnum 3 / 4 counting self) so remat can branch on it.
         down_cls, mid_cls, up_cls = DownBlock, MidBlock, UpBlock

@@ -49,12 +49,14 @@ class DownBlock(nn.Module):
     downsample_padding: int
     temb_channels: int
     cross_attention: bool = False
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, temb, train: bool = False, text=None, text_mask=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        akw = dict(attention_impl=self.attention_impl, **kw)  # the attention layers' kwargs
         skips = []
         for j in range(self.num_layers):
             x = conv.ResnetBlock(out_channels=self.out_channels, temb_channels=self.temb_channels,
@@ -63,10 +65,10 @@ class DownBlock(nn.Module):
                                  dropout=self.dropout, name=f"resnets_{j}", **kw)(x, temb, train=train)
             if self.attention:
                 x = conv.SpatialAttention(head_dim=self.attention_head_dim, num_groups=self.num_groups,
-                                          eps=self.eps, name=f"attentions_{j}", **kw)(x)
+                                          eps=self.eps, name=f"attentions_{j}", **akw)(x)
                 if self.cross_attention:
                     x = conv.SpatialCrossAttention(head_dim=self.attention_head_dim,
-                                                   name=f"cross_attentions_{j}", **kw)(x, text, text_mask)
+                                                   name=f"cross_attentions_{j}", **akw)(x, text, text_mask)
             skips.append(x)
         if self.add_downsample:
             x = conv.Downsample(out_channels=self.out_channels, padding=self.downsample_padding,
@@ -93,12 +95,14 @@ class MidBlock(nn.Module):
     output_scale_factor: float
     temb_channels: int
     cross_attention: bool = False
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, temb, train: bool = False, text=None, text_mask=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        akw = dict(attention_impl=self.attention_impl, **kw)
         resnet = dict(temb_channels=self.temb_channels, num_groups=self.num_groups, eps=self.eps,
                       time_embedding_norm=self.time_embedding_norm, dropout=self.dropout,
                       output_scale_factor=self.output_scale_factor, **kw)
@@ -106,10 +110,10 @@ class MidBlock(nn.Module):
         if self.attention:
             x = conv.SpatialAttention(head_dim=self.attention_head_dim, num_groups=self.attn_num_groups,
                                       eps=self.eps, rescale_output_factor=self.output_scale_factor,
-                                      name="attentions_0", **kw)(x)
+                                      name="attentions_0", **akw)(x)
             if self.cross_attention:
                 x = conv.SpatialCrossAttention(head_dim=self.attention_head_dim,
-                                               name="cross_attentions_0", **kw)(x, text, text_mask)
+                                               name="cross_attentions_0", **akw)(x, text, text_mask)
         return conv.ResnetBlock(name="resnets_1", **resnet)(x, temb, train=train)
 
 
@@ -132,12 +136,14 @@ class UpBlock(nn.Module):
     dropout: float
     temb_channels: int
     cross_attention: bool = False
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, skips, temb, train: bool = False, text=None, text_mask=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        akw = dict(attention_impl=self.attention_impl, **kw)
         for j in range(self.num_layers):
             x = jnp.concatenate([x, skips[-1 - j].astype(x.dtype)], axis=-1)
             x = conv.ResnetBlock(out_channels=self.out_channels, temb_channels=self.temb_channels,
@@ -146,10 +152,10 @@ class UpBlock(nn.Module):
                                  dropout=self.dropout, name=f"resnets_{j}", **kw)(x, temb, train=train)
             if self.attention:
                 x = conv.SpatialAttention(head_dim=self.attention_head_dim, num_groups=self.num_groups,
-                                          eps=self.eps, name=f"attentions_{j}", **kw)(x)
+                                          eps=self.eps, name=f"attentions_{j}", **akw)(x)
                 if self.cross_attention:
                     x = conv.SpatialCrossAttention(head_dim=self.attention_head_dim,
-                                                   name=f"cross_attentions_{j}", **kw)(x, text, text_mask)
+                                                   name=f"cross_attentions_{j}", **akw)(x, text, text_mask)
         if self.add_upsample:
             x = conv.Upsample(out_channels=self.out_channels, name="upsamplers_0", **kw)(x)
         return x

@@ -136,7 +136,9 @@ class AutoencoderKL(nn.Module):
         Appendix D.1 rescaling).
       decode_latents(z) -> decode(z / scaling_factor + shift_factor).
 
-    Outputs are in `dtype`; the posterior's moments in float32.
+    Outputs are in `dtype`; the posterior's moments in float32. `attention_impl`: the attention
+    implementation of the encoder's and decoder's mid-block attention, see
+    `attention.dot_product_attention`.
 
     Raises:
       UserError (before compiling): x not 4-D, wrong channel count, H or W not divisible by f,
@@ -154,6 +156,7 @@ class AutoencoderKL(nn.Module):
     use_post_quant_conv: bool = True
     scaling_factor: float = 0.18215
     shift_factor: float = 0.0
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -164,8 +167,8 @@ class AutoencoderKL(nn.Module):
     def setup(self):
         kw = dict(block_out_channels=tuple(self.block_out_channels),
                   layers_per_block=self.layers_per_block, norm_num_groups=self.norm_num_groups,
-                  mid_block_attention=self.mid_block_attention, dtype=self.dtype,
-                  param_dtype=self.param_dtype)
+                  mid_block_attention=self.mid_block_attention, attention_impl=self.attention_impl,
+                  dtype=self.dtype, param_dtype=self.param_dtype)
         self.encoder = Encoder(self.latent_channels, double_z=True, **kw)
         self.decoder = Decoder(self.out_channels, **kw)
         ckw = dict(padding=0, dtype=self.dtype, param_dtype=self.param_dtype)

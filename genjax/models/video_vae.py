@@ -65,6 +65,7 @@ class VideoEncoder(nn.Module):
     temporal_kernel_size: int = 3
     temporal_padding: str = "replicate"
     double_z: bool = True
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -82,7 +83,8 @@ class VideoEncoder(nn.Module):
             if i < len(self.block_out_channels) - 1:
                 h = SpaceTimeDownsample(ch, bool(self.temporal_downsample[i]),
                                         name=f"down_blocks_{i}_downsamplers_0", **tkw)(h)
-        h = CausalMidBlock(self.norm_num_groups, self.mid_block_attention, name="mid_block", **tkw)(h)
+        h = CausalMidBlock(self.norm_num_groups, self.mid_block_attention, attention_impl=self.attention_impl,
+                           name="mid_block", **tkw)(h)
         h = nn.silu(frame_group_norm(h, num_groups=self.norm_num_groups, name="conv_norm_out", **kw))
         c = self.out_channels * (2 if self.double_z else 1)
         return CausalConv3d(c, k3, name="conv_out", **ckw)(h)
@@ -101,6 +103,7 @@ class VideoDecoder(nn.Module):
     temporal_downsample: Sequence[bool] = ()
     temporal_kernel_size: int = 3
     temporal_padding: str = "replicate"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -113,7 +116,8 @@ class VideoDecoder(nn.Module):
         ckw = dict(temporal_padding=self.temporal_padding, **kw)
         levels = len(self.block_out_channels)
         h = CausalConv3d(self.block_out_channels[-1], k3, name="conv_in", **ckw)(z)
-        h = CausalMidBlock(self.norm_num_groups, self.mid_block_attention, name="mid_block", **tkw)(h)
+        h = CausalMidBlock(self.norm_num_groups, self.mid_block_attention, attention_impl=self.attention_impl,
+                           name="mid_block", **tkw)(h)
         for i, ch in enumerate(reversed(self.block_out_channels)):
             for j in range(self.layers_per_block + 1):
                 h = CausalResnetBlock(ch, self.norm_num_groups, name=f"up_blocks_{i}_resnets_{j}", **tkw)(h)
@@ -144,7 +148,8 @@ class VideoAutoencoderKL(nn.Module):
     (`temporal_downsample_factor`). Train with `vae.vae_loss(recon, x, posterior, ...)` (it works on
     videos unchanged; pass a per-frame `perceptual_fn` only after folding T into B).
 
-    Attributes are those of `vae.AutoencoderKL` plus:
+    Attributes are those of `vae.AutoencoderKL` (`attention_impl`: the attention implementation of
+    the encoder's and decoder's mid-block attention, see `attention.dot_product_attention`) plus:
       temporal_downsample: one bool per spatial downsample (len(block_out_channels) - 1); True
         also halves T there. Default (True, True, False): 4x temporal, 8x spatial (CogVideoX).
       temporal_kernel_size: kt of every causal conv (1x1 convs stay 1x1x1).
@@ -169,6 +174,7 @@ class VideoAutoencoderKL(nn.Module):
     temporal_downsample: Sequence[bool] = (True, True, False)
     temporal_kernel_size: int = 3
     temporal_padding: str = "replicate"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -193,7 +199,8 @@ class VideoAutoencoderKL(nn.Module):
                   mid_block_attention=self.mid_block_attention,
                   temporal_downsample=tuple(bool(t) for t in self.temporal_downsample),
                   temporal_kernel_size=self.temporal_kernel_size,
-                  temporal_padding=self.temporal_padding, dtype=self.dtype, param_dtype=self.param_dtype)
+                  temporal_padding=self.temporal_padding, attention_impl=self.attention_impl,
+                  dtype=self.dtype, param_dtype=self.param_dtype)
         self.encoder = VideoEncoder(self.latent_channels, double_z=True, **kw)
         self.decoder = VideoDecoder(self.out_channels, **kw)
         ckw = dict(kernel_size=(1, 1, 1), dtype=self.dtype, param_dtype=self.param_dtype)

@@ -342,3 +342,16 @@ def test_text_bad_input_raises_user_error():
     with pytest.raises(UserError, match="context_dim"):
         unet.load_diffusers({k: v.numpy() for k, v in torch_unet(CONFIGS["misc"]).state_dict().items()},
                             attention_head_dim=4, norm_num_groups=4, context_dim=8)
+
+
+def test_attention_impl_reaches_every_attention_and_blockwise_equals_xla():
+    """`attention_impl` is threaded to every self- and cross-attention layer (an unknown name
+    raises), and "blockwise" gives the numbers of "xla" (text padding masked in both)."""
+    x, t, text, mask = text_inputs()
+    params = {"params": random_params(TEXT_UNET, x, t, text=text, text_mask=mask)}
+    out = {impl: np.asarray(TEXT_UNET.clone(attention_impl=impl).apply(params, x, t, text=text, text_mask=mask))
+           for impl in ("xla", "blockwise")}
+    assert np.abs(out["xla"]).max() > 0.1
+    np.testing.assert_allclose(out["blockwise"], out["xla"], atol=1e-5, rtol=0)
+    with pytest.raises(UserError, match="attention_impl"):
+        jax.eval_shape(TEXT_UNET.clone(attention_impl="flash").apply, params, x, t, text=text, text_mask=mask)

@@ -275,3 +275,22 @@ def test_foreign_state_dict_raises_user_error():
         load_diffusers({**state, "time_embedding.linear_1.weight": np.zeros((4, 4))}, norm_num_groups=8)
     with pytest.raises(UserError, match="quant_conv"):
         load_diffusers({**state, "quant_conv.weight": np.zeros((8, 8, 3, 3), np.float32)}, norm_num_groups=8)
+
+
+def test_attention_impl_blockwise_equals_xla():
+    """`attention_impl` reaches the encoder's and decoder's mid-block attention (an unknown name
+    raises) and "blockwise" gives the numbers of "xla"."""
+    module = AutoencoderKL(block_out_channels=(8, 16), norm_num_groups=4, latent_channels=2)
+    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 8, 6, 3)).astype(np.float32))
+    shapes = nn.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), x))  # random init compiles slowly
+    rng = np.random.default_rng(1)
+    variables = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+    out = {}
+    for impl in ("xla", "blockwise"):
+        recon, post = module.clone(attention_impl=impl).apply(variables, x, sample_posterior=False)
+        out[impl] = (np.asarray(recon), np.asarray(post.mean))
+    assert np.abs(out["xla"][0]).max() > 1e-3
+    for got, want in zip(out["blockwise"], out["xla"]):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    with pytest.raises(UserError, match="attention_impl"):
+        jax.eval_shape(lambda v: module.clone(attention_impl="flash").apply(v, x, sample_posterior=False), variables)
