@@ -65,7 +65,7 @@ def modulations(c: Array, n: int, width: int, c_index: Array | None = None, *, d
     """
     mod = nn.Dense(n * width, dtype=dtype, param_dtype=param_dtype, kernel_init=zeros((EMBED, MLP)),
                    bias_init=zeros((MLP,)), name=name)(nn.silu(c))
-    return jnp.split(per_token(mod, c_index), n, axis=-1)
+    return [per_token(m, c_index) for m in jnp.split(mod, n, axis=-1)]  # gathered one by one: no (B, L, n*width)
 
 
 def adaln_norm(x: Array, shift: Array, scale: Array, *, eps: float = 1e-6, dtype: Dtype = jnp.float32,
