@@ -11,11 +11,15 @@ of them may be -1, which is filled so that data * fsdp * tensor == number of dev
 Multi-process start-up: `initialize_distributed()` starts `jax.distributed` when the environment
 describes several processes (`cluster_from_env`: SLURM `srun` with more than one task, Open MPI
 `mpirun`, a Cloud TPU slice of several hosts, or JAX_COORDINATOR_ADDRESS) and does nothing for
-one process, so the same command runs on a laptop, a TPU pod or a SLURM GPU cluster.
+one process, so the same command runs on a laptop, a TPU pod or a SLURM GPU cluster. The trainer
+then prints `describe(mesh)` on every process and calls `check_same_on_all_hosts("config", ...)`,
+which stops every process with one line when the hosts' configs differ.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from typing import Any, Mapping, Sequence
@@ -24,7 +28,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from genjax.errors import check
+from genjax.errors import check, fail
 from genjax.parallel.axes import MESH_AXES
 
 BATCH_AXES = ("data", "fsdp")  # mesh axes the batch dimension is split over
@@ -217,3 +221,53 @@ def initialize_distributed(coordinator_address: str | None = None,
     jax.distributed.initialize(**args)
     return True
 
+
+def describe(mesh: Mesh) -> str:
+    """One line for the logs: `process 0/2: 4 local of 8 cpu devices, mesh data=8 fsdp=1 tensor=1`."""
+    axes = " ".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES)
+    return (f"process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} local "
+            f"of {jax.device_count()} {jax.devices()[0].platform} devices, mesh {axes}")
+
+
+def _allgather_bytes(data: bytes) -> list[bytes]:
+    """Every process's `data`, in process order (a collective: all processes must call it)."""
+    from jax.experimental import multihost_utils
+
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(len(data))))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:len(data)] = np.frombuffer(data, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    return [row[:n].tobytes() for row, n in zip(rows, sizes)]
+
+
+def _flatten(tree: Any, prefix: str) -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}.{key}").items()}
+
+
+def check_same_on_all_hosts(name: str, value: Mapping[str, Any]) -> None:
+    """Check that every process holds an equal `value` (e.g. `config.to_dict()`, named "config").
+
+    The processes exchange the sha256 of `value` as sorted-key JSON; only when the digests differ
+    do they exchange the JSON itself, to name the first key that differs. A no-op for a single
+    process; otherwise a collective that every process must call (before anything compiles).
+
+    Raises:
+      UserError (on every process): one line, e.g. `config.optim.lr=0.001: process 1 has 0.002;
+        every host must run the same config (same file, overrides and code)`.
+    """
+    if jax.process_count() == 1:
+        return
+    text = json.dumps(value, sort_keys=True, default=repr)
+    digests = _allgather_bytes(hashlib.sha256(text.encode()).digest())
+    me = jax.process_index()
+    if all(d == digests[me] for d in digests):
+        return
+    other = next(i for i, d in enumerate(digests) if d != digests[me])
+    texts = _allgather_bytes(text.encode())
+    mine, theirs = (_flatten(json.loads(texts[i]), name) for i in (me, other))
+    unset = "<unset>"
+    key = min(k for k in mine.keys() | theirs.keys() if mine.get(k, unset) != theirs.get(k, unset))
+    fail(key, mine.get(key, unset), f"process {other} has {theirs.get(key, unset)!r}; every host "
+         f"must run the same {name} (same file, overrides and code)")

@@ -142,3 +142,8 @@ def test_initialize_distributed_needs_process_id(monkeypatch):
     with pytest.raises(UserError, match="process_id=5"):
         mesh_lib.initialize_distributed("localhost:1234", num_processes=2, process_id=5)
 
+
+def test_describe_and_config_check_on_one_process():
+    m = mesh_lib.make_mesh({"data": -1, "fsdp": 2, "tensor": 1})
+    assert mesh_lib.describe(m) == "process 0/1: 8 local of 8 cpu devices, mesh data=4 fsdp=2 tensor=1"
+    mesh_lib.check_same_on_all_hosts("config", {"seed": 0})  # one process: nothing to compare
