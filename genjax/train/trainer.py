@@ -238,8 +238,8 @@ def main(config, workdir: str, *, devices=None) -> dict[str, Any]:
     Raises:
       UserError (before anything compiles): hosts with different configs (every process of a
         multi-process run must pass the same `config`), a bad config value, a mesh that does not
-        match the devices, a batch that does not split over the mesh or the processes, a checkpoint in
-        `workdir` whose model config differs from `config.model`.
+        match the devices, a batch that does not split over the mesh or the processes, a
+        checkpoint in `workdir` whose model config differs from `config.model`.
       NonFiniteError: `optim.max_nonfinite_steps` consecutive steps had non-finite gradients.
     """
     from tqdm import tqdm
