@@ -151,7 +151,8 @@ def cluster_from_env(env: Mapping[str, str]) -> str | None:
     """
     if env.get("JAX_COORDINATOR_ADDRESS"):
         return "jax"
-    if "SLURM_PROCID" in env and _count(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS"))) > 1:
+    tasks = env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS"))
+    if "SLURM_PROCID" in env and _count(tasks) > 1:
         return "slurm"
     if _count(env.get("OMPI_COMM_WORLD_SIZE")) > 1:
         return "ompi" if "OMPI_MCA_orte_hnp_uri" in env else "mpi4py"
@@ -223,10 +224,11 @@ def initialize_distributed(coordinator_address: str | None = None,
 
 
 def describe(mesh: Mesh) -> str:
-    """One line for the logs: `process 0/2: 4 local of 8 cpu devices, mesh data=8 fsdp=1 tensor=1`."""
+    """One line for the logs, e.g. `process 0/2: 4 local of 8 cpu devices, mesh data=8 fsdp=1
+    tensor=1`."""
     axes = " ".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES)
-    return (f"process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} local "
-            f"of {jax.device_count()} {jax.devices()[0].platform} devices, mesh {axes}")
+    return (f"process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} "
+            f"local of {jax.device_count()} {jax.devices()[0].platform} devices, mesh {axes}")
 
 
 def _allgather_bytes(data: bytes) -> list[bytes]:

@@ -76,7 +76,7 @@ ORTE = {"OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://10.96.0.1,10.148.0.1:34911"
     ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "2"}, "jax"),
     ({**SLURM, "SLURM_NTASKS": "1"}, None),                            # srun -n 1
     ({**SLURM, "SLURM_NTASKS": "2"}, "slurm"),
-    ({**SLURM, "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "1"}, None),  # 1-task step of a 4-task job
+    ({**SLURM, "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "1"}, None),  # 1-task step, 4-task job
     ({"SLURM_NTASKS": "2"}, None),                                     # no task id: not a task
     ({**SLURM, "SLURM_NTASKS": "2", "JAX_COORDINATOR_ADDRESS": "h:1"}, "jax"),  # explicit wins
     ({**OMPI, **ORTE, "OMPI_COMM_WORLD_SIZE": "1"}, None),
@@ -145,5 +145,6 @@ def test_initialize_distributed_needs_process_id(monkeypatch):
 
 def test_describe_and_config_check_on_one_process():
     m = mesh_lib.make_mesh({"data": -1, "fsdp": 2, "tensor": 1})
-    assert mesh_lib.describe(m) == "process 0/1: 8 local of 8 cpu devices, mesh data=4 fsdp=2 tensor=1"
+    assert mesh_lib.describe(m) == ("process 0/1: 8 local of 8 cpu devices, "
+                                    "mesh data=4 fsdp=2 tensor=1")
     mesh_lib.check_same_on_all_hosts("config", {"seed": 0})  # one process: nothing to compare

@@ -76,8 +76,8 @@ def test_slurm_tasks_with_different_configs_stop_with_one_line(tmp_path):
     workdir = str(tmp_path / "run")
 
     def args(i):
-        return ["-m", "genjax.cli", "train", "--config", f"{CONFIG}:smoke=True", "--workdir", workdir,
-                f"--config.optim.lr={[1e-3, 2e-3][i]}"]
+        return ["-m", "genjax.cli", "train", "--config", f"{CONFIG}:smoke=True",
+                "--workdir", workdir, f"--config.optim.lr={[1e-3, 2e-3][i]}"]
 
     runs = launch_pair(args, lambda i: {
         "SLURM_JOB_ID": str(port - SLURM_PORTS), "SLURM_STEP_NODELIST": "localhost",
@@ -86,7 +86,7 @@ def test_slurm_tasks_with_different_configs_stop_with_one_line(tmp_path):
         assert status == 2, err[-3000:]
         mine, theirs = [0.001, 0.002][i], [0.001, 0.002][1 - i]
         assert err.strip().splitlines() == [
-            (f"genjax train: error: config.optim.lr={mine}: process {1 - i} has {theirs}; every host "
-             f"must run the same config (same file, overrides and code)")]
+            (f"genjax train: error: config.optim.lr={mine}: process {1 - i} has {theirs}; "
+             f"every host must run the same config (same file, overrides and code)")]
     assert not os.path.exists(os.path.join(workdir, "checkpoints"))  # stopped before training
 
