@@ -233,22 +233,28 @@ def main(config, workdir: str, *, devices=None) -> dict[str, Any]:
     task's evaluation metrics (if any) logged as a record `{"step", **metrics}` at the same
     steps (process 0 writes logs and media). Returns the last logged metrics record.
 
+    Prints one line per process: its index and count, local and global devices, the mesh shape.
+
     Raises:
-      UserError (before anything compiles): a bad config value, a mesh that does not match the
-        devices, a batch that does not split over the mesh or the processes, a checkpoint in
-        `workdir` whose model config differs from `config.model`.
+      UserError (before anything compiles): hosts with different configs (every process of a
+        multi-process run must pass the same `config`), a bad config value, a mesh that does not
+        match the devices, a batch that does not split over the mesh or the processes, a
+        checkpoint in `workdir` whose model config differs from `config.model`.
       NonFiniteError: `optim.max_nonfinite_steps` consecutive steps had non-finite gradients.
     """
     from tqdm import tqdm
 
     from genjax.io import checkpoint
 
-    # 1. Config and mesh: every user error is raised here, before anything compiles.
+    # 1. Config and mesh: every user error is raised here, before anything compiles. Hosts
+    #    compare configs first, so that the checks below fail alike on every host.
+    config_dict = config.to_dict()
+    mesh_lib.check_same_on_all_hosts("config", config_dict)
     validate(config)
     mesh = mesh_lib.make_mesh(config.mesh, devices)
+    print(mesh_lib.describe(mesh), flush=True)
     mesh_lib.check_global_batch(config.data.batch_size, mesh)
     check_grad_accum(config.data.batch_size, config.optim.grad_accum_steps, mesh)
-    config_dict = config.to_dict()
     manager = checkpoint.make_manager(workdir, config.ckpt)
     resume_step = manager.latest_step()
     if resume_step is not None:
@@ -349,9 +355,11 @@ def main(config, workdir: str, *, devices=None) -> dict[str, Any]:
 def cli_main(args) -> int:
     """`genjax train --config FILE[:ARG] --workdir DIR [--config.a.b=v ...]`.
 
-    Starts `jax.distributed` first when JAX_COORDINATOR_ADDRESS etc. are set (multi-host). Exit
-    status 0 on success or after a preemption save, 1 when training diverged (NonFiniteError,
-    one line on stderr); user errors are printed by the CLI (status 2).
+    Starts `jax.distributed` first when the environment describes several processes (SLURM,
+    Open MPI, a Cloud TPU slice of several hosts, or JAX_COORDINATOR_ADDRESS etc.; see
+    `mesh_lib.initialize_distributed`). Exit status 0 on success or after a preemption save, 1
+    when training diverged (NonFiniteError, one line on stderr); user errors are printed by the
+    CLI (status 2).
     """
     import sys
 

@@ -1,5 +1,7 @@
 """Mesh construction, batch placement and their input errors (8 forced CPU devices)."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -52,8 +54,97 @@ def test_indivisible_batch_is_user_error():
         mesh_lib.check_global_batch(12, m)
 
 
+LAUNCHER_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_",
+                 "OMPI_", "TPU_", "MEGASCALE_")
+
+
+def single_process_env(monkeypatch):
+    """Drop every variable `cluster_from_env` reads (the tests may themselves run under SLURM)."""
+    for key in list(os.environ):
+        if key.startswith(LAUNCHER_VARS):
+            monkeypatch.delenv(key)
+
+
+SLURM = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "node[001-002]", "SLURM_PROCID": "1",
+         "SLURM_LOCALID": "0"}
+OMPI = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}
+ORTE = {"OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://10.96.0.1,10.148.0.1:34911"}
+
+
+@pytest.mark.parametrize("env, kind", [
+    ({}, None),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "2"}, "jax"),
+    ({**SLURM, "SLURM_NTASKS": "1"}, None),                            # srun -n 1
+    ({**SLURM, "SLURM_NTASKS": "2"}, "slurm"),
+    ({**SLURM, "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "1"}, None),  # 1-task step, 4-task job
+    ({"SLURM_NTASKS": "2"}, None),                                     # no task id: not a task
+    ({**SLURM, "SLURM_NTASKS": "2", "JAX_COORDINATOR_ADDRESS": "h:1"}, "jax"),  # explicit wins
+    ({**OMPI, **ORTE, "OMPI_COMM_WORLD_SIZE": "1"}, None),
+    ({**OMPI, **ORTE, "OMPI_COMM_WORLD_SIZE": "2"}, "ompi"),
+    ({**OMPI, "OMPI_COMM_WORLD_SIZE": "2"}, "mpi4py"),                 # Open MPI 5 (no ORTE)
+    ({"TPU_WORKER_HOSTNAMES": "t1v-n-0"}, None),                       # one-host TPU slice
+    ({"TPU_WORKER_HOSTNAMES": "t1v-n-0,t1v-n-1", "TPU_WORKER_ID": "1"}, "tpu"),
+    ({"TPU_PROCESS_ADDRESSES": "10.0.0.1:8476,10.0.0.2:8476"}, "tpu"),
+    ({"TPU_WORKER_HOSTNAMES": "t1v-n-0", "MEGASCALE_NUM_SLICES": "2"}, "tpu"),  # multislice
+])
+def test_cluster_from_env(env, kind):
+    assert mesh_lib.cluster_from_env(env) == kind
+
+
+@pytest.mark.parametrize("name, env, count, host", [
+    ("SlurmCluster", {**SLURM, "SLURM_NTASKS": "2"}, 2, "node001"),
+    ("OmpiCluster", {**OMPI, **ORTE, "OMPI_COMM_WORLD_SIZE": "3"}, 3, "10.96.0.1"),
+])
+def test_jax_detects_the_clusters_we_detect(monkeypatch, name, env, count, host):
+    """What `jax.distributed.initialize()` will find, with no arguments, in the environments that
+    `cluster_from_env` calls multi-process."""
+    from jax._src import clusters
+
+    single_process_env(monkeypatch)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    cluster = getattr(clusters, name)
+    assert cluster.is_env_present()
+    assert cluster.get_process_count() == count and cluster.get_process_id() == 1
+    assert cluster.get_coordinator_address(None, None).rsplit(":", 1)[0] == host
+
+
+def test_initialize_distributed_passes_the_detected_cluster_to_jax(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)  # the backend is already up
+    single_process_env(monkeypatch)
+    assert mesh_lib.initialize_distributed() is False and calls == []  # single process: no-op
+
+    monkeypatch.setattr(mesh_lib, "_gcloud_tpu_vm_hosts", lambda: 4)  # a TPU VM slice of 4 hosts
+    assert mesh_lib.initialize_distributed() is True and calls.pop() == {}
+    monkeypatch.setattr(mesh_lib, "_gcloud_tpu_vm_hosts", lambda: 1)
+
+    for key, value in {**SLURM, "SLURM_NTASKS": "2"}.items():
+        monkeypatch.setenv(key, value)
+    assert mesh_lib.initialize_distributed() is True and calls.pop() == {}  # JAX reads SLURM_*
+    single_process_env(monkeypatch)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    assert mesh_lib.initialize_distributed() is True
+    assert calls.pop() == {"cluster_detection_method": "mpi4py"}
+    single_process_env(monkeypatch)
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    assert mesh_lib.initialize_distributed() is True
+    assert calls.pop() == {"coordinator_address": "localhost:1234", "num_processes": 2,
+                           "process_id": 1}
+
+
 def test_initialize_distributed_needs_process_id(monkeypatch):
-    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    single_process_env(monkeypatch)
     assert mesh_lib.initialize_distributed() is False  # single process: no-op
     with pytest.raises(UserError, match="process_id=5"):
         mesh_lib.initialize_distributed("localhost:1234", num_processes=2, process_id=5)
+
+
+def test_describe_and_config_check_on_one_process():
+    m = mesh_lib.make_mesh({"data": -1, "fsdp": 2, "tensor": 1})
+    assert mesh_lib.describe(m) == ("process 0/1: 8 local of 8 cpu devices, "
+                                    "mesh data=4 fsdp=2 tensor=1")
+    mesh_lib.check_same_on_all_hosts("config", {"seed": 0})  # one process: nothing to compare
