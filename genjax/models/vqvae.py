@@ -195,6 +195,7 @@ class VQVAE(nn.Module):
       __call__(x, *, train=False) -> (recon, indices, aux).
     With `use_ema`, training calls `apply(..., train=True, mutable=["vq_stats"])`. The training
     loss is `rec(x, recon) + aux["loss"]` (eq. 3). Outputs in `dtype`.
+    attention_impl: the mid-block attention's implementation (`attention.dot_product_attention`).
 
     Raises:
       UserError: x not 4-D, wrong channel count, H or W not divisible by f (before compiling).
@@ -210,6 +211,7 @@ class VQVAE(nn.Module):
     ema_decay: float = 0.99
     norm_num_groups: int = 32
     mid_block_attention: bool = True
+    attention_impl: str = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -220,8 +222,8 @@ class VQVAE(nn.Module):
     def setup(self):
         kw = dict(block_out_channels=tuple(self.block_out_channels),
                   layers_per_block=self.layers_per_block, norm_num_groups=self.norm_num_groups,
-                  mid_block_attention=self.mid_block_attention, dtype=self.dtype,
-                  param_dtype=self.param_dtype)
+                  mid_block_attention=self.mid_block_attention, attention_impl=self.attention_impl,
+                  dtype=self.dtype, param_dtype=self.param_dtype)
         self.encoder = Encoder(self.latent_channels, double_z=False, **kw)
         self.decoder = Decoder(self.out_channels, **kw)
         ckw = dict(padding=0, dtype=self.dtype, param_dtype=self.param_dtype)

@@ -19,6 +19,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from genjax.errors import check
+from genjax.models.attention import describe_implementation
 from genjax.parallel import mesh as mesh_lib
 from genjax.parallel.axes import RULES
 from genjax.train import state as state_lib
@@ -253,6 +254,8 @@ def main(config, workdir: str, *, devices=None) -> dict[str, Any]:
     validate(config)
     mesh = mesh_lib.make_mesh(config.mesh, devices)
     print(mesh_lib.describe(mesh), flush=True)
+    print(describe_implementation(config.model.get("attention_impl", "auto"), mesh.devices.flat[0].platform),
+          flush=True)
     mesh_lib.check_global_batch(config.data.batch_size, mesh)
     check_grad_accum(config.data.batch_size, config.optim.grad_accum_steps, mesh)
     manager = checkpoint.make_manager(workdir, config.ckpt)
