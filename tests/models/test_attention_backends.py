@@ -54,7 +54,7 @@ def _assert_close(got, want, atol=1e-5):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("blocks", [(8, 5), (16, 16), (512, 512)])  # uneven, even, one block
+@pytest.mark.parametrize("blocks", [(8, 5), (512, 512)])  # uneven blocks (several pairs skipped), one block
 def test_blockwise_equals_xla_forward_and_gradient(case, causal, blocks):
     rng, q, k, v = _inputs()
     if case == "packed_self" or case == "query_padding_only":
