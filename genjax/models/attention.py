@@ -36,7 +36,7 @@ Dtype = Any
 Array = jax.Array
 
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "pallas")
-AUTO_DENSE_MAX = 2048 * 2048  # auto on CPU: dense while L * S is at most this (measured in BENCHMARKS.md)
+AUTO_DENSE_MAX = 1024 * 1024  # auto on CPU: dense up to 1k x 1k (blockwise was already 0.63x its step time at 1k, BENCHMARKS.md)
 
 
 def attention_mask(q_segment_ids: Array | None = None, kv_segment_ids: Array | None = None, *,
