@@ -36,7 +36,7 @@ Dtype = Any
 Array = jax.Array
 
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "pallas")
-AUTO_DENSE_MAX = 1024 * 1024  # auto on CPU: dense up to 1k x 1k (blockwise was already 0.63x its step time at 1k, BENCHMARKS.md)
+AUTO_DENSE_MAX = 1024 * 1024  # auto on CPU: dense up to 1k x 1k (blockwise: 0.63x its step at 1k)
 
 
 def attention_mask(q_segment_ids: Array | None = None, kv_segment_ids: Array | None = None, *,
