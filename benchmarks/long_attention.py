@@ -7,7 +7,9 @@ The probe model of issue 14: a packed `VideoDiT` (hidden 256, depth 2, 4 heads, 
 
 - memory: XLA's `jit(...).lower(...).compile().memory_analysis().temp_size_in_bytes` (the
   temporary buffers of the compiled gradient; nothing runs, so L = 64k is measured on a laptop),
-  for joint and factorised attention, L = 1k .. 64k.
+  for joint and factorised attention, L = 1k .. 64k: dense, blockwise, and blockwise with the
+  blocks under `nn.scan` and `remat="full"` (same parameters and numbers; on XLA:CPU remat only
+  saves memory inside a scan, whose loop keeps the recomputation next to its use).
 - time: the median wall time of the jitted gradient at L = 1k and 4k, dense and blockwise
   interleaved, after a warm-up call.
 
@@ -48,14 +50,14 @@ def probe_inputs(length: int, examples: int = 4):
     return tokens, segment_ids, positions, np.full((1, examples), 500.0, np.float32)
 
 
-def gradient_fn(attention: str, impl: str):
-    """(model, jitted grad of the MSE of the packed forward against zeros)."""
+def gradient_fn(attention: str, impl: str, **model_kw):
+    """(model, jitted grad of the MSE of the packed forward against zeros); model_kw overrides PROBE."""
     import jax
     import jax.numpy as jnp
 
     from genjax.models.video_dit import VideoDiT
 
-    model = VideoDiT(**PROBE, attention=attention, attention_impl=impl)
+    model = VideoDiT(**{**PROBE, **model_kw}, attention=attention, attention_impl=impl)
 
     def loss(params, tokens, segment_ids, positions, t):
         out = model.apply(params, tokens, segment_ids, positions, t, method="packed")
@@ -70,11 +72,11 @@ def abstract_params(model, inputs):
     return jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, method="packed"))
 
 
-def temp_gib(attention: str, impl: str, length: int) -> float:
+def temp_gib(attention: str, impl: str, length: int, **model_kw) -> float:
     import jax
 
     inputs = probe_inputs(length)
-    model, grad = gradient_fn(attention, impl)
+    model, grad = gradient_fn(attention, impl, **model_kw)
     params = abstract_params(model, inputs)
     specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs]
     return grad.lower(params, *specs).compile().memory_analysis().temp_size_in_bytes / GIB
@@ -112,9 +114,11 @@ def main(argv=None) -> dict:
         for attention in ("joint", "factorised"):
             gib = {impl: temp_gib(attention, impl, length) if impl != "xla" or length <= args.max_dense else None
                    for impl in ("xla", "blockwise")}
+            gib["blockwise_remat"] = temp_gib(attention, "blockwise", length, scan=True, remat="full")
             memory[f"{attention} L={length}"] = gib
             dense = "not compiled" if gib["xla"] is None else f"{gib['xla']:.3f}"
-            rows.append((f"temp GiB, {attention}, L={length:,}", f"xla {dense}, blockwise {gib['blockwise']:.3f}"))
+            rows.append((f"temp GiB, {attention}, L={length:,}", f"xla {dense}, blockwise {gib['blockwise']:.3f}, "
+                                                                 f"blockwise + scan + remat {gib['blockwise_remat']:.3f}"))
             print(*rows[-1], sep=": ", flush=True)
     for length in (int(x) for x in args.time_lengths.split(",") if x):
         for attention in ("joint", "factorised"):

@@ -38,6 +38,8 @@ _MASKED = float(jnp.finfo(jnp.float32).min)
 
 
 def _pad(x: Array, axis: int, size: int, value) -> Array:
+    if x.shape[axis] == size:
+        return x
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, size - x.shape[axis])
     return jnp.pad(x, pad, constant_values=value)
@@ -95,7 +97,7 @@ def _forward(q, k, v, q_ids, kv_ids, q_pos, kv_pos, causal, block_q, block_k):
     scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
     order, count = _schedule_lists(block_schedule(q_ids, kv_ids, q_pos, kv_pos, block_q, block_k, causal))
 
-    def q_block(i):
+    def q_block(i, outputs):
         start = i * block_q
         qi, qid, qp = _slice(q, start, block_q), _slice(q_ids, start, block_q), _slice(q_pos, start, block_q, 0)
 
@@ -118,12 +120,12 @@ def _forward(q, k, v, q_ids, kv_ids, q_pos, kv_pos, causal, block_q, block_k):
         nonempty = l > 0
         o = acc / jnp.where(nonempty, l, 1.0)[..., None]
         lse = jnp.where(nonempty, m + jnp.log(jnp.where(nonempty, l, 1.0)), EMPTY_LSE)
-        return jnp.transpose(o, (0, 2, 1, 3)).astype(v.dtype), lse
+        o_all, lse_all = outputs  # written in place, block by block: no stacked copy
+        o_all = jax.lax.dynamic_update_slice_in_dim(o_all, jnp.transpose(o, (0, 2, 1, 3)).astype(v.dtype), start, 1)
+        return o_all, jax.lax.dynamic_update_slice_in_dim(lse_all, lse, start, 2)
 
-    o, lse = jax.lax.map(q_block, jnp.arange(lq // block_q))  # (nq, B, bq, N, Kv), (nq, B, N, bq)
-    o = jnp.transpose(o, (1, 0, 2, 3, 4)).reshape(b, lq, n, kv_dim)
-    lse = jnp.transpose(lse, (1, 2, 0, 3)).reshape(b, n, lq)
-    return o, lse
+    init = (jnp.zeros((b, lq, n, kv_dim), v.dtype), jnp.zeros((b, n, lq), jnp.float32))
+    return jax.lax.fori_loop(0, lq // block_q, q_block, init)
 
 
 def _backward(res, do, dlse, causal, block_q, block_k):
@@ -134,7 +136,8 @@ def _backward(res, do, dlse, causal, block_q, block_k):
     delta = jnp.einsum("blnk,blnk->bnl", do.astype(jnp.float32), o.astype(jnp.float32)) - dlse
     order, count = _schedule_lists(block_schedule(q_ids, kv_ids, q_pos, kv_pos, block_q, block_k, causal).T)
 
-    def kv_block(dq, j):
+    def kv_block(j, grads):
+        dq, dk_all, dv_all = grads
         ks = j * block_k
         kj, vj = _slice(k, ks, block_k), _slice(v, ks, block_k)
         kid, kp = _slice(kv_ids, ks, block_k), _slice(kv_pos, ks, block_k, 0)
@@ -156,12 +159,12 @@ def _backward(res, do, dlse, causal, block_q, block_k):
         zeros_k = jnp.zeros((b, block_k, n, kdim), jnp.float32)
         zeros_v = jnp.zeros((b, block_k, n, v.shape[-1]), jnp.float32)
         dq, dk, dv = jax.lax.fori_loop(0, count[j], step, (dq, zeros_k, zeros_v))
-        return dq, (dk, dv)
+        return (dq, jax.lax.dynamic_update_slice_in_dim(dk_all, dk.astype(k.dtype), ks, 1),
+                jax.lax.dynamic_update_slice_in_dim(dv_all, dv.astype(v.dtype), ks, 1))
 
-    dq, (dk, dv) = jax.lax.scan(kv_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(k.shape[1] // block_k))
-    dk = jnp.transpose(dk, (1, 0, 2, 3, 4)).reshape(k.shape)
-    dv = jnp.transpose(dv, (1, 0, 2, 3, 4)).reshape(v.shape)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype))
+    dq, dk, dv = jax.lax.fori_loop(0, k.shape[1] // block_k, kv_block, init)
+    return dq.astype(q.dtype), dk, dv
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
