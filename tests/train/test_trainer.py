@@ -62,7 +62,8 @@ def test_reference_run_writes_everything(reference):
 def test_activation_constraints_shard_the_tokens_in_the_train_step(tmp_path):
     """The models' `nn.with_logical_constraint(x, (batch, length, None))` takes effect in the
     trainer's step: the lowered HLO constrains the DiT's tokens after the patch embedding and after
-    every block to batch over data x fsdp (the rules of parallel/axes.py), on a 2 x 4 mesh."""
+    every block to batch over data x fsdp and tokens over context (the rules of parallel/axes.py),
+    on a 2 x 4 mesh (context 1: the size-1 axis is named in the constraint, splits nothing)."""
     config = smoke("--config.mesh.data=2", "--config.mesh.fsdp=4")
     mesh = mesh_lib.make_mesh(config.mesh)
     task = tasks.build(config, mesh=mesh)
@@ -77,7 +78,7 @@ def test_activation_constraints_shard_the_tokens_in_the_train_step(tmp_path):
     constrained = [line for line in hlo.splitlines() if "sharding_constraint" in line
                    and f"tensor<{'x'.join(map(str, tokens))}xf32>" in line]
     assert len(constrained) >= 1 + config.model.depth, constrained
-    assert all('[{"data", "fsdp"}, {}, {}]' in line for line in constrained), constrained
+    assert all('[{"data", "fsdp"}, {"context"}, {}]' in line for line in constrained), constrained
 
 
 @pytest.mark.slow  # ~15 s of compiling on a quiet 2-core machine, minutes under load
