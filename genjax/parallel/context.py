@@ -104,9 +104,10 @@ def _layout(b: int, n: int):
 
 
 def _shard_map(body, names, in_specs, out_specs):
-    # check_vma off: ring's custom VJP and the scans carry values of mixed variance; shard_map's
-    # transpose then psums cotangents of inputs over the axes their spec leaves out, which is
-    # exact here (every output spec names the axes the output varies over).
+    # check_vma off: the local attention (blockwise_attention's loops, the ring's scans) starts
+    # loop carries from fresh zeros, which varying-manual-axes checking rejects as a type
+    # mismatch. Without it shard_map's transpose psums input cotangents over the axes their spec
+    # leaves out, which is exact here: every output spec names all axes the output varies over.
     return jax.shard_map(body, in_specs=in_specs, out_specs=out_specs, axis_names=names, check_vma=False)
 
 

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from genjax.data import packing
 from genjax.errors import UserError
 from genjax.models import attention, dit, spacetime, video_dit, vivit
+from genjax.models.blockwise_attention import EMPTY_LSE, blockwise_attention
 from genjax.parallel import context
 from genjax.parallel import mesh as mesh_lib
 from genjax.parallel.axes import RULES
@@ -103,6 +104,30 @@ def test_attention_equals_one_device(strategy):
         assert np.all(np.isfinite(jax.tree.leaves(got[name])[1]))
 
 
+def test_ring_log_sum_exp_equals_blockwise_and_carries_its_gradient():
+    """ring_attention's (o, lse) equal blockwise_attention over the whole sequence, and a loss of
+    the lse too (its cotangent enters the ring's custom VJP) gives the same q, k, v gradients."""
+    _, q, k, v, ids, mask = _qkv(seed=3)
+    kv_ids = np.where(mask, ids, 0).astype(np.int32)
+
+    def blockwise(q, k, v, q_ids, kv_ids, q_positions=None, kv_positions=None):
+        return blockwise_attention(q, k, v, q_ids, kv_ids, causal=True, q_positions=q_positions,
+                                   kv_positions=kv_positions, block_q=8, block_k=8)
+
+    def fn(attend):
+        def loss(q, k, v):
+            o, lse = attend(q, k, v)
+            real = lse > EMPTY_LSE / 2
+            return jnp.sum(o * jnp.cos(o)) + jnp.sum(jnp.where(real, jnp.sin(lse), 0.0)), (o, lse)
+        return lambda q, k, v: jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+
+    want = _run(fn(lambda q, k, v: blockwise(q, k, v, ids, kv_ids)), (q, k, v))
+    got = _run(fn(lambda q, k, v: context.ring_attention(blockwise, q, k, v, ids, kv_ids)), (q, k, v),
+               _mesh(data=1, fsdp=1, context=8, tensor=1))
+    _assert_trees_close(got, want)
+    assert np.all(got[0][1][1][0, :, -L // 8:] == EMPTY_LSE)  # the padding shard: finite, no key
+
+
 D = 32
 
 
@@ -171,9 +196,14 @@ def test_the_sequence_parallel_forms_are_the_ones_traced():
     """ring: ppermute and no all-to-all; Ulysses: all-to-all; cross-attention to text: a shard_map
     without communication; context 1 (or no mesh): no shard_map at all."""
     _, q, k, v, ids, _ = _qkv()
-    text = q[:, :8]
-    self_attn = lambda q, k, v: attention.dot_product_attention(q, k, v, q_segment_ids=ids, kv_segment_ids=ids)  # noqa: E731
-    cross = lambda q, k, v: attention.dot_product_attention(q, k[:, :8], v[:, :8], self_attention=False)  # noqa: E731
+    text = q[:, :8]  # 8 keys: S != L, and not split over context
+
+    def self_attn(q, k, v):
+        return attention.dot_product_attention(q, k, v, q_segment_ids=ids, kv_segment_ids=ids)
+
+    def cross(q, k, v):
+        return attention.dot_product_attention(q, k, v, self_attention=False)
+
     mesh = _mesh(data=2, fsdp=1, context=4, tensor=1)
     ring, ulysses = _jaxpr(self_attn, (q, k, v), mesh), _jaxpr(self_attn, (q, k, v), mesh, "ulysses")
     assert "shard_map" in ring and "ppermute" in ring and "all_to_all" not in ring
@@ -213,6 +243,37 @@ def test_strategy_is_checked_and_scoped():
     with pytest.raises(UserError, match=r"^mesh.context_parallel='stripe': must be one of \('ring', 'ulysses'\)$"):
         with context.strategy("stripe"):
             pass
+
+
+class _Tokens(nn.Module):
+    @nn.compact
+    def __call__(self, x, segment_ids):
+        x = nn.with_logical_constraint(x, ("batch", "length", None))
+        return attention.Attention(N, attention_impl="xla")(x, segment_ids=segment_ids)
+
+
+@pytest.mark.parametrize("strategy, collective", [("ring", "collective_permute"), ("ulysses", "all_to_all")])
+def test_trainer_step_traces_the_configured_strategy(strategy, collective):
+    """make_train_step(context_parallel=...) puts that strategy's collective in the lowered step."""
+    import optax
+
+    from genjax.train import state as state_lib
+    from genjax.train import trainer
+
+    mesh = _mesh(data=2, fsdp=1, context=2, tensor=2)
+    x, seg = _layer_inputs()[:2]
+    tx = optax.sgd(0.1)
+    state, shardings = state_lib.create_train_state(lambda key: _Tokens().init(key, x[:1], seg[:1])["params"], tx,
+                                                    seed=0, mesh=mesh)
+
+    def loss_fn(params, batch, rng):
+        out = _Tokens().apply({"params": params}, batch["x"], batch["segment_ids"])
+        return jnp.mean(out ** 2), {}
+
+    step = trainer.make_train_step(loss_fn, tx, mesh=mesh, state_shardings=shardings, ema_decay=0.9,
+                                   ema_warmup=False, context_parallel=strategy)
+    hlo = step.lower(state, mesh_lib.shard_batch({"x": x, "segment_ids": seg}, mesh), jax.random.key(0)).as_text()
+    assert collective in hlo and ({"collective_permute", "all_to_all"} - {collective}).pop() not in hlo
 
 
 def test_trainer_rejects_an_unknown_strategy_before_compiling(tmp_path):
