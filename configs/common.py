@@ -6,10 +6,13 @@ from __future__ import annotations
 import ml_collections
 
 
-def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:
-    """Device mesh `(data, fsdp, tensor)`; one -1 is filled from the device count
-    (`genjax.parallel.mesh.make_mesh`)."""
-    return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
+def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, context: int = 1,
+         context_parallel: str = "ring") -> ml_collections.ConfigDict:
+    """Device mesh `(data, fsdp, context, tensor)`; one -1 is filled from the device count
+    (`genjax.parallel.mesh.make_mesh`). context > 1 splits the tokens (sequence parallelism) and
+    runs attention as `context_parallel` "ring" or "ulysses" (`genjax.parallel.context`)."""
+    return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, context=context, tensor=tensor,
+                                          context_parallel=context_parallel))
 
 
 def optim(lr: float = 1e-4, **overrides) -> ml_collections.ConfigDict:

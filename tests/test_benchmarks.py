@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from benchmarks import common, compile_time, ddim_loop, dit_fwd_bwd, train_step
+from benchmarks import common, compile_time, context_memory, ddim_loop, dit_fwd_bwd, train_step
 
 TINY_DIT = ["--num-layers", "1", "--hidden-size", "32", "--num-heads", "2", "--batch", "2", "--size", "4",
             "--num-classes", "10", "--repeats", "1"]
@@ -65,6 +65,19 @@ def test_compile_time():
                                 "--size", "8", "--batch", "2", "--repeats", "1", "--no-warmup"])
     assert math.isfinite(result["ratio"]) and result["ratio"] > 0
     assert result["scan"]["compile_s"] > 0 and result["unrolled"]["compile_s"] > 0
+
+
+def test_context_memory():
+    """Tiny sizes: a row per (context, strategy) with XLA's per-device figures; 2 heads over
+    context 4 is Ulysses' one-line error, caught at trace time (nothing compiled for it)."""
+    result = context_memory.main(["--seq-len", "64", "--contexts", "1,2", "--hidden-size", "32", "--num-heads", "2",
+                                  "--depth", "1"])
+    rows = [(r["context"], r["strategy"]) for r in result["records"]]
+    assert rows == [(1, "none"), (2, "ring"), (2, "ulysses")]
+    assert all(r["temp"] > 0 and r["argument"] > 0 and r["output"] > 0 for r in result["records"])
+    assert result["table"].count("\n") == 4
+    [error] = context_memory.measure(64, [4], ["ulysses"], hidden=32, depth=1, heads=2)
+    assert error["error"].startswith("num_heads=2: Ulysses needs") and "temp" not in error
 
 
 def test_check_agree_raises_on_mismatch():

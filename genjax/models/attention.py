@@ -7,6 +7,14 @@ reference "xla" (float32 logits, an `(B, N, L, S)` array), the memory-linear "bl
 go in as their ingredients (segment ids, key mask, causality), never as an `(L, S)` array, so the
 memory-linear paths build none; every model's `attention_impl` attribute chooses.
 
+Sequence parallelism: under a mesh whose `context` axis has size c > 1 (`jax.set_mesh`, as the
+trainer traces its step; config `mesh.context`), `dot_product_attention` splits the tokens over
+that axis (`genjax.parallel.context`): self-attention as ring attention (each step a
+`blockwise_attention` returning its log-sum-exp) or DeepSpeed-Ulysses (all-to-all to whole
+sequences over N / c heads, then the chosen implementation per device), by config
+`mesh.context_parallel`; cross-attention to un-split text tokens attends each device's queries
+locally. With c = 1 nothing of this runs.
+
   Attention (DiT, video DiT, ViViT, CLIP, PixArt-style cross-attention, conv attention blocks)
     q = to_q(x), k = to_k(context or x), v = to_v(context or x)        (B, L|S, N, K)
     o = dot_product_attention(q, k, v, segment ids, key mask, causal)  (B, L, N, K)
@@ -19,6 +27,7 @@ on packed sequences through group ids used as segment ids (ViViT model 3, video 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import einops
@@ -30,6 +39,7 @@ import numpy as np
 from genjax.errors import check
 from genjax.models.blockwise_attention import blockwise_attention
 from genjax.models.layers import logical, xavier_uniform, zeros
+from genjax.parallel import context as context_lib
 from genjax.parallel.axes import EMBED, HEADS, KV
 
 Dtype = Any
@@ -170,33 +180,9 @@ def pallas_attention(q: Array, k: Array, v: Array, q_ids: Array, kv_ids: Array, 
     return jnp.where((q_ids != 0)[:, :, None, None], o, 0).astype(v.dtype)  # padding queries: 0
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, *, q_segment_ids: Array | None = None,
-                          kv_segment_ids: Array | None = None, kv_mask: Array | None = None, causal: bool = False,
-                          implementation: str = "auto") -> Array:
-    """softmax(q k^T / sqrt(K)) v with packed-segment, key and causal masks; softmax in float32.
-
-    Args:
-      q: `(B, L, N, K)`; k, v: `(B, S, N, K)`, any float dtype.
-      q_segment_ids, kv_segment_ids, kv_mask, causal: the mask, as in `attention_mask` (query l
-        sees key s iff both ids are nonzero, equal when both are given, the key is not masked, and
-        s <= l when causal).
-      implementation: "xla" the dense reference (materialises `(B, N, L, S)` float32 logits);
-        "blockwise" memory-linear on every platform (`blockwise_attention`, block pairs that
-        cannot meet skipped); "cudnn" `jax.nn.dot_product_attention` on NVIDIA GPUs (no segment
-        ids); "pallas" JAX's Pallas flash kernels with segment ids (TPU; GPU self-attention);
-        "auto" by platform and shape (`resolve_implementation`).
-
-    Returns:
-      `(B, L, N, K)` in v's dtype. A query row with no allowed key gives exactly 0 (not NaN), and
-      masked keys get weight exactly 0, so a packed batch equals its examples run alone. All
-      implementations equal "xla" to 1e-5 in float32, forward and gradient (tested; cudnn and
-      pallas on their platforms).
-
-    Raises:
-      UserError: an unknown implementation, or one that does not support the platform or mask.
-
-    Source: Vaswani et al. 2017 eq. 1; blockwise: Rabe & Staats 2021, Dao et al. 2022.
-    """
+def _local_attention(q: Array, k: Array, v: Array, q_segment_ids: Array | None, kv_segment_ids: Array | None,
+                     kv_mask: Array | None, *, causal: bool, implementation: str) -> Array:
+    """`dot_product_attention` on arrays one device holds whole ("auto" resolved for these shapes)."""
     packed = q_segment_ids is not None or kv_segment_ids is not None
     impl = resolve_implementation(implementation, platform=_platform(), q_len=q.shape[1], kv_len=k.shape[1],
                                   packed=packed, key_mask=kv_mask is not None,
@@ -218,6 +204,84 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, q_segment_ids: Array 
     if mask is not None:
         weights = jnp.where(mask, weights, 0.0)  # fully-masked rows: uniform -> 0
     return jnp.einsum("bnls,bsnk->blnk", weights.astype(v.dtype), v)
+
+
+def _sequence_parallel(q, k, v, q_segment_ids, kv_segment_ids, kv_mask, causal, implementation,
+                       self_attention) -> Array | None:
+    """`dot_product_attention` split over the mesh's `context` axis, or None where it does not apply
+    (no such axis, or token counts it does not divide: then GSPMD gathers what it needs)."""
+    c = context_lib.context_size()
+    l, s = q.shape[1], k.shape[1]
+    if c == 1 or l % c:
+        return None
+    local = functools.partial(_local_attention, causal=causal, implementation=implementation)
+    masks = (q_segment_ids, kv_segment_ids, kv_mask)
+    if not (l == s if self_attention is None else self_attention) and not causal:
+        return context_lib.local_query_attention(local, q, k, v, *masks)  # keys not split: text tokens
+    if s % c:
+        return None
+    if context_lib.current_strategy() == "ulysses":
+        return context_lib.ulysses_attention(local, q, k, v, *masks)
+    q_ids, kv_ids = segment_ids_of(q, k, *masks)
+
+    def local_lse(q, k, v, q_ids, kv_ids, q_positions, kv_positions):
+        return blockwise_attention(q, k, v, q_ids, kv_ids, causal=causal, q_positions=q_positions,
+                                   kv_positions=kv_positions)
+
+    return context_lib.ring_attention(local_lse, q, k, v, q_ids, kv_ids)[0]
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, *, q_segment_ids: Array | None = None,
+                          kv_segment_ids: Array | None = None, kv_mask: Array | None = None, causal: bool = False,
+                          implementation: str = "auto", self_attention: bool | None = None) -> Array:
+    """softmax(q k^T / sqrt(K)) v with packed-segment, key and causal masks; softmax in float32.
+
+    Args:
+      q: `(B, L, N, K)`; k, v: `(B, S, N, K)`, any float dtype.
+      q_segment_ids, kv_segment_ids, kv_mask, causal: the mask, as in `attention_mask` (query l
+        sees key s iff both ids are nonzero, equal when both are given, the key is not masked, and
+        s <= l when causal).
+      implementation: "xla" the dense reference (materialises `(B, N, L, S)` float32 logits);
+        "blockwise" memory-linear on every platform (`blockwise_attention`, block pairs that
+        cannot meet skipped); "cudnn" `jax.nn.dot_product_attention` on NVIDIA GPUs (no segment
+        ids); "pallas" JAX's Pallas flash kernels with segment ids (TPU; GPU self-attention);
+        "auto" by platform and shape (`resolve_implementation`; under sequence parallelism by
+        the shape each device attends over).
+      self_attention: whether k, v are the queries' own tokens (split over the mesh's `context`
+        axis like q) rather than another sequence held whole (text tokens); None: L == S.
+
+    Sequence parallelism: traced under a mesh (`jax.set_mesh`) with a `context` axis of size
+    c > 1 (`genjax.parallel.context`), and L divisible by c, attention runs in a `jax.shard_map`
+    with batch over (data, fsdp), tokens over context and heads over tensor:
+      self-attention (and any causal call; S divisible by c) by the strategy of the enclosing
+        `context.strategy(...)` (config `mesh.context_parallel`): "ring" (default; ring attention,
+        each step a `blockwise_attention` with global positions, whatever `implementation` says)
+        or "ulysses" (all-to-all to whole sequences over N / c heads, then this function's
+        `implementation` on each device);
+      cross-attention (self_attention False, not causal): each device attends its L / c queries
+        to all S keys (`context.local_query_attention`), no communication.
+    Otherwise (c = 1, no mesh, or L or S not divisible by c) it runs as written, on one program
+    that XLA partitions.
+
+    Returns:
+      `(B, L, N, K)` in v's dtype. A query row with no allowed key gives exactly 0 (not NaN), and
+      masked keys get weight exactly 0, so a packed batch equals its examples run alone. All
+      implementations, and the ring and Ulysses forms, equal "xla" to 1e-5 in float32, forward and
+      gradient (tested; cudnn and pallas on their platforms).
+
+    Raises:
+      UserError: an unknown implementation, or one that does not support the platform or mask;
+        Ulysses with heads (per tensor shard) not divisible by the context size.
+
+    Source: Vaswani et al. 2017 eq. 1; blockwise: Rabe & Staats 2021, Dao et al. 2022; sequence
+    parallelism: Liu et al. 2023 (ring), Jacobs et al. 2023 (Ulysses).
+    """
+    out = _sequence_parallel(q, k, v, q_segment_ids, kv_segment_ids, kv_mask, causal, implementation,
+                             self_attention)
+    if out is not None:
+        return out
+    return _local_attention(q, k, v, q_segment_ids, kv_segment_ids, kv_mask, causal=causal,
+                            implementation=implementation)
 
 
 class HeadsDense(nn.Module):
@@ -333,7 +397,8 @@ class Attention(nn.Module):
         q, k, v = proj("to_q", x), proj("to_k", kv_in), proj("to_v", kv_in)
         kv_segments = segment_ids if context is None else context_segment_ids
         out = dot_product_attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_segments,
-                                    kv_mask=context_mask, causal=causal, implementation=self.attention_impl)
+                                    kv_mask=context_mask, causal=causal, implementation=self.attention_impl,
+                                    self_attention=context is None)
         out_init = nn.initializers.zeros if self.zero_init_out else xavier_uniform
         return HeadsDense((self.out_features or d,), (HEADS, KV, EMBED), (EMBED,), in_axes=2, use_bias=self.out_bias,
                           kernel_init=out_init, dtype=self.dtype, param_dtype=self.param_dtype, name="to_out")(out)

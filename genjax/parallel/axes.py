@@ -2,13 +2,14 @@
 
 Models annotate parameters (`nn.with_logical_partitioning`) and activations
 (`nn.with_logical_constraint`) with the logical names below; only this file maps them onto the
-physical mesh axes `("data", "fsdp", "tensor")`. Under `nn.logical_axis_rules(RULES)` (or
+physical mesh axes `("data", "fsdp", "context", "tensor")`. Under `nn.logical_axis_rules(RULES)` (or
 `nn.logical_to_mesh_sharding(..., rules=RULES)`) a logical name is sharded over the listed mesh
 axis, or replicated where the rule says None.
 
 Logical names:
   batch       examples in a batch                     -> ("data", "fsdp")
-  length      tokens / sequence positions             -> replicated
+  length      tokens / sequence positions             -> "context" (sequence parallelism; size 1 =
+                                                          replicated, see `genjax.parallel.context`)
   embed       model width D of activations/params     -> "fsdp" (params are FSDP-sharded on D)
   mlp         MLP hidden width                        -> "tensor"
   heads       attention heads N                       -> "tensor"
@@ -34,13 +35,16 @@ CHANNELS = "channels"
 NORM = "norm"
 LAYERS = "layers"
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")  # tensor innermost: on the fastest links
+BATCH_AXES = ("data", "fsdp")  # mesh axes the batch dimension is split over
+CONTEXT_AXIS = "context"  # mesh axis the token (length) dimension is split over
+TENSOR_AXIS = "tensor"  # mesh axis heads / MLP width are split over
 
 # (logical name, mesh axis or tuple of axes or None). Parameters' "embed" is sharded over fsdp;
 # activations are constrained as (batch, length, None), so their width stays replicated.
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     (BATCH, ("data", "fsdp")),
-    (LENGTH, None),
+    (LENGTH, CONTEXT_AXIS),
     (EMBED, "fsdp"),
     (MLP, "tensor"),
     (HEADS, "tensor"),

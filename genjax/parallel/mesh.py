@@ -1,12 +1,17 @@
 """The device mesh, batch placement and multi-process start-up.
 
-The mesh has the axes `("data", "fsdp", "tensor")` (`genjax.parallel.axes.MESH_AXES`): a batch is
-split over `data` x `fsdp`, parameters are sharded over `fsdp` (ZeRO-3 / FSDP) and over `tensor`
-(Megatron-style tensor parallelism) by the logical rules in `axes.py`. The layout follows
-MaxText / big_vision; `jax.sharding` does the rest.
+The mesh has the axes `("data", "fsdp", "context", "tensor")` (`genjax.parallel.axes.MESH_AXES`,
+tensor innermost): a batch is split over `data` x `fsdp`, the tokens of activations over `context`
+(sequence parallelism: attention runs as ring or Ulysses attention, `genjax.parallel.context`),
+parameters are sharded over `fsdp` (ZeRO-3 / FSDP) and over `tensor` (Megatron-style tensor
+parallelism) by the logical rules in `axes.py`. The layout follows MaxText / big_vision;
+`jax.sharding` does the rest.
 
-Mesh config (a ConfigDict or mapping): `{"data": int, "fsdp": int, "tensor": int}`; at most one
-of them may be -1, which is filled so that data * fsdp * tensor == number of devices.
+Mesh config (a ConfigDict or mapping): `{"data": int, "fsdp": int, "context": int, "tensor": int,
+"context_parallel": str}`; at most one size may be -1, which is filled so that
+data * fsdp * context * tensor == number of devices. `context` may be missing (= 1, the configs
+written before it existed); `context_parallel` ("ring" default, or "ulysses") is the
+sequence-parallel attention used when context > 1 (`context_parallel`, `context.STRATEGIES`).
 
 Multi-process start-up: `initialize_distributed()` starts `jax.distributed` when the environment
 describes several processes (`cluster_from_env`: SLURM `srun` with more than one task, Open MPI
@@ -29,19 +34,34 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from genjax.errors import check, fail
-from genjax.parallel.axes import MESH_AXES
+from genjax.parallel import context
+from genjax.parallel.axes import BATCH_AXES, MESH_AXES
 
-BATCH_AXES = ("data", "fsdp")  # mesh axes the batch dimension is split over
+OPTIONAL_AXES = {"context": 1}  # mesh axes a config may leave out, with their size then
 
 
-def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
-    """Resolve `mesh_config` to a concrete `(data, fsdp, tensor)` shape for `num_devices` devices.
+def context_parallel(mesh_config: Mapping[str, Any]) -> str:
+    """The config's sequence-parallel strategy, `mesh.context_parallel` (default "ring").
+
+    Raises:
+      UserError: a value not in `context.STRATEGIES`.
+    """
+    name = mesh_config.get("context_parallel", context.DEFAULT_STRATEGY)
+    check(name in context.STRATEGIES, "mesh.context_parallel", name, f"must be one of {context.STRATEGIES}")
+    return name
+
+
+def mesh_shape(mesh_config: Mapping[str, Any], num_devices: int) -> tuple[int, int, int, int]:
+    """Resolve `mesh_config` to a concrete `(data, fsdp, context, tensor)` shape for `num_devices`
+    devices (a missing `context` is 1).
 
     Raises:
       UserError: a size that is 0 or below -1, more than one -1, a -1 that does not divide
-        evenly, or a product that differs from `num_devices`.
+        evenly, a product that differs from `num_devices`, an unknown `context_parallel`.
     """
-    sizes = [int(mesh_config[a]) for a in MESH_AXES]
+    context_parallel(mesh_config)
+    sizes = [int(mesh_config[a]) if a not in OPTIONAL_AXES or a in mesh_config else OPTIONAL_AXES[a]
+             for a in MESH_AXES]
     for a, s in zip(MESH_AXES, sizes):
         check(s == -1 or s >= 1, f"mesh.{a}", s, "must be a positive size or -1 (fill)")
     check(sizes.count(-1) <= 1, "mesh", dict(zip(MESH_AXES, sizes)), "at most one axis may be -1")
@@ -52,12 +72,13 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, i
               f"the other axes ({known}) must divide the device count {num_devices}")
         sizes[i] = num_devices // known
     check(math.prod(sizes) == num_devices, "mesh", dict(zip(MESH_AXES, sizes)),
-          f"data*fsdp*tensor must equal the device count {num_devices}")
+          f"data*fsdp*context*tensor must equal the device count {num_devices}")
     return tuple(sizes)  # type: ignore[return-value]
 
 
-def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Build the `("data", "fsdp", "tensor")` mesh over `devices` (default: all of `jax.devices()`).
+def make_mesh(mesh_config: Mapping[str, Any], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Build the `("data", "fsdp", "context", "tensor")` mesh over `devices` (default: all of
+    `jax.devices()`).
 
     Devices are laid out by `jax.experimental.mesh_utils.create_device_mesh` on accelerators
     (topology-aware: `tensor` innermost, on the fastest links) and in order on CPU.
@@ -224,7 +245,7 @@ def initialize_distributed(coordinator_address: str | None = None,
 
 
 def describe(mesh: Mesh) -> str:
-    """One line for the logs, e.g. `process 0/2: 4 local of 8 cpu devices, mesh data=8 fsdp=1
+    """One line for the logs, e.g. `process 0/2: 4 local of 8 cpu devices, mesh data=8 fsdp=1 context=1
     tensor=1`."""
     axes = " ".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES)
     return (f"process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} "

@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from genjax.errors import check
 from genjax.models.attention import describe_implementation
+from genjax.parallel import context as context_lib
 from genjax.parallel import mesh as mesh_lib
 from genjax.parallel.axes import RULES
 from genjax.train import state as state_lib
@@ -48,7 +49,7 @@ def check_grad_accum(global_batch_size: int, grad_accum_steps: int, mesh: Mesh) 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: Mesh,
                     state_shardings: state_lib.TrainState, ema_decay: float, ema_warmup: bool,
                     grad_accum_steps: int = 1, lr_schedule: optax.Schedule | None = None,
-                    rules=RULES):
+                    rules=RULES, context_parallel: str = context_lib.DEFAULT_STRATEGY):
     """Build `train_step(state, batch, rng) -> (state, metrics)`, jitted over `mesh`.
 
     Args:
@@ -64,11 +65,14 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
         key `fold_in(rng, i)` (A = 1 uses `rng` itself).
       lr_schedule: if given, metrics include "lr", the rate of this step's update
         (`lr_schedule(updates applied so far)`, the count optax keeps).
+      context_parallel: "ring" or "ulysses", the sequence-parallel self-attention when the mesh's
+        `context` axis is > 1 (config `mesh.context_parallel`, `genjax.parallel.context`).
 
-    The returned function traces under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`,
-    so the models' activation constraints (`nn.with_logical_constraint`, e.g. tokens
-    `(batch, length, None)` -> batch over data x fsdp) are sharding constraints in the compiled
-    step (tests/train/test_trainer.py reads them in the lowered HLO). `train_step.lower(state,
+    The returned function traces under `jax.set_mesh(mesh)`, `nn.logical_axis_rules(rules)` and
+    `context.strategy(context_parallel)`, so the models' activation constraints
+    (`nn.with_logical_constraint`, e.g. tokens `(batch, length, None)` -> batch over data x fsdp,
+    tokens over context) are sharding constraints in the compiled step (tests/train/test_trainer.py
+    reads them in the lowered HLO) and attention runs sequence-parallel when context > 1. `train_step.lower(state,
     batch, rng)` lowers it the same way (for ahead-of-time compilation and XLA cost analysis). Metrics: loss, the
     loss_fn's metrics, grad_norm, param_norm, ema_decay, finite, nonfinite_steps,
     nonfinite_streak (see `state_lib.apply_gradients`).
@@ -105,11 +109,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
                      out_shardings=(state_shardings, replicated), donate_argnums=0)
 
     def train_step(state, batch, rng):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules), context_lib.strategy(context_parallel):
             return jitted(state, batch, rng)
 
     def lower(state, batch, rng):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules), context_lib.strategy(context_parallel):
             return jitted.lower(state, batch, rng)
 
     train_step.lower = lower
@@ -253,6 +257,7 @@ def main(config, workdir: str, *, devices=None) -> dict[str, Any]:
     mesh_lib.check_same_on_all_hosts("config", config_dict)
     validate(config)
     mesh = mesh_lib.make_mesh(config.mesh, devices)
+    context_parallel = mesh_lib.context_parallel(config.mesh)
     print(mesh_lib.describe(mesh), flush=True)
     print(describe_implementation(config.model.get("attention_impl", "auto"), mesh.devices.flat[0].platform),
           flush=True)
@@ -280,7 +285,7 @@ def main(config, workdir: str, *, devices=None) -> dict[str, Any]:
     train_step = make_train_step(
         loss_fn, tx, mesh=mesh, state_shardings=shardings, ema_decay=config.optim.ema_decay,
         ema_warmup=config.optim.ema_warmup, grad_accum_steps=config.optim.grad_accum_steps,
-        lr_schedule=lr_schedule)
+        lr_schedule=lr_schedule, context_parallel=context_parallel)
 
     # 4. Logs.
     first_step = resume_step or 0

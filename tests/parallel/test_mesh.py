@@ -11,10 +11,35 @@ from genjax.parallel import mesh as mesh_lib
 
 
 def test_fill_axis_from_device_count():
-    m = mesh_lib.make_mesh({"data": -1, "fsdp": 4, "tensor": 1})
-    assert m.axis_names == ("data", "fsdp", "tensor")
-    assert dict(m.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    m = mesh_lib.make_mesh({"data": -1, "fsdp": 4, "tensor": 1})  # a config without `context`: 1
+    assert m.axis_names == ("data", "fsdp", "context", "tensor")
+    assert dict(m.shape) == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1}
     assert sorted(d.id for d in m.devices.flat) == sorted(d.id for d in jax.devices())
+
+
+def test_context_axis_is_parsed_and_filled():
+    m = mesh_lib.make_mesh({"data": 2, "fsdp": 1, "context": 2, "tensor": 2, "context_parallel": "ulysses"})
+    assert dict(m.shape) == {"data": 2, "fsdp": 1, "context": 2, "tensor": 2}
+    # tensor innermost, context next: devices 0, 1 differ in tensor, devices 0, 2 in context
+    assert [d.id for d in m.devices[0, 0, :, :].flat] == [0, 1, 2, 3]
+    assert mesh_lib.mesh_shape({"data": 1, "fsdp": 1, "context": -1, "tensor": 2}, 8) == (1, 1, 4, 2)
+    assert mesh_lib.mesh_shape({"data": -1, "fsdp": 1, "tensor": 1}, 8) == (8, 1, 1, 1)
+    assert mesh_lib.context_parallel({"data": 1}) == "ring"  # missing key: the default
+
+
+def test_configs_mesh_helper_has_context():
+    from configs import common
+
+    c = common.mesh()
+    assert (c.context, c.context_parallel) == (1, "ring")
+    assert mesh_lib.mesh_shape(common.mesh(context=4), 8) == (2, 1, 4, 1)
+
+
+@pytest.mark.parametrize("value", ["zigzag", "Ring", None])
+def test_bad_context_parallel_is_user_error(value):
+    cfg = {"data": -1, "fsdp": 1, "context": 2, "tensor": 1, "context_parallel": value}
+    with pytest.raises(UserError, match=r"^mesh.context_parallel=.*: must be one of \('ring', 'ulysses'\)$"):
+        mesh_lib.make_mesh(cfg)
 
 
 def test_one_device_mesh():
@@ -27,6 +52,9 @@ def test_one_device_mesh():
     ({"data": -1, "fsdp": 3, "tensor": 1}, "mesh.data="),  # 3 does not divide 8
     ({"data": -1, "fsdp": -1, "tensor": 1}, "mesh="),      # two fills
     ({"data": 0, "fsdp": 8, "tensor": 1}, "mesh.data="),
+    ({"data": 2, "fsdp": 1, "context": 2, "tensor": 1}, "mesh="),  # 4 != 8 devices
+    ({"data": -1, "fsdp": 1, "context": 0, "tensor": 1}, "mesh.context="),
+    ({"data": -1, "fsdp": 1, "context": -1, "tensor": 1}, "mesh="),  # two fills
 ])
 def test_bad_mesh_is_user_error(cfg, field):
     with pytest.raises(UserError, match=field):
@@ -146,5 +174,5 @@ def test_initialize_distributed_needs_process_id(monkeypatch):
 def test_describe_and_config_check_on_one_process():
     m = mesh_lib.make_mesh({"data": -1, "fsdp": 2, "tensor": 1})
     assert mesh_lib.describe(m) == ("process 0/1: 8 local of 8 cpu devices, "
-                                    "mesh data=4 fsdp=2 tensor=1")
+                                    "mesh data=4 fsdp=2 context=1 tensor=1")
     mesh_lib.check_same_on_all_hosts("config", {"seed": 0})  # one process: nothing to compare

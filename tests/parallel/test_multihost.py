@@ -64,7 +64,7 @@ def test_jax_variables_start_two_processes_that_compare_configs():
     for i, (status, out, err) in enumerate(runs):
         assert status == 0, err[-3000:]
         assert out.splitlines() == [
-            f"process {i}/2: 4 local of 8 cpu devices, mesh data=4 fsdp=2 tensor=1",
+            f"process {i}/2: 4 local of 8 cpu devices, mesh data=4 fsdp=2 context=1 tensor=1",
             (f"config.seed={i}: process {1 - i} has {1 - i}; every host must run the same config "
              f"(same file, overrides and code)")]
 

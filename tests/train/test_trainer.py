@@ -62,7 +62,8 @@ def test_reference_run_writes_everything(reference):
 def test_activation_constraints_shard_the_tokens_in_the_train_step(tmp_path):
     """The models' `nn.with_logical_constraint(x, (batch, length, None))` takes effect in the
     trainer's step: the lowered HLO constrains the DiT's tokens after the patch embedding and after
-    every block to batch over data x fsdp (the rules of parallel/axes.py), on a 2 x 4 mesh."""
+    every block to batch over data x fsdp and tokens over context (the rules of parallel/axes.py),
+    on a 2 x 4 mesh (context 1: the size-1 axis is named in the constraint, splits nothing)."""
     config = smoke("--config.mesh.data=2", "--config.mesh.fsdp=4")
     mesh = mesh_lib.make_mesh(config.mesh)
     task = tasks.build(config, mesh=mesh)
@@ -77,7 +78,7 @@ def test_activation_constraints_shard_the_tokens_in_the_train_step(tmp_path):
     constrained = [line for line in hlo.splitlines() if "sharding_constraint" in line
                    and f"tensor<{'x'.join(map(str, tokens))}xf32>" in line]
     assert len(constrained) >= 1 + config.model.depth, constrained
-    assert all('[{"data", "fsdp"}, {}, {}]' in line for line in constrained), constrained
+    assert all('[{"data", "fsdp"}, {"context"}, {}]' in line for line in constrained), constrained
 
 
 @pytest.mark.slow  # ~15 s of compiling on a quiet 2-core machine, minutes under load
@@ -120,7 +121,7 @@ def test_changed_model_config_is_refused(reference, tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (["--config.data.batch_size=12"], r"^data.batch_size=12: must be divisible by the data-parallel size data\*fsdp=8"),
-    (["--config.mesh.data=2"], r"^mesh=\{'data': 2, 'fsdp': 1, 'tensor': 1\}: data\*fsdp\*tensor must equal the device count 8"),
+    (["--config.mesh.data=2"], r"^mesh=\{'data': 2, 'fsdp': 1, 'context': 1, 'tensor': 1\}: data\*fsdp\*context\*tensor must equal the device count 8"),
     (["--config.ckpt.max_to_keep=-1"], r"^ckpt.max_to_keep=-1: must be >= 0"),
     (["--config.model.name=unet3d"], r"^model.name='unet3d': must be one of"),
     (["--config.optim.grad_accum_steps=3"], r"^optim.grad_accum_steps=3: must divide data.batch_size=16"),
