@@ -113,13 +113,16 @@ def test_block_schedule_skips_pairs_of_different_segments():
 
 
 def test_pallas_gpu_kernel_equals_xla_in_interpret_mode():
-    """JAX's Pallas GPU (Triton) flash kernel with segment ids, run by the Pallas interpreter on CPU."""
+    """JAX's Pallas GPU (Triton) flash kernel with segment ids, forward and its backward kernel, run by
+    the Pallas interpreter on CPU."""
     rng, q, _, _ = _inputs(4, l=32)
     k, v = q * 0.7 + 0.1, rng.normal(size=q.shape).astype(np.float32)
     ids = _packed_ids(rng, B, 32, 3)
-    want = attention.dot_product_attention(q, k, v, q_segment_ids=ids, kv_segment_ids=ids, implementation="xla")
-    got = attention.pallas_attention(q, k, v, jnp.asarray(ids), jnp.asarray(ids), causal=False, platform="cpu")
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    want = _value_and_grad(lambda q, k, v: attention.dot_product_attention(
+        q, k, v, q_segment_ids=ids, kv_segment_ids=ids, implementation="xla"), q, k, v)
+    got = _value_and_grad(lambda q, k, v: attention.pallas_attention(
+        q, k, v, jnp.asarray(ids), jnp.asarray(ids), causal=False, platform="cpu"), q, k, v)
+    _assert_close(got, want)
 
 
 @pytest.mark.parametrize("platform,packed,key_mask,self_attention,want", [
