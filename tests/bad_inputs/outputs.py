@@ -1,0 +1,11 @@
+"""Bad-input catalogue rows: outputs (issue 21)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.bad_inputs import Case
+
+
+def cases(workspace: Path) -> list[Case]:
+    return []
