@@ -17,12 +17,12 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import tempfile
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from genjax.errors import check
+from genjax.errors import UserError, check, fail
+from genjax.io import fs
 
 VIDEO_EXTENSIONS = (".mp4", ".gif", ".webm", ".avi", ".mov", ".mkv")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -71,24 +71,37 @@ def _check_captions(captions, n: int) -> list[str] | None:
     return captions
 
 
-@contextlib.contextmanager
-def _atomic_path(path: str) -> Iterator[str]:
-    """Yield a temporary path next to `path` (same extension); move it onto `path` on success."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    stem, ext = os.path.splitext(os.path.basename(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=folder)
-    os.close(fd)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a media file is as readable as any other
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+_atomic_path = fs.atomic_path  # every writer writes a temporary file and renames it into place
+
+
+def _ffmpeg_encode(path: str, tmp: str, grid: np.ndarray, *, fps: float, codec: str,
+                   pix_fmt_in: str, pix_fmt_out: str, output_params: list[str]) -> None:
+    """Encode uint8 frames (T, H, W, C) into `tmp` with the ffmpeg of imageio-ffmpeg.
+
+    The command is the one `imageio_ffmpeg.write_frames` builds, but run through `subprocess.run`
+    so that ffmpeg's exit status is checked (`write_frames` ignores it: a full disk gave a 0-byte
+    file and no error).
+
+    Raises:
+      UserError: ffmpeg failed or wrote nothing, naming `path` and ffmpeg's last error line.
+    """
+    import subprocess
+    from fractions import Fraction
+
+    import imageio_ffmpeg
+
+    t, h, w, _ = grid.shape
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo",
+           "-s", f"{w}x{h}", "-pix_fmt", pix_fmt_in, "-r", str(Fraction(fps).limit_denominator()),
+           "-i", "-", "-an", "-vcodec", codec, "-pix_fmt", pix_fmt_out, "-v", "error",
+           *output_params, tmp]
+    proc = subprocess.run(cmd, input=np.ascontiguousarray(grid).tobytes(), capture_output=True)
+    if proc.returncode == 0 and os.path.getsize(tmp) > 0:
+        return
+    lines = proc.stderr.decode(errors="replace").strip().splitlines()
+    reason = lines[-1].strip() if lines else "wrote an empty file"
+    fail("path", path, f"ffmpeg failed (exit status {proc.returncode}): {reason}; nothing was written "
+         "under that name (a previous file there is unchanged)")
 
 
 # ----------------------------------------------------------------------------- grids
@@ -131,6 +144,23 @@ def _default_ncols(n: int) -> int:
     return math.ceil(math.sqrt(n))
 
 
+def _fit_text(draw, text: str, font, width: int) -> str:
+    """`text`, or its longest prefix ending in ".." that is at most `width` px wide. Linear in
+    `width`, whatever the text's length: no glyph is narrower than 1 px, so at most `width`
+    characters can fit, and the cut is found by bisection over those."""
+    text = text.encode("utf-8", "replace").decode("utf-8")  # lone surrogates (non-UTF-8 input)
+    if len(text) <= width and draw.textlength(text, font=font) <= width:
+        return text
+    lo, hi = 0, min(len(text), max(width, 0))  # the longest fitting prefix lies in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if draw.textlength(text[:mid] + "..", font=font) <= width:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo] + ".." if lo else text[:1]
+
+
 def _add_captions(tiles: np.ndarray, captions: list[str]) -> np.ndarray:
     """(N, ..., H, W, C) -> (N, ..., k*H + strip, k*W, C): upscale by k, text strip below.
 
@@ -151,11 +181,7 @@ def _add_captions(tiles: np.ndarray, captions: list[str]) -> np.ndarray:
     for text in captions:
         canvas = Image.new("L", (w, strip_h), 0)
         draw = ImageDraw.Draw(canvas)
-        cut = text
-        while cut and draw.textlength(cut, font=font) > w - 4:
-            cut = cut[:-1]
-        if cut != text:
-            cut = cut[:-2] + ".." if len(cut) > 2 else cut
+        cut = _fit_text(draw, text, font, w - 4)
         draw.text((2, 2), cut, fill=255, font=font)
         strips.append(np.asarray(canvas)[..., None].repeat(c, axis=-1))
     strips = np.stack(strips)  # (N, strip_h, w, c)
@@ -198,10 +224,9 @@ def write_mp4(path, videos, *, fps: float = 8, captions: Sequence[str] | None = 
       `path`.
 
     Raises:
-      UserError: bad extension, dtype, rank, channels, fps or caption count.
+      UserError: bad extension, dtype, rank, channels, fps or caption count; ffmpeg failing or the
+        file not being writable (a full or read-only disk: see `genjax.io.fs.atomic_path`).
     """
-    import imageio_ffmpeg
-
     path = os.fspath(path)
     check_ext(path, (".mp4",))
     check(fps > 0, "fps", fps, "must be > 0")
@@ -209,22 +234,8 @@ def write_mp4(path, videos, *, fps: float = 8, captions: Sequence[str] | None = 
     t, h, w, c = grid.shape
     grid = np.pad(grid, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
     with _atomic_path(path) as tmp:
-        writer = imageio_ffmpeg.write_frames(
-            tmp,
-            (grid.shape[2], grid.shape[1]),
-            fps=fps,
-            codec="libx264",
-            pix_fmt_in="gray" if c == 1 else "rgb24",
-            pix_fmt_out="yuv420p",
-            quality=None,
-            macro_block_size=1,
-            output_params=["-crf", str(MP4_CRF)],
-            ffmpeg_log_level="error",
-        )
-        writer.send(None)
-        for frame in grid:
-            writer.send(np.ascontiguousarray(frame))
-        writer.close()
+        _ffmpeg_encode(path, tmp, grid, fps=fps, codec="libx264", pix_fmt_in="gray" if c == 1 else "rgb24",
+                       pix_fmt_out="yuv420p", output_params=["-crf", str(MP4_CRF)])
     return path
 
 
@@ -253,10 +264,9 @@ def write_gif(path, videos, *, fps: float = 8, captions: Sequence[str] | None = 
       `path`.
 
     Raises:
-      UserError: bad extension, dtype, rank, channels, fps or caption count.
+      UserError: bad extension, dtype, rank, channels, fps or caption count; ffmpeg failing or the
+        file not being writable (a full or read-only disk: see `genjax.io.fs.atomic_path`).
     """
-    import imageio_ffmpeg
-
     path = os.fspath(path)
     check_ext(path, (".gif",))
     check(fps > 0, "fps", fps, "must be > 0")
@@ -268,22 +278,8 @@ def write_gif(path, videos, *, fps: float = 8, captions: Sequence[str] | None = 
         "[b][p]paletteuse=new=1:dither=none"
     )
     with _atomic_path(path) as tmp:
-        writer = imageio_ffmpeg.write_frames(
-            tmp,
-            (grid.shape[2], grid.shape[1]),
-            fps=fps,
-            codec="gif",
-            pix_fmt_in="rgb24",
-            pix_fmt_out="pal8",
-            quality=None,
-            macro_block_size=1,
-            output_params=["-filter_complex", palette, "-loop", "0"],
-            ffmpeg_log_level="error",
-        )
-        writer.send(None)
-        for frame in grid:
-            writer.send(np.ascontiguousarray(frame))
-        writer.close()
+        _ffmpeg_encode(path, tmp, grid, fps=fps, codec="gif", pix_fmt_in="rgb24", pix_fmt_out="pal8",
+                       output_params=["-filter_complex", palette, "-loop", "0"])
     return path
 
 
@@ -308,7 +304,8 @@ def write_png_grid(
       `path`.
 
     Raises:
-      UserError: bad extension, dtype, rank, channels, caption count, or ncols given for videos.
+      UserError: bad extension, dtype, rank, channels, caption count, or ncols given for videos;
+        the file not being writable (see `genjax.io.fs.atomic_path`).
     """
     from PIL import Image
 
@@ -348,29 +345,48 @@ def to_uint8(x):
     return xp.clip(xp.nan_to_num(y), 0, 255).astype(xp.uint8)
 
 
+def output_paths(out: str, video: bool) -> list[str]:
+    """The files `write_outputs(out, ...)` writes: `out` and a GIF + MP4 (videos) or a PNG
+    (images) beside it, with the same stem."""
+    stem = os.path.splitext(os.fspath(out))[0]
+    return [os.fspath(out)] + ([stem + ".gif", stem + ".mp4"] if video else [stem + ".png"])
+
+
 def write_outputs(out: str, samples: np.ndarray, captions: Sequence, *, fps: float = 8) -> list[str]:
     """`genjax sample`'s files. Videos uint8 (N, T, H, W, C): `out` (.npz with `videos` and
     `prompts`) plus a GIF and an MP4 beside it (same stem); images uint8 (N, H, W, C): `out`
-    (.npz with `images` and `class_labels` int32) plus a PNG grid. Every file is written to a
-    temporary name and renamed into place. Returns the paths.
+    (.npz with `images` and `class_labels` int32) plus a PNG grid (`output_paths`). All files are
+    written to temporary names first and renamed into place only once every one is complete: a
+    failure leaves none of them changed. Returns the paths.
 
     Raises:
-      UserError: `out` not a .npz path; samples not uint8 of rank 4 or 5; len(captions) != N.
+      UserError: `out` not a .npz path; samples not uint8 of rank 4 or 5; len(captions) != N; a
+        file that cannot be written (full or read-only disk) or a failed encode, naming the path.
     """
     check(str(out).endswith(".npz"), "--out", out, "must be a .npz file")
     samples = np.asarray(samples)
     _check_pixels("samples", samples, (4, 5), "(N, H, W, C) or (N, T, H, W, C)")
     check(len(captions) == len(samples), "captions", len(captions), f"must be one per sample ({len(samples)})")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    stem = os.path.splitext(out)[0]
     video = samples.ndim == 5
+    paths = output_paths(out, video)
     arrays = ({"videos": samples, "prompts": np.asarray([str(c) for c in captions])} if video else
               {"images": samples, "class_labels": np.asarray(captions, np.int32)})
-    with _atomic_path(out) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-    if video:
-        captions = [str(c) for c in captions]
-        return [out, write_gif(stem + ".gif", samples, fps=fps, captions=captions),
-                write_mp4(stem + ".mp4", samples, fps=fps, captions=captions)]
-    return [out, write_png_grid(stem + ".png", samples, captions=[f"class {int(y)}" for y in captions])]
+    with contextlib.ExitStack() as stack:  # renames happen on leaving, after every file is written
+        tmps = [stack.enter_context(_atomic_path(p, "--out" if p == paths[0] else "path",
+                                                 size=samples.nbytes if p == paths[0] else None))
+                for p in paths]
+        try:
+            with open(tmps[0], "wb") as f:
+                np.savez(f, **arrays)
+            if video:
+                captions = [str(c) for c in captions]
+                write_gif(tmps[1], samples, fps=fps, captions=captions)
+                write_mp4(tmps[2], samples, fps=fps, captions=captions)
+            else:
+                write_png_grid(tmps[1], samples, captions=[f"class {int(y)}" for y in captions])
+        except UserError as e:  # name the final file, not its temporary name
+            message = str(e)
+            for tmp, path in zip(tmps, paths):
+                message = message.replace(repr(tmp), repr(path))
+            raise UserError(message) from e
+    return paths

@@ -1,5 +1,6 @@
 """genjax.io.media: round trips through real encoders (ffmpeg, Pillow) and exact grid layout."""
 
+import errno
 import os
 
 import numpy as np
@@ -153,12 +154,16 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
     media.write_png_grid(path, old, ncols=1)
     before = path.read_bytes()
 
-    def crash(*args, **kwargs):
-        raise OSError("disk full")
+    def crash(self, fp, *args, **kwargs):  # a full disk partway through the file
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(fp))
 
     monkeypatch.setattr(Image.Image, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserError) as e:
         media.write_png_grid(path, np.zeros((1, 4, 4, 3), np.uint8), ncols=1)
+    assert len(str(e.value).splitlines()) == 1
+    assert str(path) in str(e.value) and "No space left on device" in str(e.value)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["g.png"]
 
