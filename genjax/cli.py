@@ -1,8 +1,9 @@
 """The `genjax` command: train | sample | eval | convert | data | demo.
 
 Each subcommand has `--help`. User errors (`genjax.errors.UserError`: a missing file, an unknown
-config key, a bad value, an unknown dataset) print one line to stderr and exit with status 2,
-without a traceback.
+config key, a bad value, an unknown dataset) and file-system faults (an `OSError` such as a full
+or read-only disk, or a path that is a file: `genjax.io.fs.FS_ERRNOS`) print one line to stderr
+and exit with status 2, without a traceback.
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(`genjax convert --model vae` output or a trained VAE workdir)")
     p.add_argument("--num", type=int, default=4, help="samples per prompt / class label (default 4)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output .npz")
+    p.add_argument("--out", required=True, help="output .npz (refused if it, or the GIF / MP4 / PNG "
+                   "beside it, exists, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's "
                    "eval.num_sampling_steps; 50 for a converted model)")
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale "
@@ -145,6 +148,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except UserError as e:
         print(f"genjax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full or read-only disk, a path that is a file: one line, no traceback
+        from genjax.io.fs import FS_ERRNOS, describe_os_error
+
+        if e.errno not in FS_ERRNOS:
+            raise
+        print(f"genjax {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"genjax {args.command}: interrupted", file=sys.stderr)

@@ -125,21 +125,27 @@ def main(args) -> int:
     `--out` (.npz) and a GIF + MP4 (videos) or a PNG grid (images) beside it.
 
     Raises:
-      UserError: a bad argument (before the model is built), a request the model cannot take
-        (from `sample_fn`, before compiling), a workdir without a model.
+      UserError: a bad argument (before the model is built), among them an `--out` (or the GIF /
+        MP4 / PNG beside it) that exists without `--overwrite` or lies in a folder that cannot be
+        written; a request the model cannot take (from `sample_fn`, before compiling), a workdir
+        without a model; a file that cannot be written (full disk), naming it (no file is then
+        changed).
     """
     from genjax import convert
     from genjax.diffusion import samplers
-    from genjax.io import checkpoint, media
+    from genjax.io import checkpoint, fs, media
 
     check(args.num >= 1, "--num", args.num, "must be an integer >= 1")
     check(args.out.endswith(".npz"), "--out", args.out, "must be a .npz file")
+    overwrite = getattr(args, "overwrite", False)
+    fs.check_new_file(args.out, "--out", overwrite)  # before anything is restored or generated
     check(args.cfg_scale is None or np.isfinite(args.cfg_scale), "--cfg-scale", args.cfg_scale, "must be finite")
     check(args.steps is None or args.steps >= 1, "--steps", args.steps, "must be an integer >= 1")
     check(args.sampler is None or args.sampler in samplers.SAMPLERS, "--sampler", args.sampler,
           f"must be one of {samplers.SAMPLERS}")
     for flag, v in (("--frames", args.frames), ("--height", args.height), ("--width", args.width)):
         check(v is None or v >= 1, flag, v, "must be an integer >= 1")
+    check(not os.path.isfile(args.workdir), "--workdir", args.workdir, "is a file, not a run folder")
     check(os.path.isdir(args.workdir), "--workdir", args.workdir, "does not exist")
     check(args.vae is None or os.path.isdir(args.vae), "--vae", args.vae, "does not exist")
     for p in args.prompt:
@@ -152,6 +158,8 @@ def main(args) -> int:
           if converted else f"holds a {name!r} model, which draws no samples (sampling takes "
           f"{VIDEO_MODELS + IMAGE_MODELS})")
     video = name in VIDEO_MODELS
+    for out in media.output_paths(args.out, video)[1:]:
+        fs.check_new_file(out, "--out", overwrite)
     if video:
         check(bool(args.prompt), "--prompt", None, "is required for a text-to-video model")
         check(not args.class_label, "--class-label", args.class_label, "is for class-conditional image "

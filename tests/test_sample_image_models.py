@@ -95,6 +95,8 @@ def test_converted_dit_matches_diffusers_dit_pipeline(converted, tmp_path, monke
                   class_labels=labels, guidance_scale=4.0)
     _assert_same_image(ours, theirs)
     # The same seed again gives the same images; another seed other images.
+    assert cli.main(argv) == 2  # an existing --out is refused ...
+    argv.append("--overwrite")  # ... unless asked for
     assert cli.main(argv) == 0
     with np.load(out) as f:
         np.testing.assert_array_equal(f["images"], ours)

@@ -32,7 +32,7 @@ def describe_os_error(e: OSError) -> str:
     return f"{e.filename!r}: {what}" if e.filename else what
 
 
-def _write_error(field: str, path: str, e: OSError, size: int | None) -> UserError:
+def write_error(field: str, path: str, e: OSError, size: int | None) -> UserError:
     need = f" (needs ~{size} bytes)" if size and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)) else ""
     return UserError(f"{field}={path!r}: cannot write: {e.strerror or e} [Errno {e.errno}]{need}; "
                      "nothing was written under that name (a previous file there is unchanged)")
@@ -64,7 +64,7 @@ def atomic_path(path, field: str = "path", *, size: int | None = None) -> Iterat
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an output is as readable as any other
         os.replace(tmp, path)
     except OSError as e:
-        raise _write_error(field, path, e, size) from e
+        raise write_error(field, path, e, size) from e
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)

@@ -372,12 +372,13 @@ def write_outputs(out: str, samples: np.ndarray, captions: Sequence, *, fps: flo
     arrays = ({"videos": samples, "prompts": np.asarray([str(c) for c in captions])} if video else
               {"images": samples, "class_labels": np.asarray(captions, np.int32)})
     with contextlib.ExitStack() as stack:  # renames happen on leaving, after every file is written
-        tmps = [stack.enter_context(_atomic_path(p, "--out" if p == paths[0] else "path",
-                                                 size=samples.nbytes if p == paths[0] else None))
-                for p in paths]
+        tmps = [stack.enter_context(_atomic_path(p, "--out" if p == paths[0] else "path")) for p in paths]
         try:
-            with open(tmps[0], "wb") as f:
-                np.savez(f, **arrays)
+            try:
+                with open(tmps[0], "wb") as f:
+                    np.savez(f, **arrays)
+            except OSError as e:
+                raise fs.write_error("--out", paths[0], e, samples.nbytes) from e
             if video:
                 captions = [str(c) for c in captions]
                 write_gif(tmps[1], samples, fps=fps, captions=captions)

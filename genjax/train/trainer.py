@@ -18,7 +18,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from genjax.errors import check
+from genjax.errors import UserError, check
+from genjax.io import fs
 from genjax.models.attention import describe_implementation
 from genjax.parallel import context as context_lib
 from genjax.parallel import mesh as mesh_lib
@@ -164,10 +165,24 @@ def step_flops(compiled) -> float | None:
     return float(cost["flops"]) if cost and cost.get("flops") else None
 
 
+def json_record(record: Mapping[str, Any]) -> str:
+    """One metrics.jsonl line: strict JSON. A NaN / Inf value (bare `NaN` is not JSON) is written
+    as null and its key listed under "nonfinite", e.g. `{"step": 3, "loss": null, "nonfinite": ["loss"]}`."""
+    bad = [k for k, v in record.items() if isinstance(v, (float, np.floating)) and not np.isfinite(v)]
+    if bad:
+        record = {**{k: None if k in bad else v for k, v in record.items()}, "nonfinite": bad}
+    return json.dumps(record, allow_nan=False)
+
+
 class MetricsLog:
-    """`WORKDIR/metrics.jsonl` (one JSON object per logged step) and TensorBoard events in
-    `WORKDIR/tb/`; on resume from step s, records after s (left by a killed run) are dropped so
-    the file reads as one uninterrupted run. Writes only on process 0."""
+    """`WORKDIR/metrics.jsonl` (one JSON object per logged step, strict JSON: see `json_record`)
+    and TensorBoard events in `WORKDIR/tb/`; on resume from step s, records after s (left by a
+    killed run) are dropped so the file reads as one uninterrupted run (the kept records are
+    rewritten atomically). Writes only on process 0.
+
+    Raises:
+      UserError: metrics.jsonl cannot be written (a full or read-only disk), naming it.
+    """
 
     def __init__(self, workdir: str, resume_step: int):
         self.active = jax.process_index() == 0
@@ -185,18 +200,20 @@ class MetricsLog:
                             kept.append(line)
                     except json.JSONDecodeError:  # a last line cut off by a kill
                         pass
-        with open(self.path, "w") as f:
-            f.writelines(kept)
+        fs.write_text(self.path, "".join(kept), "metrics")
         self.file = open(self.path, "a")
         self.tb = SummaryWriter(os.path.join(workdir, "tb"))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.active:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json_record(record) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise UserError(f"metrics={self.path!r}: cannot write: {fs.describe_os_error(e)}") from e
         for key, value in record.items():
-            if key != "step" and value is not None:
+            if key not in ("step", "nonfinite") and value is not None:
                 self.tb.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
@@ -292,8 +309,7 @@ def main(config, workdir: str, *, devices=None) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     if is_main:
         os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config_dict, f, indent=2)
+        fs.write_json(os.path.join(workdir, "config.json"), config_dict, "config.json", indent=2)
     log = MetricsLog(workdir, first_step)
     preemption = checkpoint.Preemption()
     sample_rng = jax.random.fold_in(jax.random.split(state.rng)[0], 1)
@@ -375,6 +391,7 @@ def cli_main(args) -> int:
 
     config = load_config(args.config, args.overrides)
     mesh_lib.initialize_distributed()
+    fs.check_writable_dir(args.workdir, "--workdir")  # a file, a read-only disk: before any work
     os.makedirs(args.workdir, exist_ok=True)
     try:
         main(config, args.workdir)

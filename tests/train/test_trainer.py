@@ -141,9 +141,13 @@ def test_consecutive_nonfinite_steps_stop_training(tmp_path, monkeypatch):
     config = smoke(*ONE, "--config.optim.max_nonfinite_steps=3", "--config.ckpt.save_interval_steps=1")
     with pytest.raises(trainer.NonFiniteError, match="3 consecutive steps with NaN/Inf gradients"):
         trainer.main(config, str(tmp_path), devices=jax.devices()[:1])
+    def not_json(constant):  # bare NaN / Infinity are not JSON (issue 21)
+        raise AssertionError(f"metrics.jsonl holds {constant}")
+
     with open(tmp_path / "metrics.jsonl") as f:
-        records = [json.loads(line) for line in f]
+        records = [json.loads(line, parse_constant=not_json) for line in f]
     assert [r["nonfinite_steps"] for r in records] == [1, 2]  # step 3's record is the stop
+    assert all(r["loss"] is None and "loss" in r["nonfinite"] for r in records)
     manager = checkpoint.make_manager(str(tmp_path), config.ckpt)
     assert manager.all_steps()  # checkpoints were written, and every one is the finite initial state
     init_params = tasks.build(config).init_params
