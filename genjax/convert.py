@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genjax.errors import UserError, check
+from genjax.io import fs
 
 # Model families with a diffusers reference format: name -> (module path, Linen class); each module
 # has `load_diffusers` and `Model(**kwargs)`.
@@ -94,13 +95,14 @@ def convert(family: str, src: str, out: str) -> str:
     Raises:
       UserError: unknown family, unreadable source or a state dict of another family (named by
         key, from the family's `load_diffusers`), or `out` that already holds files (never
-        overwritten).
+        overwritten), or is a file or cannot be written (checked before reading `src`).
     """
     import orbax.checkpoint as ocp
 
     mod = _family(family)
     check(not (os.path.isdir(out) and os.listdir(out)), "--out", out,
           "must be a new or empty folder (existing files are never overwritten)")
+    fs.check_writable_dir(out, "--out")  # a file, a read-only disk: before reading the weights
     module, params = mod.load_diffusers(src)
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
@@ -108,10 +110,7 @@ def convert(family: str, src: str, out: str) -> str:
         ckptr.save(os.path.join(out, PARAMS_DIR), params)
     config = {"family": family, "kwargs": module_kwargs(module), "source": os.fspath(src),
               "sample_size": _reference_sample_size(src)}
-    tmp = os.path.join(out, CONFIG_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(config, f, indent=2)
-    os.replace(tmp, os.path.join(out, CONFIG_FILE))
+    fs.write_json(os.path.join(out, CONFIG_FILE), config, "--out", indent=2)
     return out
 
 

@@ -40,6 +40,7 @@ import time
 import numpy as np
 
 from genjax.errors import check
+from genjax.io import fs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout: configs/ is here
 CONFIG = os.path.join(ROOT, "configs", "demo_moving_mnist.py")
@@ -63,11 +64,13 @@ def plot_losses(metrics_path: str, out: str, title: str) -> str:
     with open(metrics_path) as f:
         records = [r for r in (json.loads(line) for line in f if line.strip()) if "loss" in r]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records])
+    # a non-finite loss is null in metrics.jsonl (strict JSON): a gap in the curve
+    ax.plot([r["step"] for r in records], [np.nan if r["loss"] is None else r["loss"] for r in records])
     ax.set(xlabel="step", ylabel="training loss", yscale="log", title=title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out)
+    with fs.atomic_path(out) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
     return out
 
@@ -117,16 +120,14 @@ def run_stage(name: str, stage_dir: str, num_steps: int, train, fingerprint: str
         print(f"  {name}: done earlier ({done['num_steps']} steps), skipped")
         return {**done, "skipped": True}
     os.makedirs(stage_dir, exist_ok=True)
-    with open(os.path.join(stage_dir, STAGE_FILE), "w") as f:
-        json.dump({"stage": name, "fingerprint": fingerprint}, f)
+    fs.write_json(os.path.join(stage_dir, STAGE_FILE), {"stage": name, "fingerprint": fingerprint})
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
     train()
     record = {"stage": name, "num_steps": num_steps, "cpu_seconds": round(cpu_seconds() - cpu0, 1),
               "wall_seconds": round(time.perf_counter() - wall0, 1)}
     plot_losses(os.path.join(stage_dir, "metrics.jsonl"), os.path.join(stage_dir, "loss.png"),
                 f"{name} on Moving MNIST")
-    with open(os.path.join(stage_dir, "done.json"), "w") as f:
-        json.dump(record, f, indent=2)
+    fs.write_json(os.path.join(stage_dir, "done.json"), record, indent=2)
     print(f"  {name}: {num_steps} steps in {record['cpu_seconds']:.0f} s CPU, "
           f"{record['wall_seconds']:.0f} s wall")
     return {**record, "skipped": False}
@@ -195,8 +196,7 @@ def sample_and_evaluate(workdir: str, config, *, classifier_cache: str | None = 
 
     result["vae_reconstruction"] = evaluate.reconstruction_metrics(reconstruct, reference)
     result["prompts"] = list(s.prompts)
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-        json.dump(result, f, indent=2, default=float)
+    fs.write_json(os.path.join(workdir, "eval.json"), result, indent=2, default=float)
     return result
 
 
@@ -227,7 +227,9 @@ def main(args) -> int:
 
     Raises:
       UserError (before anything trains): see `config_spec`; a config that fails to load (an
-        unknown arg, a bad override) or lacks the sections vae, text, dit, sample.
+        unknown arg, a bad override) or lacks the sections vae, text, dit, sample; a --workdir
+        that is a file or cannot be written. Later: an output that cannot be written (full
+        disk), naming it (every file is written to a temporary name and renamed into place).
     """
     from genjax.config import load_config
     from genjax.train import trainer
@@ -238,6 +240,7 @@ def main(args) -> int:
     missing = [k for k in SECTIONS if k not in config]
     check(not missing, "--config", spec, f"is not a demo config: it lacks the sections {missing}")
     workdir = os.path.abspath(args.workdir)
+    fs.check_writable_dir(workdir, "--workdir")
     dirs = {name: os.path.join(workdir, name) for name in ("vae", "text", "dit")}
     fingerprints = {"vae": stage_fingerprint(config.vae)}
     fingerprints["text"] = stage_fingerprint(config.text)
@@ -259,8 +262,7 @@ def main(args) -> int:
           f"({config.sample.sampler}-{config.sample.num_steps}, cfg {config.sample.cfg_scale}) and evaluate")
     result = sample_and_evaluate(workdir, config, classifier_cache=getattr(args, "classifier_cache", None))
     result["stages"] = stages
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-        json.dump(result, f, indent=2, default=float)
+    fs.write_json(os.path.join(workdir, "eval.json"), result, indent=2, default=float)
 
     print(f"\nDone in {cpu_seconds() - cpu0:.0f} s CPU, {time.perf_counter() - wall0:.0f} s wall. "
           f"Everything is in {workdir}:")

@@ -14,7 +14,7 @@ import numpy as np
 
 from genjax.data.sources import make_source
 from genjax.errors import check
-from genjax.io import media
+from genjax.io import fs, media
 
 _EXTENSIONS = (".gif", ".mp4", ".png")
 
@@ -58,12 +58,14 @@ def show(name: str, out: str, *, num: int = 16, split: str = "train", data_dir: 
     `np.random.default_rng(seed)`, to `out` (.gif / .mp4 for videos, .png for images or video
     contact sheets), captioned. Returns a one-line summary of what was written.
 
-    Raises `UserError` for a bad extension, num < 1, an unknown dataset or option, images asked
+    Raises `UserError` for a bad extension, an `out` that is a folder or cannot be written
+    (checked first; a failed write names it and leaves no partial file), num < 1, an unknown dataset or option, images asked
     for as .gif / .mp4, or examples of different shapes (pass a size option to the source).
     """
     ext = os.path.splitext(out)[1].lower()
     check(ext in _EXTENSIONS, "--out", out, f"must end in one of {_EXTENSIONS}")
     check(num >= 1, "--num", num, "must be >= 1")
+    fs.check_new_file(out, "--out", overwrite=True)  # a folder, a read-only disk: before loading
     source = make_source(name, split=split, data_dir=data_dir, **(options or {}))
     count = min(num, len(source))
     picks = np.random.default_rng(seed).choice(len(source), size=count, replace=False)

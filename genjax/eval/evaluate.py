@@ -10,11 +10,9 @@ autoencoder's PSNR / SSIM. `main` is `genjax eval --samples FILE.npz`.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
-import tempfile
 from typing import Callable
 
 import numpy as np
@@ -22,6 +20,7 @@ import numpy as np
 from genjax.errors import UserError, check
 from genjax.eval import digit_classifier as dc
 from genjax.eval import metrics
+from genjax.io import fs
 
 
 def prompted_digit(prompt: str) -> int:
@@ -195,12 +194,19 @@ def _json_safe(x):
 def main(args: argparse.Namespace) -> int:
     """Entry point of `genjax eval` (parser in `genjax.cli`): evaluate `--samples FILE.npz`
     (or `WORKDIR/samples.npz`), print a table, write the JSON to `--out` (default: next to the
-    samples, `<name>.metrics.json`)."""
+    samples, `<name>.metrics.json`; written to a temporary name and renamed into place).
+
+    Raises:
+      UserError: bad arguments or samples; an `--out` that is not .json, is a folder or cannot
+        be written (checked before any work), or a write that fails (full disk), naming it."""
     samples = args.samples
     if samples is None:
         check(args.workdir is not None, "--samples", None, "give --samples FILE.npz or --workdir W")
         samples = os.path.join(args.workdir, "samples.npz")
     check(args.num_reference >= 2, "--num-reference", args.num_reference, "must be >= 2")
+    out = args.out or os.path.splitext(samples)[0] + ".metrics.json"
+    check(out.endswith(".json"), "--out", out, "must be a .json file")
+    fs.check_new_file(out, "--out", overwrite=True)  # a folder, a read-only disk: before any work
     videos, prompts = load_samples(samples)
     digits = np.array([prompted_digit(p) for p in prompts] if prompts else [-1] * len(videos))
     ref = None
@@ -210,17 +216,7 @@ def main(args: argparse.Namespace) -> int:
     params = dc.load_or_train(args.classifier_cache)
     results = {"samples": os.path.abspath(samples), "reference": args.reference,
                **evaluate_videos(videos, digits, classifier_params=params, reference_videos=ref)}
-    out = args.out or os.path.splitext(samples)[0] + ".metrics.json"
-    folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".metrics.", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_json_safe(results), f, indent=2)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    fs.write_json(out, _json_safe(results), "--out", indent=2)
     print(f"genjax eval: {samples} ({videos.shape[0]} videos, {videos.shape[1]} frames)")
     print(_table({k: v for k, v in results.items() if k not in ("samples", "reference")}))
     print(f"wrote {out}")
