@@ -105,5 +105,5 @@ def test_non_string_prompt(smoke_demo):
     import jax
 
     _, task, params = _restored(smoke_demo[0])
-    with pytest.raises(UserError, match="prompts=3: must be a non-empty string"):
+    with pytest.raises(UserError, match=r"prompts\[1\]=3: must be a str"):
         task.sample_fn(params, jax.random.PRNGKey(0), ["digit 1", 3], num_steps=2)
