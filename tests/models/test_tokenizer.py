@@ -115,3 +115,16 @@ def test_non_utf8_text_is_a_user_error_not_unicode_encode_error():
     for call in (lambda: tok.encode(["ok", "digit \udcff"], 16), lambda: tok.check_fits(["digit \udcff"], 16)):
         with pytest.raises(UserError, match=r"\[\d\]='digit \\udcff': is not valid UTF-8 text \(character 6"):
             call()
+
+
+def test_training_captions_cut_are_reported_once(capsys):
+    """Training keeps cutting long captions, but says so once, on one line of stderr."""
+    from genjax.tasks.clip import tokenize_fn
+
+    tokenize = tokenize_fn(ByteTokenizer(), 10, None)
+    tokenize({"caption": "digit 3"})
+    assert capsys.readouterr().err == ""
+    for caption in ("digits 3 and 5", "digits 1 and 2"):
+        assert tokenize({"caption": caption})["mask"].all()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "longer than 8 bytes" in err and "'digits 3 and 5' (14 bytes)" in err
