@@ -199,7 +199,12 @@ def main(args) -> int:
     video = name in VIDEO_MODELS
     if video:
         check(bool(args.prompt), "--prompt", None, "is required for a text-to-video model")
-        check_prompts(args.prompt, checkpoint.read_config(path))
+        run_config = checkpoint.read_config(path)
+        check_prompts(args.prompt, run_config)
+        d = run_config.data  # the init frame is read (or refused) before the model is restored
+        height, width = args.height or d.image_size, args.width or d.image_size
+        first = None if args.init_frame is None else init_frames(args.init_frame, len(args.prompt) * args.num,
+                                                                 height, width, d.channels)
         check(not args.class_label, "--class-label", args.class_label, "is for class-conditional image "
               "models; this is a text-to-video model: use --prompt")
     else:
@@ -213,10 +218,6 @@ def main(args) -> int:
     kw = dict(sampler=args.sampler, num_steps=args.steps, cfg_scale=args.cfg_scale)
     if video:
         captions = [p for p in args.prompt for _ in range(args.num)]
-        d = config.data
-        height, width = args.height or d.image_size, args.width or d.image_size
-        first = None if args.init_frame is None else init_frames(args.init_frame, len(captions), height,
-                                                                 width, d.channels)
         samples = task.sample_fn(params, jax.random.PRNGKey(args.seed), captions, init_frames=first,
                                  num_frames=args.frames, height=args.height, width=args.width, **kw)
     else:
