@@ -122,14 +122,16 @@ def restore(path: str, *, vae: str | None, image_size: int | None):
 
 
 def crop_to_aspect(img: np.ndarray, height: int, width: int) -> tuple[np.ndarray, str | None]:
-    """`img` (H, W, C) center-cropped to the aspect ratio height : width and resized to
-    (height, width) (`transforms.center_crop`, `transforms.resize`), as a square crop of the data
-    pipeline keeps the middle of a frame; and a one-line note of what changed, None when only the size did."""
+    """`img` (H, W, C) center-cropped to the aspect ratio height : width (`transforms.center_crop`,
+    the middle of the frame, as the data pipeline's center crops keep) and resized to (height,
+    width) (`transforms.resize`); and a one-line note of the crop, None when only the size changed."""
     from genjax.data import transforms
 
     h, w = img.shape[:2]
-    ch, cw = (h, w) if h * width == w * height else \
-        ((h, max(1, round(h * width / height))) if w * height > h * width else (max(1, round(w * height / width)), w))
+    if w * height > h * width:  # wider than the model's frames: keep the middle columns
+        ch, cw = h, max(1, round(h * width / height))
+    else:  # taller (or the same aspect ratio): keep the middle rows
+        ch, cw = max(1, round(w * height / width)), w
     note = None
     if (ch, cw) != (h, w):
         img = transforms.center_crop(img, (ch, cw))
