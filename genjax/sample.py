@@ -39,8 +39,11 @@ def model_dir(workdir: str) -> str:
     """`workdir/dit` for a `genjax demo` workdir (its video DiT stage), else `workdir`.
 
     Raises:
-      UserError: neither holds a config.json.
+      UserError: `workdir` does not exist or is not a folder, or neither holds a config.json.
     """
+    check(os.path.isdir(workdir), "--workdir", workdir,
+          "is a file, not a folder (want a genjax train / demo / convert workdir)" if os.path.exists(workdir)
+          else "does not exist")
     for path in (os.path.join(workdir, "dit"), workdir):
         if os.path.isfile(os.path.join(path, "config.json")):
             return path
@@ -48,6 +51,19 @@ def model_dir(workdir: str) -> str:
 
     fail("--workdir", workdir, "holds no trained model (run `genjax train` or `genjax demo` first, "
          "or `genjax convert` a diffusers model)")
+
+
+def check_prompts(prompts, config) -> None:
+    """Refuse, before the model is restored, prompts that the run's byte tokenizer would cut
+    (longer than task.text_length - 2 bytes of UTF-8: a cut prompt silently changes the video) or
+    that are not UTF-8 text (a non-UTF-8 byte in argv becomes a lone surrogate).
+
+    Raises:
+      UserError: naming the prompt's index, its length in bytes and the limit.
+    """
+    from genjax.models import tokenizer
+
+    tokenizer.ByteTokenizer().check_fits(list(prompts), int(config.task.text_length), "--prompt")
 
 
 def converted_config(converted: dict, workdir: str, vae: str | None, image_size: int | None):
@@ -105,18 +121,50 @@ def restore(path: str, *, vae: str | None, image_size: int | None):
     return config, tasks.build(config), tasks.replicated(params, None)
 
 
-def init_frames(path: str, n: int, height: int, width: int, channels: int) -> np.ndarray:
-    """The image at `path` as uint8 first frames (n, 1, height, width, channels): converted to
-    grayscale when the model has one channel, resized (`transforms.resize`) when its size differs."""
+def crop_to_aspect(img: np.ndarray, height: int, width: int) -> tuple[np.ndarray, str | None]:
+    """`img` (H, W, C) center-cropped to the aspect ratio height : width (`transforms.center_crop`,
+    the middle of the frame, as the data pipeline's center crops keep) and resized to (height,
+    width) (`transforms.resize`); and a one-line note of the crop, None when only the size changed."""
     from genjax.data import transforms
-    from genjax.io import readers
 
-    check(os.path.isfile(path), "--init-frame", path, "must be an existing image file")
-    img = readers.read_image(path)
-    if channels == 1 and img.shape[-1] != 1:
-        img = img.mean(-1, keepdims=True).astype(np.uint8)
+    h, w = img.shape[:2]
+    if w * height > h * width:  # wider than the model's frames: keep the middle columns
+        ch, cw = h, max(1, round(h * width / height))
+    else:  # taller (or the same aspect ratio): keep the middle rows
+        ch, cw = max(1, round(w * height / width)), w
+    note = None
+    if (ch, cw) != (h, w):
+        img = transforms.center_crop(img, (ch, cw))
+        note = (f"is {w}x{h} (W x H), another aspect ratio than the model's {width}x{height}: kept its "
+                f"central {cw}x{ch} and resized that to {width}x{height}")
     if img.shape[:2] != (height, width):
         img = transforms.resize(img, (height, width))
+    return img, note
+
+
+def init_frames(path: str, n: int, height: int, width: int, channels: int) -> np.ndarray:
+    """The image at `path` as uint8 first frames (n, 1, height, width, channels): converted to
+    grayscale when the model has one channel, resized (`transforms.resize`) when its size differs;
+    an image of another aspect ratio is center-cropped to the model's first (`crop_to_aspect`,
+    never stretched) and a one-line note on stderr says so.
+
+    Raises:
+      UserError: `path` is not a file, has no image extension, or cannot be decoded as an image.
+    """
+    import sys
+
+    from genjax.io import media, readers
+
+    check(os.path.isfile(path), "--init-frame", path,
+          "is a folder, not an image file" if os.path.isdir(path) else "must be an existing image file")
+    check(os.path.splitext(path)[1].lower() in media.IMAGE_EXTENSIONS, "--init-frame", path,
+          f"extension must be one of {', '.join(media.IMAGE_EXTENSIONS)}")
+    img = readers.read_image(path, field="--init-frame")
+    if channels == 1 and img.shape[-1] != 1:
+        img = img.mean(-1, keepdims=True).astype(np.uint8)
+    img, note = crop_to_aspect(img, height, width)
+    if note:
+        print(f"genjax sample: note: --init-frame={path!r} {note}", file=sys.stderr)
     return np.broadcast_to(img[None, None], (n, 1, *img.shape)).copy()
 
 
@@ -145,8 +193,6 @@ def main(args) -> int:
           f"must be one of {samplers.SAMPLERS}")
     for flag, v in (("--frames", args.frames), ("--height", args.height), ("--width", args.width)):
         check(v is None or v >= 1, flag, v, "must be an integer >= 1")
-    check(not os.path.isfile(args.workdir), "--workdir", args.workdir, "is a file, not a run folder")
-    check(os.path.isdir(args.workdir), "--workdir", args.workdir, "does not exist")
     check(args.vae is None or os.path.isdir(args.vae), "--vae", args.vae, "does not exist")
     for p in args.prompt:
         check(isinstance(p, str) and p.strip() != "", "--prompt", p, "must be a non-empty string")
@@ -162,6 +208,12 @@ def main(args) -> int:
         fs.check_new_file(out, "--out", overwrite)
     if video:
         check(bool(args.prompt), "--prompt", None, "is required for a text-to-video model")
+        run_config = checkpoint.read_config(path)
+        check_prompts(args.prompt, run_config)
+        d = run_config.data  # the init frame is read (or refused) before the model is restored
+        height, width = args.height or d.image_size, args.width or d.image_size
+        first = None if args.init_frame is None else init_frames(args.init_frame, len(args.prompt) * args.num,
+                                                                 height, width, d.channels)
         check(not args.class_label, "--class-label", args.class_label, "is for class-conditional image "
               "models; this is a text-to-video model: use --prompt")
     else:
@@ -175,10 +227,6 @@ def main(args) -> int:
     kw = dict(sampler=args.sampler, num_steps=args.steps, cfg_scale=args.cfg_scale)
     if video:
         captions = [p for p in args.prompt for _ in range(args.num)]
-        d = config.data
-        height, width = args.height or d.image_size, args.width or d.image_size
-        first = None if args.init_frame is None else init_frames(args.init_frame, len(captions), height,
-                                                                 width, d.channels)
         samples = task.sample_fn(params, jax.random.PRNGKey(args.seed), captions, init_frames=first,
                                  num_frames=args.frames, height=args.height, width=args.width, **kw)
     else:

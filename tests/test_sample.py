@@ -105,5 +105,64 @@ def test_non_string_prompt(smoke_demo):
     import jax
 
     _, task, params = _restored(smoke_demo[0])
-    with pytest.raises(UserError, match="prompts=3: must be a non-empty string"):
+    with pytest.raises(UserError, match=r"prompts\[1\]=3: must be a str"):
         task.sample_fn(params, jax.random.PRNGKey(0), ["digit 1", 3], num_steps=2)
+
+
+# Input files and prompts (issue 21, defects 7 and 10): unit tests of the checks `genjax sample`
+# runs before restoring the model, so they need no trained workdir.
+
+
+def test_workdir_that_is_a_file_says_so(tmp_path):
+    from genjax.sample import model_dir
+
+    (tmp_path / "f.npz").write_bytes(b"x")
+    with pytest.raises(UserError, match=r"--workdir='.*f\.npz': is a file, not a folder"):
+        model_dir(str(tmp_path / "f.npz"))
+    with pytest.raises(UserError, match=r"--workdir='.*missing': does not exist"):
+        model_dir(str(tmp_path / "missing"))
+
+
+def test_prompts_checked_against_the_runs_text_length():
+    import ml_collections
+
+    from genjax.sample import check_prompts
+
+    config = ml_collections.ConfigDict({"task": {"text_length": 32}})
+    check_prompts(["digit 3", "x" * 30], config)
+    with pytest.raises(UserError, match=r"^--prompt\[1\]='x+': is 31 bytes of UTF-8; the model reads at most 30"):
+        check_prompts(["digit 3", "x" * 31], config)
+    with pytest.raises(UserError, match=r"^--prompt\[0\]=.*not valid UTF-8"):
+        check_prompts(["digit \udcff"], config)
+
+
+def test_init_frame_not_an_image(tmp_path):
+    from genjax.sample import init_frames
+
+    (tmp_path / "notes.png").write_text("not a png")
+    with pytest.raises(UserError, match=r"^--init-frame='.*notes\.png': cannot be decoded as an image \(not an image"):
+        init_frames(str(tmp_path / "notes.png"), 1, 32, 32, 1)
+    with pytest.raises(UserError, match=r"^--init-frame='.*': is a folder, not an image file"):
+        init_frames(str(tmp_path), 1, 32, 32, 1)
+    (tmp_path / "frame.txt").write_text("x")
+    with pytest.raises(UserError, match=r"^--init-frame='.*frame\.txt': extension must be one of"):
+        init_frames(str(tmp_path / "frame.txt"), 1, 32, 32, 1)
+
+
+def test_init_frame_of_another_aspect_is_center_cropped_not_stretched(tmp_path, capsys):
+    """A 64 x 32 (W x H) frame for a 32 x 32 model: its central 32 x 32 is kept (was stretched)."""
+    from PIL import Image
+
+    from genjax.sample import init_frames
+
+    img = np.zeros((32, 64), np.uint8)
+    img[:, 16:48] = 200  # the centre is bright, the sides dark
+    Image.fromarray(img).save(tmp_path / "wide.png")
+    first = init_frames(str(tmp_path / "wide.png"), 2, 32, 32, 1)
+    assert first.shape == (2, 1, 32, 32, 1) and first.dtype == np.uint8
+    assert (first == 200).all()  # a stretch would bring in the dark sides
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is 64x32 (W x H), another aspect ratio than the model's 32x32" in err
+    Image.fromarray(img[:, :32]).resize((64, 64)).save(tmp_path / "square.png")
+    assert init_frames(str(tmp_path / "square.png"), 1, 16, 16, 1).shape == (1, 1, 16, 16, 1)
+    assert capsys.readouterr().err == ""  # same aspect: resized, nothing to say

@@ -104,6 +104,9 @@ def _check_size(size) -> None:
     )
 
 
+DEFAULT_CLIP_LENGTH = 16
+
+
 class VideoFolderSource:
     """Clips of `clip_length` frames from every video under a folder (recursive).
 
@@ -122,7 +125,8 @@ class VideoFolderSource:
 
     Args:
       path: the folder.
-      clip_length: frames per clip, >= 1.
+      clip_length: frames per clip, >= 1 (default `DEFAULT_CLIP_LENGTH` = 16, Moving MNIST's
+        clip length, so `genjax data show video_folder:PATH` works without options).
       frame_stride: step between the clip's frames in the source video, >= 1.
       size: shorter side after resizing, or None to keep the native size (no crop either).
       crop: "center", "random" or None (resize only; clips of different aspect ratios then
@@ -146,7 +150,7 @@ class VideoFolderSource:
         self,
         path,
         *,
-        clip_length: int,
+        clip_length: int = DEFAULT_CLIP_LENGTH,
         frame_stride: int = 1,
         size: int | None = None,
         crop: str | None = "center",
@@ -194,7 +198,7 @@ class VideoFolderSource:
             "clip_length",
             clip_length,
             f"a clip spans {self.span} frames at frame_stride={frame_stride}, longer than every video "
-            f"(longest: {longest} frames, {longest_path})",
+            f"(longest: {longest} frames, {longest_path}); ask for fewer (e.g. --set clip_length={(longest - 1) // self.frame_stride + 1})",
         )
 
         video_ids, starts = [], []

@@ -326,7 +326,7 @@ def make_source(name: str, *, split: str = "train", data_dir: str | None = None,
     "video_folder:PATH" / "image_folder:PATH" (`genjax.data.folders.VideoFolderSource` /
     `ImageFolderSource`; a folder is one split, so `split` must stay "train"), anything else a
     TFDS dataset name (`TfdsSource`). `options` are the keyword-only arguments of that class
-    (e.g. `num_frames=20` for moving_mnist, `clip_length=8` for video_folder).
+    (e.g. `num_frames=20` for moving_mnist, `clip_length=8` for video_folder, default 16).
 
     Raises `UserError` for an unknown name or option key, `data_dir` given for a non-TFDS
     source, a split other than "train" for a folder, and whatever the source itself rejects.

@@ -140,7 +140,7 @@ def read_video(path, *, start: int = 0, num_frames: int | None = None, frame_str
     return np.stack(frames[::frame_stride])
 
 
-def read_image(path) -> np.ndarray:
+def read_image(path, *, field: str = "path") -> np.ndarray:
     """Decode an image file (png, jpg, jpeg, bmp, gif first frame, webp) with Pillow.
 
     Returns:
@@ -148,11 +148,16 @@ def read_image(path) -> np.ndarray:
       `convert("RGB")` (alpha is dropped).
 
     Raises:
-      UserError: unknown extension or missing file.
-      OSError: Pillow cannot decode the file.
+      UserError: unknown extension, missing file, or a file Pillow cannot decode (not an image,
+        truncated, unreadable): one line naming `field` (the caller's name for the path) and the file.
     """
     from PIL import Image
 
     path, _ = _check_readable(path, IMAGE_EXTENSIONS)
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+        reason = "not an image format Pillow recognises" if isinstance(e, Image.UnidentifiedImageError) \
+            else " ".join(f"{type(e).__name__}: {e}".split())
+        raise UserError(f"{field}={path!r}: cannot be decoded as an image ({reason})") from None

@@ -9,7 +9,11 @@ Both have the same interface:
 
 Sequences are `[bos] tokens... [eos] pad pad ...` (right padding). Text longer than
 `max_length` is truncated and still ends with its eos token, so a text tower that pools at the
-eos token (CLIP) always finds it.
+eos token (CLIP) always finds it. Truncation suits training captions (`ByteTokenizer.fits` says
+which are cut); a prompt cut short silently changes the sample, so `ByteTokenizer.check_fits`
+refuses it.
+Texts must be valid Unicode: a lone surrogate (what Python makes of a non-UTF-8 byte in argv,
+e.g. '\\udcff') is a `UserError` naming the text, never a `UnicodeEncodeError`.
 """
 
 from __future__ import annotations
@@ -19,17 +23,33 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from genjax.errors import check
+from genjax.errors import check, fail
 
 
-def _check_texts(texts: Any, max_length: Any, min_length: int) -> None:
-    check(isinstance(texts, (list, tuple)) and len(texts) > 0, "texts",
+def _short(text: str, keep: int = 48) -> str:
+    """`text`, or its first `keep` characters and the count of the rest (one readable error line)."""
+    return text if len(text) <= keep + 16 else f"{text[:keep]}... ({len(text) - keep} more characters)"
+
+
+def _check_texts(texts: Any, max_length: Any, min_length: int, field: str = "texts") -> None:
+    check(isinstance(texts, (list, tuple)) and len(texts) > 0, field,
           type(texts).__name__ if not isinstance(texts, (list, tuple)) else texts,
           "must be a non-empty list of str (wrap a single text in a list)")
     for i, t in enumerate(texts):
-        check(isinstance(t, str), f"texts[{i}]", t, "must be a str")
+        check(isinstance(t, str), f"{field}[{i}]", t, "must be a str")
+        _check_utf8(f"{field}[{i}]", t)
     check(isinstance(max_length, (int, np.integer)) and max_length >= min_length, "max_length", max_length,
           f"must be an int >= {min_length} (room for the special tokens)")
+
+
+def _check_utf8(field: str, text: str) -> None:
+    """UserError unless `text` encodes as UTF-8 (a lone surrogate does not: Python decodes a
+    non-UTF-8 byte of argv to one, '\\udcff' for byte 0xff)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        fail(field, _short(text), f"is not valid UTF-8 text (character {e.start}, {text[e.start]!r}, is a lone "
+             "surrogate, e.g. a non-UTF-8 byte in the command line)")
 
 
 class ByteTokenizer:
@@ -56,7 +76,7 @@ class ByteTokenizer:
         """Texts -> `(ids int32 (B, max_length), mask bool (B, max_length))`.
 
         Raises:
-          UserError: `texts` not a non-empty list of str, or `max_length` < 2.
+          UserError: `texts` not a non-empty list of valid UTF-8 str, or `max_length` < 2.
         """
         _check_texts(texts, max_length, 2)
         ids = np.full((len(texts), max_length), self.pad_id, np.int32)
@@ -65,6 +85,25 @@ class ByteTokenizer:
             row = [self.bos_id, *(b + self.offset for b in data), self.eos_id]
             ids[i, : len(row)] = row
         return ids, ids != self.pad_id
+
+    @staticmethod
+    def fits(text: str, max_length: int) -> bool:
+        """Whether `encode([text], max_length)` keeps all of `text` (max_length - 2 UTF-8 bytes)."""
+        return len(text.encode("utf-8", "surrogatepass")) <= max_length - 2
+
+    def check_fits(self, texts: Sequence[str], max_length: int, field: str = "prompts") -> None:
+        """Refuse texts that `encode` would cut: a prompt cut short silently changes the sample.
+
+        Raises:
+          UserError: `texts` not a non-empty list of valid UTF-8 str, or `field[i]` longer than
+            max_length - 2 bytes (the message names the index, the length in bytes and the limit).
+        """
+        _check_texts(texts, max_length, 2, field)
+        for i, text in enumerate(texts):
+            n = len(text.encode("utf-8"))
+            check(n <= max_length - 2, f"{field}[{i}]", _short(text),
+                  f"is {n} bytes of UTF-8; the model reads at most {max_length - 2} (text_length "
+                  f"{max_length} minus bos and eos): shorten it")
 
     def decode(self, ids: np.ndarray, mask: np.ndarray | None = None) -> list[str]:
         """`ids (B, L)` int (and optional mask) -> texts; special and padding ids are dropped."""
@@ -124,7 +163,7 @@ class HFTokenizer:
         """Texts -> `(ids int32 (B, max_length), mask bool (B, max_length))`, special tokens added.
 
         Raises:
-          UserError: `texts` not a non-empty list of str, or `max_length` < 1 + the number of
+          UserError: `texts` not a non-empty list of valid UTF-8 str, or `max_length` < 1 + the number of
             special tokens the post-processor adds.
         """
         specials = self.tokenizer.num_special_tokens_to_add(False)

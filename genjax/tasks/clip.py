@@ -11,6 +11,8 @@ eval.num_samples test examples with the prompts "digit 0" ... "digit 9"
 
 from __future__ import annotations
 
+import sys
+
 import jax.numpy as jnp
 
 from genjax.errors import check
@@ -25,9 +27,20 @@ def make_module(config):
 
 
 def tokenize_fn(tok, length: int, key: str | None):
-    """An example -> `{key: pixels, "ids", "mask"}` (the caption byte-tokenized to `length`)."""
+    """An example -> `{key: pixels, "ids", "mask"}` (the caption byte-tokenized to `length`).
+
+    A caption longer than `length` - 2 bytes is cut (training goes on), never silently: the first
+    cut is reported once per process, one line on stderr naming the caption and the limit."""
+    reported = []
+
     def tokenize(example):
-        ids, mask = tok.encode([str(example["caption"])], length)
+        caption = str(example["caption"])
+        if not reported and not tok.fits(caption, length):
+            reported.append(caption)
+            print(f"genjax: note: captions longer than {length - 2} bytes (text_length {length} minus bos "
+                  f"and eos) are cut, e.g. {caption!r} ({len(caption.encode('utf-8', 'replace'))} bytes); "
+                  "later cuts are not reported", file=sys.stderr)
+        ids, mask = tok.encode([caption], length)
         return {**({key: example[key]} if key else {}), "ids": ids[0], "mask": mask[0]}
     return tokenize
 

@@ -25,7 +25,8 @@ same model does image-to-video and extension.
 
 sample_fn(params, rng, cond=None, *, sampler=None, num_steps=None, cfg_scale=None,
 init_frames=None, num_frames=None, height=None, width=None) -> uint8 videos (N, T, H, W, C):
-  cond: prompts, a list of N non-empty str (default "digit 0" ... "digit 9" cycled to
+  cond: prompts, a list of N non-empty str of valid UTF-8, each at most task.text_length - 2 bytes
+    (longer ones are refused, not cut) (default "digit 0" ... "digit 9" cycled to
     eval.num_samples); classifier-free guidance against the null text (force_drop_ids = 1).
   sampler, num_steps, cfg_scale: default config.eval's (`tasks.diffusion.sampling_options`).
   init_frames: optional uint8 (N, K, H, W, C) first frames, K = 1 + j * ft < T: encoded by the VAE
@@ -37,7 +38,8 @@ The loop is compiled once per (N, shape, sampler, num_steps, init_frames or not)
 Raises:
   UserError: data.dataset not moving_mnist; data.num_frames / image_size not fitting the VAE;
     task.text_length < 2 or above a frozen CLIP's context_length; the latent grid not divisible by
-    model.patch_size; in sample_fn (before compiling) bad prompts, sizes or init_frames.
+    model.patch_size; in sample_fn (before compiling) bad prompts (not UTF-8, longer than
+    task.text_length - 2 bytes), sizes or init_frames.
 """
 
 from __future__ import annotations
@@ -187,10 +189,9 @@ def build(config, *, mesh=None) -> Task:
                   num_frames=None, height=None, width=None):
         sampler, num_steps, cfg_scale = diffusion.sampling_options(config, sampler, num_steps, cfg_scale)
         prompts = [DEFAULT_PROMPTS[i % 10] for i in range(e.num_samples)] if cond is None else cond
-        check(isinstance(prompts, (list, tuple)) and len(prompts) > 0, "prompts", prompts,
-              "must be a non-empty list of str")
-        for p in prompts:
-            check(isinstance(p, str) and p.strip() != "", "prompts", p, "must be a non-empty string")
+        tok.check_fits(prompts, length, "prompts")  # a prompt cut at text_length changes the sample
+        for i, p in enumerate(prompts):
+            check(p.strip() != "", f"prompts[{i}]", p, "must be a non-empty string")
         frames = d.num_frames if num_frames is None else num_frames
         h, w = (d.image_size if v is None else v for v in (height, width))
         pt, ph, pw = module.patch_size

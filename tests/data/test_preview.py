@@ -82,3 +82,26 @@ def test_installed_command_writes_a_gif(tmp_path):
     # 16 videos of 16 frames tiled 4 x 4: every frame is at least 4 tiles of 64 px wide / high.
     assert gif.shape[0] == 16 and gif.shape[1] >= 4 * 64 and gif.shape[2] >= 4 * 64
     assert gif.shape[3] == 3 and gif.dtype == np.uint8
+
+
+def _gif_folder(root, num_frames):
+    from genjax.io import media
+
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        media.write_gif(root / f"clip{k}.gif", rng.integers(0, 256, (num_frames, 8, 8, 3), dtype=np.uint8))
+    return f"video_folder:{root}"
+
+
+def test_show_video_folder_without_clip_length(tmp_path, capsys):
+    """Issue 21, defect 9: `data show video_folder:PATH`, the form --help shows, raised TypeError
+    (clip_length had no default); it now takes 16-frame clips, and a folder of shorter videos is
+    one line saying which clip_length would fit."""
+    out = tmp_path / "folder.png"
+    assert cli.main(["data", "show", _gif_folder(tmp_path / "long", 16), "--out", str(out), "--num", "2"]) == 0
+    assert "2 videos (16x8x8x3 uint8)" in capsys.readouterr().out
+    assert cli.main(["data", "show", _gif_folder(tmp_path / "short", 4), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "clip_length=16: a clip spans 16 frames" in err
+    assert "--set clip_length=4" in err

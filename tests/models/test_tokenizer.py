@@ -89,3 +89,42 @@ def test_bad_input_raises_user_error(tmp_path):
         hf.encode(["digit"], 2)  # <sot> + <eot> leave no room
     with pytest.raises(UserError, match=r"texts\[0\]"):
         hf.encode([b"bytes"], 8)
+
+
+def test_prompt_longer_than_the_limit_is_refused_not_cut():
+    """Issue 21, defect 7: `encode` cuts at max_length - 2 bytes, so two prompts differing only
+    after byte 30 gave identical videos; `check_fits` refuses them with one line naming the
+    index, the length in bytes and the limit."""
+    tok = ByteTokenizer()
+    a, b = "digit 3 " + "x" * 22 + " moving up", "digit 3 " + "x" * 22 + " moving down"
+    assert tok.encode([a], 32)[0].tolist() == tok.encode([b], 32)[0].tolist()  # what a cut does
+    assert tok.fits("x" * 30, 32) and not tok.fits("x" * 31, 32) and not tok.fits("é" * 16, 32)
+    tok.check_fits(["digit 3", "x" * 30], 32)
+    with pytest.raises(UserError, match=r"^prompts\[1\]='digit 3 x.*: is 40 bytes of UTF-8; the model reads "
+                                        r"at most 30 \(text_length 32"):
+        tok.check_fits(["digit 3", a], 32)
+    with pytest.raises(UserError, match=r"more characters\)': is 10000 bytes") as e:
+        tok.check_fits(["y" * 10_000], 32, "--prompt")
+    assert len(str(e.value)) < 200 and "\n" not in str(e.value)
+
+
+def test_non_utf8_text_is_a_user_error_not_unicode_encode_error():
+    """A non-UTF-8 byte of argv arrives as a lone surrogate ('\\udcff'): `str.encode` raised
+    UnicodeEncodeError; now one line naming the text and the character."""
+    tok = ByteTokenizer()
+    for call in (lambda: tok.encode(["ok", "digit \udcff"], 16), lambda: tok.check_fits(["digit \udcff"], 16)):
+        with pytest.raises(UserError, match=r"\[\d\]='digit \\udcff': is not valid UTF-8 text \(character 6"):
+            call()
+
+
+def test_training_captions_cut_are_reported_once(capsys):
+    """Training keeps cutting long captions, but says so once, on one line of stderr."""
+    from genjax.tasks.clip import tokenize_fn
+
+    tokenize = tokenize_fn(ByteTokenizer(), 10, None)
+    tokenize({"caption": "digit 3"})
+    assert capsys.readouterr().err == ""
+    for caption in ("digits 3 and 5", "digits 1 and 2"):
+        assert tokenize({"caption": caption})["mask"].all()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "longer than 8 bytes" in err and "'digits 3 and 5' (14 bytes)" in err
