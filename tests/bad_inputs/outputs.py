@@ -66,7 +66,7 @@ def cases(workspace: Path) -> list[Case]:
         Case("sample --out not .npz", ["sample", "--workdir", missing, *PROMPT, "--out", w / "x.gif"],
              2, r"^genjax sample: error: --out='.*x\.gif': must be a \.npz file"),
         Case("sample --workdir is a file", ["sample", "--workdir", a_file, *PROMPT, "--out", w / "new.npz"],
-             2, r"^genjax sample: error: --workdir='.*a_file': is a file, not a run folder"),
+             2, r"^genjax sample: error: --workdir='.*a_file': is a file, not a folder"),
         # genjax train / demo: the workdir before any work
         Case("train --workdir is a file", ["train", "--config", config, "--workdir", a_file],
              2, r"^genjax train: error: --workdir='.*a_file': is a file, not a folder"),
