@@ -185,14 +185,18 @@ def load_frozen(path: str, *, family_name: str, mesh: Mesh | None = None):
 
 def restore(workdir: str, *, mesh: Mesh | None = None):
     """`(config, task, ema_params)` of the model trained in `workdir` (its config.json and the EMA
-    params of its newest checkpoint, replicated over `mesh`, default the first device).
+    params of its newest checkpoint, replicated over `mesh`, default the first device). An
+    unreadable newest checkpoint is skipped for the newest intact one, with a note on stderr,
+    unless the run's `ckpt.fallback` is False (`checkpoint.restore_ema`).
 
     Raises:
-      UserError: `workdir` holds no config.json or no finished checkpoint.
+      UserError: `workdir` holds no config.json or no finished checkpoint; its newest checkpoint
+        is unreadable and `ckpt.fallback` is False; none is readable.
     """
     from genjax.io import checkpoint
 
     config = checkpoint.read_config(workdir)
     mesh = mesh or Mesh(np.asarray(jax.devices()[:1]), ("data",))
-    params = checkpoint.restore_ema(workdir, mesh=mesh)  # first: "no checkpoint" before any build
+    fallback = config.get("ckpt", {}).get("fallback", True)
+    params = checkpoint.restore_ema(workdir, mesh=mesh, fallback=fallback)  # first: "no checkpoint" before any build
     return config, build(config, mesh=mesh), params
