@@ -141,17 +141,19 @@ RESUME_MAY_CHANGE = ("num_steps", "log_every_steps", "mesh", "ckpt", "eval",
                      "optim.max_nonfinite_steps")
 
 
-def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], step: int) -> None:
-    """Refuse to resume checkpoint `step` (config `saved`) with the config `current` when a field
+def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], step: int | None = None,
+                 ) -> None:
+    """Refuse to resume a checkpoint (config `saved`) with the config `current` when a field
     outside `RESUME_MAY_CHANGE` differs (model, data, optim, diffusion, seed, ...) or when
-    `num_steps` is below `step`.
+    `num_steps` is below the checkpoint's `step` (if given).
 
     Raises:
       UserError: one line naming the field, its value and the checkpoint's.
     """
-    check(current.get("num_steps", step) >= step, "num_steps", current.get("num_steps"),
-          f"is below the checkpoint's step {step}; raise num_steps to extend the run, or use a "
-          "new --workdir")
+    if step is not None:
+        check(current.get("num_steps", step) >= step, "num_steps", current.get("num_steps"),
+              f"is below the checkpoint's step {step}; raise num_steps to extend the run, or use "
+              "a new --workdir")
     for section in sorted(set(saved) | set(current)):
         if section not in RESUME_MAY_CHANGE:
             check_same_section(saved, current, section, skip=RESUME_MAY_CHANGE)
@@ -295,9 +297,11 @@ def newest_intact(manager: ocp.CheckpointManager, read: Callable[[int], Any], *,
 def state_readable(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     """The config saved with `step`, after checking that its state's metadata reads (cheap: no
     array is read). Raises whatever orbax raises for a broken checkpoint."""
+    from etils import epath
+
     config = saved_config(manager, step)
-    with ocp.PyTreeCheckpointer() as ckptr:
-        ckptr.metadata(os.path.join(os.fspath(manager.directory), str(step), "state"))
+    # The handler, not a Checkpointer: a Checkpointer logs an unreadable _METADATA and goes on.
+    ocp.PyTreeCheckpointHandler().metadata(epath.Path(manager.directory) / str(step) / "state")
     return config
 
 

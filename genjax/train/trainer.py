@@ -296,8 +296,8 @@ def _train(config, workdir: str, devices) -> dict[str, Any]:
     fallback = config.ckpt.get("fallback", True)
     resume_step, saved, broken = checkpoint.newest_intact(
         manager, lambda s: checkpoint.state_readable(manager, s), fallback=fallback)
-    if resume_step is not None:
-        checkpoint.check_resume(saved, config_dict, resume_step)
+    if resume_step is not None:  # num_steps is checked against the step restored, below
+        checkpoint.check_resume(saved, config_dict)
     elif interrupted and jax.process_index() == 0:
         print(f"genjax: note: no complete checkpoint in {ckpt_dir}, starting from step 0",
               file=sys.stderr, flush=True)
@@ -318,6 +318,7 @@ def _train(config, workdir: str, devices) -> dict[str, Any]:
             manager, lambda s: checkpoint.restore(manager, abstract, step=s, data_iterator=data),
             fallback=fallback, below=resume_step)
         broken += more
+        checkpoint.check_resume(saved, config_dict, resume_step)
     checkpoint.move_broken(manager, broken)
     train_step = make_train_step(
         loss_fn, tx, mesh=mesh, state_shardings=shardings, ema_decay=config.optim.ema_decay,
