@@ -15,10 +15,12 @@ a state saved on one mesh restores onto any other (8 devices -> 4 or 1).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
 import sys
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import grain
 import jax
@@ -51,8 +53,9 @@ def make_manager(workdir: str, ckpt_config: Mapping[str, Any]) -> ocp.Checkpoint
         cleanup_tmp_directories=True,
         create=True,
     )
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                 options=options)
+    with _quiet_orbax():  # a stray step folder is reported by `newest_intact`, in one line
+        return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                     options=options)
 
 
 @jax.jit
@@ -232,9 +235,11 @@ def restore_ema(workdir: str, *, mesh: jax.sharding.Mesh | None = None, fallback
     replicated = NamedSharding(mesh, P())
 
     def read(step: int) -> Any:
-        path = os.path.join(os.fspath(manager.directory), str(step), "state")
+        from etils import epath
+
+        path = epath.Path(manager.directory) / str(step) / "state"
+        metadata = ocp.PyTreeCheckpointHandler().metadata(path)  # raises if unreadable
         with ocp.PyTreeCheckpointer() as ckptr:
-            metadata = ckptr.metadata(path)
             tree = getattr(metadata, "item_metadata", metadata)["ema_params"]
             abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), tree)
             restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=replicated), abstract)
@@ -247,6 +252,19 @@ def restore_ema(workdir: str, *, mesh: jax.sharding.Mesh | None = None, fallback
     finally:
         manager.close()
     return params
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    """Silence orbax's absl warnings (a missing metadata file, ...) while probing checkpoints:
+    a broken one is reported in one line by `newest_intact` instead."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _why(e: BaseException) -> str:
@@ -273,7 +291,8 @@ def newest_intact(manager: ocp.CheckpointManager, read: Callable[[int], Any], *,
     broken: list[tuple[int, str]] = []
     for step in steps:
         try:
-            value = read(step)
+            with _quiet_orbax():
+                value = read(step)
         except UserError:
             raise
         except Exception as e:  # any failure to read is a broken checkpoint
