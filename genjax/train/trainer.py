@@ -413,8 +413,7 @@ def cli_main(args) -> int:
 
     config = load_config(args.config, args.overrides)
     mesh_lib.initialize_distributed()
-    os.makedirs(args.workdir, exist_ok=True)
-    try:
+    try:  # main creates the workdir when it takes its lock
         main(config, args.workdir)
     except NonFiniteError as e:
         print(f"genjax train: error: {e}", file=sys.stderr)
