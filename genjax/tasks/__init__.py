@@ -162,9 +162,11 @@ def load_frozen(path: str, *, family_name: str, mesh: Mesh | None = None):
     family_name; its EMA params, `checkpoint.restore_ema`) or, for "vae", a `genjax convert
     --model vae` folder. Params are replicated over `mesh`. Only the module is built (the
     family's `make_module`), never its task, so frozen models of frozen models do not recurse.
+    An unreadable newest checkpoint is skipped as in `restore` (the run's `ckpt.fallback`).
 
     Raises:
-      UserError: `path` holds neither, or a model of another family.
+      UserError: `path` holds neither, or a model of another family; its checkpoints are
+        unreadable (`checkpoint.restore_ema`).
     """
     from genjax import convert
     from genjax.io import checkpoint
@@ -180,7 +182,8 @@ def load_frozen(path: str, *, family_name: str, mesh: Mesh | None = None):
     check(name == family_name, f"task.{family_name}", path,
           f"was trained with model.name={name!r}, not {family_name!r}")
     mesh = mesh or Mesh(np.asarray(jax.devices()), ("data",))
-    return family(name).make_module(saved), checkpoint.restore_ema(path, mesh=mesh)
+    fallback = saved.get("ckpt", {}).get("fallback", True)
+    return family(name).make_module(saved), checkpoint.restore_ema(path, mesh=mesh, fallback=fallback)
 
 
 def restore(workdir: str, *, mesh: Mesh | None = None):
