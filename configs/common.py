@@ -35,9 +35,11 @@ def optim(lr: float = 1e-4, **overrides) -> ml_collections.ConfigDict:
 
 def ckpt(save_interval_steps: int = 1000, max_to_keep: int = 3) -> ml_collections.ConfigDict:
     """Orbax checkpoints in WORKDIR/checkpoints (`genjax.io.checkpoint.make_manager`);
-    max_to_keep 0 keeps all; async_save writes in the background."""
+    max_to_keep 0 keeps all; async_save writes in the background; fallback: resume (or sample)
+    from the newest intact checkpoint when newer ones are unreadable, saying so (False: stop
+    with an error naming the broken step)."""
     return ml_collections.ConfigDict(dict(save_interval_steps=save_interval_steps,
-                                          max_to_keep=max_to_keep, async_save=True))
+                                          max_to_keep=max_to_keep, async_save=True, fallback=True))
 
 
 def evaluation(sample_every_steps: int = 1000, num_samples: int = 16, sampler: str = "ddim",

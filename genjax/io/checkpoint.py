@@ -15,9 +15,12 @@ a state saved on one mesh restores onto any other (8 devices -> 4 or 1).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
-from typing import Any, Mapping
+import sys
+from typing import Any, Callable, Iterator, Mapping
 
 import grain
 import jax
@@ -25,20 +28,22 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from genjax.errors import UserError, check
+from genjax.errors import UserError, check, fail
 
 
 def make_manager(workdir: str, ckpt_config: Mapping[str, Any]) -> ocp.CheckpointManager:
     """The run's `CheckpointManager` at `WORKDIR/checkpoints`.
 
     Config fields: `save_interval_steps` (save when step % interval == 0), `max_to_keep`
-    (0 keeps all), `async_save` (bool).
+    (0 keeps all), `async_save` (bool), `fallback` (bool, used by `newest_intact`'s callers).
 
     Raises:
-      UserError: save_interval_steps < 1 or max_to_keep < 0.
+      UserError: save_interval_steps < 1, max_to_keep < 0 or fallback not a bool.
     """
     interval = int(ckpt_config["save_interval_steps"])
     keep = int(ckpt_config["max_to_keep"])
+    fallback = ckpt_config.get("fallback", True)
+    check(isinstance(fallback, bool), "ckpt.fallback", fallback, "must be True or False")
     check(interval >= 1, "ckpt.save_interval_steps", interval, "must be >= 1")
     check(keep >= 0, "ckpt.max_to_keep", keep, "must be >= 0 (0 keeps every checkpoint)")
     options = ocp.CheckpointManagerOptions(
@@ -48,8 +53,9 @@ def make_manager(workdir: str, ckpt_config: Mapping[str, Any]) -> ocp.Checkpoint
         cleanup_tmp_directories=True,
         create=True,
     )
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                 options=options)
+    with _quiet_orbax():  # a stray step folder is reported by `newest_intact`, in one line
+        return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                     options=options)
 
 
 @jax.jit
@@ -109,22 +115,51 @@ def saved_config(manager: ocp.CheckpointManager, step: int | None = None) -> dic
     return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
 
-def check_same_section(saved: Mapping[str, Any], current: Mapping[str, Any], section: str) -> None:
-    """Refuse to resume when `section` of the config differs from the checkpoint's.
+def check_same_section(saved: Mapping[str, Any], current: Mapping[str, Any], section: str,
+                       *, skip: tuple[str, ...] = ()) -> None:
+    """Refuse to resume when `section` of the config differs from the checkpoint's (fields whose
+    dotted name is in `skip` may differ).
 
     Raises:
       UserError: naming the first differing field `section.a.b`, the current value and the one
         saved in the checkpoint.
     """
     def walk(a: Any, b: Any, path: str) -> None:
+        if path in skip:
+            return
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             for key in sorted(set(a) | set(b)):
                 walk(a.get(key, "<missing>"), b.get(key, "<missing>"), f"{path}.{key}")
         elif _jsonable(a) != _jsonable(b):
             raise UserError(f"{path}={b!r}: differs from the checkpoint's {a!r}; resuming with a "
-                            "changed model is not allowed (use a new --workdir)")
+                            f"changed {section} is not allowed (use a new --workdir)")
 
     walk(saved.get(section, {}), current.get(section, {}), section)
+
+
+# Config fields that may change when a run resumes: they change neither the model nor the
+# trajectory of training (num_steps only upward: that is how a run is extended; the mesh: a
+# checkpoint restores onto any mesh). Every other field must equal the checkpoint's.
+RESUME_MAY_CHANGE = ("num_steps", "log_every_steps", "mesh", "ckpt", "eval",
+                     "optim.max_nonfinite_steps")
+
+
+def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], step: int | None = None,
+                 ) -> None:
+    """Refuse to resume a checkpoint (config `saved`) with the config `current` when a field
+    outside `RESUME_MAY_CHANGE` differs (model, data, optim, diffusion, seed, ...) or when
+    `num_steps` is below the checkpoint's `step` (if given).
+
+    Raises:
+      UserError: one line naming the field, its value and the checkpoint's.
+    """
+    if step is not None:
+        check(current.get("num_steps", step) >= step, "num_steps", current.get("num_steps"),
+              f"is below the checkpoint's step {step}; raise num_steps to extend the run, or use "
+              "a new --workdir")
+    for section in sorted(set(saved) | set(current)):
+        if section not in RESUME_MAY_CHANGE:
+            check_same_section(saved, current, section, skip=RESUME_MAY_CHANGE)
 
 
 def _jsonable(x: Any) -> Any:
@@ -177,31 +212,137 @@ def read_config(workdir: str):
         return ml_collections.ConfigDict(json.load(f))
 
 
-def restore_ema(workdir: str, *, mesh: jax.sharding.Mesh | None = None) -> Any:
+def restore_ema(workdir: str, *, mesh: jax.sharding.Mesh | None = None, fallback: bool = True) -> Any:
     """The EMA params of the newest complete checkpoint in `workdir`, replicated over `mesh`
     (default: the first device), whatever mesh they were trained on. Only the `ema_params`
     subtree is read (orbax partial restore from the checkpoint's own metadata): no model or task
-    is built, so a task can load a frozen model of another task without recursion.
+    is built, so a task can load a frozen model of another task without recursion. An unreadable
+    checkpoint (truncated file, stray folder) is skipped for the newest intact one when
+    `fallback` (saying so on stderr), as `newest_intact` does.
 
     Raises:
-      UserError: `workdir` holds no finished checkpoint.
+      UserError: `workdir` holds no finished checkpoint; the newest is unreadable and not
+        `fallback`; none is readable.
     """
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    step = None
+    manager = None
     if os.path.isdir(os.path.join(workdir, "checkpoints")):
         manager = make_manager(workdir, {"save_interval_steps": 1, "max_to_keep": 0, "async_save": False})
-        step, directory = manager.latest_step(), manager.directory
-        manager.close()
-    check(step is not None, "--workdir", workdir, "holds no checkpoint (no trained model)")
-    path = os.path.join(os.fspath(directory), str(step), "state")
+    check(manager is not None and manager.all_steps(), "--workdir", workdir,
+          "holds no checkpoint (no trained model)")
     mesh = mesh or Mesh(np.asarray(jax.devices()[:1]), ("data",))
     replicated = NamedSharding(mesh, P())
-    with ocp.PyTreeCheckpointer() as ckptr:
-        metadata = ckptr.metadata(path)
-        tree = getattr(metadata, "item_metadata", metadata)["ema_params"]
-        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), tree)
-        restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=replicated), abstract)
-        out = ckptr.restore(path, args=ocp.args.PyTreeRestore(
-            item={"ema_params": abstract}, restore_args={"ema_params": restore_args}, partial_restore=True))
-    return out["ema_params"]
+
+    def read(step: int) -> Any:
+        from etils import epath
+
+        path = epath.Path(manager.directory) / str(step) / "state"
+        metadata = ocp.PyTreeCheckpointHandler().metadata(path)  # raises if unreadable
+        with ocp.PyTreeCheckpointer() as ckptr:
+            tree = getattr(metadata, "item_metadata", metadata)["ema_params"]
+            abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), tree)
+            restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=replicated), abstract)
+            return ckptr.restore(path, args=ocp.args.PyTreeRestore(
+                item={"ema_params": abstract}, restore_args={"ema_params": restore_args},
+                partial_restore=True))["ema_params"]
+
+    try:
+        _, params, _ = newest_intact(manager, read, fallback=fallback, doing="using")
+    finally:
+        manager.close()
+    return params
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    """Silence orbax's absl warnings (a missing metadata file, ...) while probing checkpoints:
+    a broken one is reported in one line by `newest_intact` instead."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _why(e: BaseException) -> str:
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def newest_intact(manager: ocp.CheckpointManager, read: Callable[[int], Any], *, fallback: bool,
+                  doing: str = "resuming from", below: int | None = None,
+                  ) -> tuple[int | None, Any, list[int]]:
+    """`(step, read(step), broken steps)` for the newest checkpoint (at most `below`) that `read`
+    reads without error; `(None, None, [])` when there is no complete checkpoint at all.
+
+    A checkpoint that fails to read (a truncated data file or `_METADATA`, a stray
+    `checkpoints/999/` folder) is broken. With `fallback` the next older one is tried, and the
+    step used is noted on stderr (`... step 999 ... is unreadable (...); resuming from step 20`).
+
+    Raises:
+      UserError: naming the broken step and why, when not `fallback`; naming every broken step
+        when no checkpoint is readable.
+    """
+    directory = os.fspath(manager.directory)
+    steps = sorted((s for s in manager.all_steps() if below is None or s <= below), reverse=True)
+    broken: list[tuple[int, str]] = []
+    for step in steps:
+        try:
+            with _quiet_orbax():
+                value = read(step)
+        except UserError:
+            raise
+        except Exception as e:  # any failure to read is a broken checkpoint
+            check(fallback, "checkpoint", os.path.join(directory, str(step)),
+                  f"is unreadable ({_why(e)}); set --config.ckpt.fallback=True to use the newest "
+                  "intact checkpoint, or move this one away")
+            broken.append((step, _why(e)))
+            continue
+        if broken and jax.process_index() == 0:
+            names = ", ".join(str(s) for s, _ in broken)
+            print(f"genjax: note: checkpoint step {names} in {directory} is unreadable "
+                  f"({broken[0][1]}); {doing} step {step}", file=sys.stderr, flush=True)
+        return step, value, [s for s, _ in broken]
+    if broken:
+        fail("checkpoint", directory, "no checkpoint is readable (" + "; ".join(
+            f"step {s}: {why}" for s, why in broken) + "); move the broken steps away to start "
+            "from step 0")
+    return None, None, []
+
+
+def state_readable(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    """The config saved with `step`, after checking that its state's metadata reads (cheap: no
+    array is read). Raises whatever orbax raises for a broken checkpoint."""
+    from etils import epath
+
+    config = saved_config(manager, step)
+    # The handler, not a Checkpointer: a Checkpointer logs an unreadable _METADATA and goes on.
+    ocp.PyTreeCheckpointHandler().metadata(epath.Path(manager.directory) / str(step) / "state")
+    return config
+
+
+def move_broken(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Move broken checkpoint steps to `WORKDIR/checkpoints.broken/<step>` (kept, never deleted;
+    out of orbax's way so that training can save those steps again). Process 0 moves; every
+    process reloads the manager's step list."""
+    if not steps:
+        return
+    directory = os.fspath(manager.directory)
+    if jax.process_index() == 0:
+        aside = directory.rstrip(os.sep) + ".broken"
+        os.makedirs(aside, exist_ok=True)
+        for step in steps:
+            target = os.path.join(aside, str(step))
+            n = 1
+            while os.path.exists(target):
+                target, n = os.path.join(aside, f"{step}.{n}"), n + 1
+            os.rename(os.path.join(directory, str(step)), target)
+        print(f"genjax: note: moved broken checkpoint steps {steps} to {aside}", file=sys.stderr,
+              flush=True)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("genjax checkpoint.move_broken")
+    manager.reload()

@@ -162,9 +162,11 @@ def load_frozen(path: str, *, family_name: str, mesh: Mesh | None = None):
     family_name; its EMA params, `checkpoint.restore_ema`) or, for "vae", a `genjax convert
     --model vae` folder. Params are replicated over `mesh`. Only the module is built (the
     family's `make_module`), never its task, so frozen models of frozen models do not recurse.
+    An unreadable newest checkpoint is skipped as in `restore` (the run's `ckpt.fallback`).
 
     Raises:
-      UserError: `path` holds neither, or a model of another family.
+      UserError: `path` holds neither, or a model of another family; its checkpoints are
+        unreadable (`checkpoint.restore_ema`).
     """
     from genjax import convert
     from genjax.io import checkpoint
@@ -180,19 +182,24 @@ def load_frozen(path: str, *, family_name: str, mesh: Mesh | None = None):
     check(name == family_name, f"task.{family_name}", path,
           f"was trained with model.name={name!r}, not {family_name!r}")
     mesh = mesh or Mesh(np.asarray(jax.devices()), ("data",))
-    return family(name).make_module(saved), checkpoint.restore_ema(path, mesh=mesh)
+    fallback = saved.get("ckpt", {}).get("fallback", True)
+    return family(name).make_module(saved), checkpoint.restore_ema(path, mesh=mesh, fallback=fallback)
 
 
 def restore(workdir: str, *, mesh: Mesh | None = None):
     """`(config, task, ema_params)` of the model trained in `workdir` (its config.json and the EMA
-    params of its newest checkpoint, replicated over `mesh`, default the first device).
+    params of its newest checkpoint, replicated over `mesh`, default the first device). An
+    unreadable newest checkpoint is skipped for the newest intact one, with a note on stderr,
+    unless the run's `ckpt.fallback` is False (`checkpoint.restore_ema`).
 
     Raises:
-      UserError: `workdir` holds no config.json or no finished checkpoint.
+      UserError: `workdir` holds no config.json or no finished checkpoint; its newest checkpoint
+        is unreadable and `ckpt.fallback` is False; none is readable.
     """
     from genjax.io import checkpoint
 
     config = checkpoint.read_config(workdir)
     mesh = mesh or Mesh(np.asarray(jax.devices()[:1]), ("data",))
-    params = checkpoint.restore_ema(workdir, mesh=mesh)  # first: "no checkpoint" before any build
+    fallback = config.get("ckpt", {}).get("fallback", True)
+    params = checkpoint.restore_ema(workdir, mesh=mesh, fallback=fallback)  # first: "no checkpoint" before any build
     return config, build(config, mesh=mesh), params

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any, Callable, Mapping
 
@@ -247,6 +248,21 @@ def write_samples(task: tasks.Task, params, rng: jax.Array, workdir: str, step: 
 def main(config, workdir: str, *, devices=None) -> dict[str, Any]:
     """Train `config` in `workdir`, resuming from its newest complete checkpoint if there is one.
 
+    The run holds `WORKDIR/.lock` (host, pid, start time; `genjax.io.lock`) from start to end,
+    also after an error or a preemption save: a second run into the same workdir fails at once.
+    A stale lock (same host, process gone) is taken over with a note on stderr. In a multi-host
+    run process 0 takes it for all.
+
+    Resuming: every config field must equal the checkpoint's except `num_steps` (upward only:
+    that is how a run is extended; fewer steps than the checkpoint's is refused), `log_every_steps`,
+    `mesh` (a checkpoint restores onto any mesh), `ckpt`, `eval` and `optim.max_nonfinite_steps`
+    (`checkpoint.RESUME_MAY_CHANGE`): a changed model, data (e.g. batch_size), optim, diffusion or
+    seed would silently change what is trained. An unreadable checkpoint (truncated file, stray
+    `checkpoints/999/`) is named in one line; with `ckpt.fallback` (default True) the newest
+    intact step is used instead, said so on stderr, and the broken ones are moved to
+    `WORKDIR/checkpoints.broken/`. A workdir with an interrupted run but no complete checkpoint
+    starts from step 0 with a note saying so.
+
     `devices`: the devices of the mesh (default all of `jax.devices()`).
 
     The model, its loss, sampler and data come from `tasks.build(config)` (any of
@@ -261,9 +277,19 @@ def main(config, workdir: str, *, devices=None) -> dict[str, Any]:
       UserError (before anything compiles): hosts with different configs (every process of a
         multi-process run must pass the same `config`), a bad config value, a mesh that does not
         match the devices, a batch that does not split over the mesh or the processes, a
-        checkpoint in `workdir` whose model config differs from `config.model`.
+        checkpoint in `workdir` whose config differs from `config` (see Resuming above), or
+        has a later step than num_steps; `workdir` locked by another run, or not a writable
+        folder; an unreadable checkpoint without `ckpt.fallback`, or no readable checkpoint.
       NonFiniteError: `optim.max_nonfinite_steps` consecutive steps had non-finite gradients.
     """
+    from genjax.io import lock
+
+    with lock.hold(workdir, enabled=jax.process_index() == 0):
+        return _train(config, workdir, devices)
+
+
+def _train(config, workdir: str, devices) -> dict[str, Any]:
+    """`main` under the workdir lock."""
     from tqdm import tqdm
 
     from genjax.io import checkpoint
@@ -280,11 +306,18 @@ def main(config, workdir: str, *, devices=None) -> dict[str, Any]:
           flush=True)
     mesh_lib.check_global_batch(config.data.batch_size, mesh)
     check_grad_accum(config.data.batch_size, config.optim.grad_accum_steps, mesh)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    interrupted = (os.path.isdir(ckpt_dir) and bool(os.listdir(ckpt_dir))
+                   or os.path.exists(os.path.join(workdir, "metrics.jsonl")))
     manager = checkpoint.make_manager(workdir, config.ckpt)
-    resume_step = manager.latest_step()
-    if resume_step is not None:
-        checkpoint.check_same_section(checkpoint.saved_config(manager, resume_step), config_dict,
-                                      "model")
+    fallback = config.ckpt.get("fallback", True)
+    resume_step, saved, broken = checkpoint.newest_intact(
+        manager, lambda s: checkpoint.state_readable(manager, s), fallback=fallback)
+    if resume_step is not None:  # num_steps is checked against the step restored, below
+        checkpoint.check_resume(saved, config_dict)
+    elif interrupted and jax.process_index() == 0:
+        print(f"genjax: note: no complete checkpoint in {ckpt_dir}, starting from step 0",
+              file=sys.stderr, flush=True)
 
     # 2. Model, optimizer, data.
     task = tasks.build(config, mesh=mesh)
@@ -298,7 +331,12 @@ def main(config, workdir: str, *, devices=None) -> dict[str, Any]:
     else:
         abstract, shardings = state_lib.abstract_train_state(init_params, tx, seed=config.seed,
                                                              mesh=mesh)
-        state = checkpoint.restore(manager, abstract, step=resume_step, data_iterator=data)
+        resume_step, state, more = checkpoint.newest_intact(
+            manager, lambda s: checkpoint.restore(manager, abstract, step=s, data_iterator=data),
+            fallback=fallback, below=resume_step)
+        broken += more
+        checkpoint.check_resume(saved, config_dict, resume_step)
+    checkpoint.move_broken(manager, broken)
     train_step = make_train_step(
         loss_fn, tx, mesh=mesh, state_shardings=shardings, ema_decay=config.optim.ema_decay,
         ema_warmup=config.optim.ema_warmup, grad_accum_steps=config.optim.grad_accum_steps,
@@ -392,8 +430,7 @@ def cli_main(args) -> int:
     config = load_config(args.config, args.overrides)
     mesh_lib.initialize_distributed()
     fs.check_writable_dir(args.workdir, "--workdir")  # a file, a read-only disk: before any work
-    os.makedirs(args.workdir, exist_ok=True)
-    try:
+    try:  # main creates the workdir when it takes its lock
         main(config, args.workdir)
     except NonFiniteError as e:
         print(f"genjax train: error: {e}", file=sys.stderr)

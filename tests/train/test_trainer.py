@@ -54,6 +54,7 @@ def test_reference_run_writes_everything(reference):
     assert records[-1]["mfu"] is None  # CPU: peak FLOP/s unknown
     assert json.load(open(os.path.join(reference, "config.json")))["model"]["name"] == "dit"
     assert sorted(os.listdir(os.path.join(reference, "checkpoints"))) == ["10", "20"]
+    assert not os.path.exists(os.path.join(reference, ".lock"))  # released at exit
     assert os.listdir(os.path.join(reference, "tb"))
     grid = Image.open(os.path.join(reference, "samples", "step_000020.png"))
     assert grid.size[0] > 2 * 28 and grid.mode == "L"
@@ -117,6 +118,79 @@ def test_changed_model_config_is_refused(reference, tmp_path):
     shutil.copytree(reference, workdir)
     with pytest.raises(UserError, match=r"^model.hidden_size=48: differs from the checkpoint's 32"):
         trainer.main(smoke(*ONE, "--config.model.hidden_size=48"), workdir, devices=jax.devices()[:1])
+
+
+def test_a_locked_workdir_is_refused_at_once(tmp_path):
+    """Issue 21: two runs into one workdir both trained, interleaving metrics.jsonl. Here the test
+    process holds the lock, as a first `genjax train` would."""
+    from genjax.io import lock
+    owner = lock.acquire(str(tmp_path))
+    try:
+        start = time.perf_counter()
+        with pytest.raises(UserError, match=rf"^workdir='{tmp_path}': in use by pid {os.getpid()} "
+                           rf"on host .+ since .+; wait for that run to end"):
+            trainer.main(smoke(*ONE), str(tmp_path), devices=jax.devices()[:1])
+        assert time.perf_counter() - start < 5
+        assert os.listdir(tmp_path) == [".lock"]
+    finally:
+        lock.release(str(tmp_path), owner)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.data.batch_size=8", r"^data.batch_size=8: differs from the checkpoint's 16"),
+    ("--config.optim.lr=0.01", r"^optim.lr=0.01: differs from the checkpoint's 0.001"),
+    ("--config.num_steps=15", r"^num_steps=15: is below the checkpoint's step 20"),
+])
+def test_resume_that_changes_the_run_is_refused(reference, tmp_path, override, message):
+    """Issue 21: a changed batch size was silently accepted; fewer steps rewrote config.json."""
+    import shutil
+    workdir = str(tmp_path / "w")
+    shutil.copytree(reference, workdir)
+    before = open(os.path.join(workdir, "config.json")).read()
+    with pytest.raises(UserError, match=message):
+        trainer.main(smoke(*ONE, override), workdir, devices=jax.devices()[:1])
+    assert open(os.path.join(workdir, "config.json")).read() == before
+    assert not os.path.exists(os.path.join(workdir, ".lock"))
+
+
+def test_broken_checkpoints_fall_back_to_the_newest_intact_step(reference, tmp_path, capsys):
+    """Issue 21: a stray checkpoints/999/ and a truncated _METADATA gave orbax tracebacks; the
+    intact step 10 was never tried."""
+    import shutil
+    workdir = str(tmp_path / "w")
+    shutil.copytree(reference, workdir)
+    os.mkdir(os.path.join(workdir, "checkpoints", "999"))
+    metadata = os.path.join(workdir, "checkpoints", "20", "state", "_METADATA")
+    os.truncate(metadata, os.path.getsize(metadata) // 2)
+    with pytest.raises(UserError, match=rf"^checkpoint='{workdir}/checkpoints/999': is unreadable "
+                       r"\(KeyError: .*\); set --config.ckpt.fallback=True"):
+        trainer.main(smoke(*ONE, "--config.ckpt.fallback=False"), workdir, devices=jax.devices()[:1])
+    capsys.readouterr()
+    trainer.main(smoke(*ONE, "--config.num_steps=10"), workdir, devices=jax.devices()[:1])
+    err = capsys.readouterr().err
+    assert f"genjax: note: checkpoint step 999, 20 in {workdir}/checkpoints is unreadable" in err
+    assert "resuming from step 10" in err
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10"]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints.broken"))) == ["20", "999"]  # kept
+
+
+def test_an_interrupted_run_without_a_checkpoint_says_it_starts_from_step_0(tmp_path, capsys,
+                                                                          monkeypatch):
+    """Issue 21: a SIGKILL before the first checkpoint committed restarted silently."""
+    os.makedirs(tmp_path / "checkpoints" / "10.orbax-checkpoint-tmp-1700000000")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(trainer.tasks, "build", stop)  # no need to train: the note comes first
+    with pytest.raises(Stop):
+        trainer.main(smoke(*ONE), str(tmp_path), devices=jax.devices()[:1])
+    assert (f"genjax: note: no complete checkpoint in {tmp_path}/checkpoints, starting from step 0"
+            in capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -201,6 +275,8 @@ def test_kill9_and_sigterm_then_resume_equals_uninterrupted(tmp_path):
     proc.send_signal(signal.SIGTERM)  # preemption: save at the next step, exit cleanly
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
+    assert "took over the stale lock" in err  # left by the SIGKILLed run
+    assert not os.path.exists(os.path.join(cut, ".lock"))  # released after the preemption save
     preempted_at = max(losses(cut))
     assert checkpoint.make_manager(cut, {"save_interval_steps": 10, "max_to_keep": 2,
                                          "async_save": False}).latest_step() == preempted_at
