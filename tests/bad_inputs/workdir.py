@@ -101,7 +101,7 @@ def cases(workspace: Path) -> list[Case]:
         Case("train: lock file of garbage", _train(garbage_lock), 2,
              r"^genjax train: error: workdir='.*garbage_lock': holds an unreadable lock file"),
         Case("train: workdir is a file", _train(workspace / "a_file"), 2,
-             r"^genjax train: error: workdir='.*a_file': is a file, not a folder"),
+             r"^genjax train: error: --workdir='.*a_file': is a file, not a folder"),
         Case("lock.acquire: a live owner", lambda: lock.acquire(str(live)), 2,
              rf"^workdir='.*live': in use by pid {pid}"),
         # Defect 3: resuming with a config that changes what is trained.
