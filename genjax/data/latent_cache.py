@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from genjax.errors import check
+from genjax.io import fs
 
 SPEC_VERSION = 1
 
@@ -63,9 +64,7 @@ def write(directory: str, name: str, batches: Iterable[Mapping[str, np.ndarray]]
     check(count > 0 and fields is not None, "latent cache", name, "got no examples to write")
     os.replace(records + ".tmp", records)
     spec = {"version": SPEC_VERSION, "fields": fields, "num_examples": count, "meta": dict(meta)}
-    with open(spec_path + ".tmp", "w") as f:
-        json.dump(spec, f, indent=2)
-    os.replace(spec_path + ".tmp", spec_path)
+    fs.write_json(spec_path, spec, "latent cache spec", indent=2)
     return spec
 
 

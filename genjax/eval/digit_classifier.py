@@ -15,7 +15,6 @@ Pixels: uint8 in [0, 255] at the interface; the network sees float32 in [-1, 1],
 from __future__ import annotations
 
 import os
-import tempfile
 
 import flax.linen as nn
 import flax.serialization
@@ -25,6 +24,7 @@ import numpy as np
 import optax
 
 from genjax.errors import check
+from genjax.io import fs
 
 DIGIT_SIZE = 28
 FEATURE_DIM = 128
@@ -189,15 +189,7 @@ def load_or_train(cache_dir: str | None = None):
         except (ValueError, KeyError, TypeError):
             pass  # a different or damaged file: retrain and overwrite it
     params = train_digit_classifier()
-    os.makedirs(cache_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".digit_classifier.", suffix=".tmp", dir=cache_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(flax.serialization.to_bytes(params))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    fs.write_bytes(path, flax.serialization.to_bytes(params), "classifier cache")
     return params
 
 

@@ -70,13 +70,17 @@ def atomic_path(path, field: str = "path", *, size: int | None = None) -> Iterat
             os.remove(tmp)
 
 
-def write_text(path, text: str, field: str = "path") -> str:
-    """Write `text` to `path` atomically (see `atomic_path`). Returns `path`."""
-    data = text.encode()
+def write_bytes(path, data: bytes, field: str = "path") -> str:
+    """Write `data` to `path` atomically (see `atomic_path`). Returns `path`."""
     with atomic_path(path, field, size=len(data)) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
     return os.fspath(path)
+
+
+def write_text(path, text: str, field: str = "path") -> str:
+    """Write `text` (UTF-8) to `path` atomically (see `atomic_path`). Returns `path`."""
+    return write_bytes(path, text.encode(), field)
 
 
 def write_json(path, obj: Any, field: str = "path", **kwargs) -> str:

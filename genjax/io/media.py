@@ -71,9 +71,6 @@ def _check_captions(captions, n: int) -> list[str] | None:
     return captions
 
 
-_atomic_path = fs.atomic_path  # every writer writes a temporary file and renames it into place
-
-
 def _ffmpeg_encode(path: str, tmp: str, grid: np.ndarray, *, fps: float, codec: str,
                    pix_fmt_in: str, pix_fmt_out: str, output_params: list[str]) -> None:
     """Encode uint8 frames (T, H, W, C) into `tmp` with the ffmpeg of imageio-ffmpeg.
@@ -233,7 +230,7 @@ def write_mp4(path, videos, *, fps: float = 8, captions: Sequence[str] | None = 
     grid = _video_grid(videos, captions)
     t, h, w, c = grid.shape
     grid = np.pad(grid, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    with _atomic_path(path) as tmp:
+    with fs.atomic_path(path) as tmp:
         _ffmpeg_encode(path, tmp, grid, fps=fps, codec="libx264", pix_fmt_in="gray" if c == 1 else "rgb24",
                        pix_fmt_out="yuv420p", output_params=["-crf", str(MP4_CRF)])
     return path
@@ -277,7 +274,7 @@ def write_gif(path, videos, *, fps: float = 8, captions: Sequence[str] | None = 
         "split[a][b];[a]palettegen=max_colors=256:reserve_transparent=0:stats_mode=single[p];"
         "[b][p]paletteuse=new=1:dither=none"
     )
-    with _atomic_path(path) as tmp:
+    with fs.atomic_path(path) as tmp:
         _ffmpeg_encode(path, tmp, grid, fps=fps, codec="gif", pix_fmt_in="rgb24", pix_fmt_out="pal8",
                        output_params=["-filter_complex", palette, "-loop", "0"])
     return path
@@ -325,7 +322,7 @@ def write_png_grid(
     if captions is not None:
         arr = _add_captions(arr, captions)
     grid = make_grid(arr, ncols, pad)
-    with _atomic_path(path) as tmp:
+    with fs.atomic_path(path) as tmp:
         Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(tmp, format="PNG")
     return path
 
@@ -372,7 +369,7 @@ def write_outputs(out: str, samples: np.ndarray, captions: Sequence, *, fps: flo
     arrays = ({"videos": samples, "prompts": np.asarray([str(c) for c in captions])} if video else
               {"images": samples, "class_labels": np.asarray(captions, np.int32)})
     with contextlib.ExitStack() as stack:  # renames happen on leaving, after every file is written
-        tmps = [stack.enter_context(_atomic_path(p, "--out" if p == paths[0] else "path")) for p in paths]
+        tmps = [stack.enter_context(fs.atomic_path(p, "--out" if p == paths[0] else "path")) for p in paths]
         try:
             try:
                 with open(tmps[0], "wb") as f:
