@@ -92,6 +92,36 @@ def validate(config) -> None:
         task.validate(config)
 
 
+# config.eval's fields common to every family (the trainer reads sample_every_steps and
+# num_samples; a diffusion family the sampler settings and its own EVAL_KEYS).
+EVAL_KEYS = ("sample_every_steps", "num_samples", "sampler", "num_sampling_steps", "cfg_scale")
+# Top-level fields of a training config; "task" and "diffusion" only for a family that has
+# TASK_KEYS / DIFFUSION_KEYS.
+TOP_KEYS = ("seed", "num_steps", "log_every_steps", "model", "data", "optim", "ckpt", "eval", "mesh")
+
+
+def check_keys(config) -> None:
+    """Refuse a config key that nothing reads, before anything is built: at the top level and in
+    the data, task, diffusion and eval sections, each against its consumer's fields
+    (`recipes.DATA_KEYS`, `EVAL_KEYS`, and the family module's TASK_KEYS, DIFFUSION_KEYS,
+    DATA_KEYS and EVAL_KEYS). The model section is checked by `model_kwargs`; optim, ckpt and
+    mesh by the trainer (`genjax.train.trainer.validate`).
+
+    Raises:
+      UserError: one line naming the first unknown key and the allowed ones.
+    """
+    from genjax.config import check_keys as check_section
+    from genjax.data import recipes
+
+    task = family(config.get("model", {}).get("name"))  # a missing name: "model.name=None: ..."
+    extra = tuple(name for name in ("task", "diffusion") if hasattr(task, f"{name.upper()}_KEYS"))
+    check_section("", config, TOP_KEYS + extra)
+    check_section("data", config.data, recipes.DATA_KEYS + getattr(task, "DATA_KEYS", ()))
+    check_section("eval", config.get("eval"), EVAL_KEYS + getattr(task, "EVAL_KEYS", ()))
+    for name in extra:
+        check_section(name, config.get(name), getattr(task, f"{name.upper()}_KEYS"))
+
+
 def build(config, *, mesh: Mesh | None = None) -> Task:
     """The `Task` of `config.model.name`. `mesh` (default: all devices, one data axis) is where
     frozen models are placed, replicated.
