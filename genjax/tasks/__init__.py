@@ -79,12 +79,15 @@ def validate(config) -> None:
     """The model, task and data sections' checks, needing no devices or files beyond existence.
 
     Raises:
-      UserError: unknown model.name or model.dtype, a data error (`recipes.validate`), and the
+      UserError: unknown model.name or model.dtype, a model size < 1 or a dropout probability
+        outside [0, 1] (see `model_kwargs`), a data error (`recipes.validate`), and the
         family's own checks (its `validate`, e.g. a frozen-model path that is not a workdir).
     """
     from genjax.data import recipes
 
     task = family(config.model.name)
+    for key, value in config.model.items():  # sizes >= 1 etc., before anything is built
+        _check_range(key, _to_attribute(key, value))
     dtype = config.model.get("dtype", "float32")
     check(dtype in DTYPES, "model.dtype", dtype, f"must be one of {tuple(DTYPES)}")
     recipes.validate(config)
@@ -143,6 +146,33 @@ def _to_attribute(key: str, value: Any) -> Any:
     return value
 
 
+# Model attributes that are sizes or counts (ints, or tuples of ints, each >= 1) in every family
+# that has them, and those that are probabilities or non-negative.
+POSITIVE_FIELDS = frozenset((
+    "depth", "num_layers", "num_heads", "hidden_size", "mlp_dim", "embed_dim", "patch_size",
+    "text_layers", "text_heads", "text_width", "vision_layers", "vision_heads", "vision_width",
+    "video_layers", "video_patch_size", "layers_per_block", "latent_channels", "norm_num_groups",
+    "block_out_channels", "attention_head_dim", "context_length", "vocab_size", "in_channels",
+    "out_channels", "frequency_embedding_size"))
+PROBABILITY_FIELDS = frozenset(("class_dropout_prob", "text_dropout_prob", "dropout"))
+NON_NEGATIVE_FIELDS = frozenset(("num_classes", "num_temporal_layers", "video_temporal_layers"))
+
+
+def _check_range(key: str, value: Any) -> None:
+    """UserError unless a size field is >= 1 (each entry of a tuple), a probability in [0, 1], a
+    count >= 0 and mlp_ratio > 0; other fields and non-numbers (None, strings) pass."""
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    numbers = [v for v in items if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if key in POSITIVE_FIELDS:
+        check(all(v >= 1 for v in numbers), f"model.{key}", value, "must be >= 1")
+    elif key in PROBABILITY_FIELDS:
+        check(all(0 <= v <= 1 for v in numbers), f"model.{key}", value, "must be in [0, 1]")
+    elif key in NON_NEGATIVE_FIELDS:
+        check(all(v >= 0 for v in numbers), f"model.{key}", value, "must be >= 0")
+    elif key == "mlp_ratio":
+        check(all(v > 0 for v in numbers), f"model.{key}", value, "must be > 0")
+
+
 def model_kwargs(cls: type, section: Mapping[str, Any], **derived: Any) -> dict[str, Any]:
     """`section` (a config's model section) as keyword arguments of `Model(...)` building the Linen
     class `cls`: `name` dropped, dtype names -> dtypes, lists -> tuples, plus `derived` (attributes
@@ -150,7 +180,9 @@ def model_kwargs(cls: type, section: Mapping[str, Any], **derived: Any) -> dict[
 
     Raises:
       UserError: a key that is not an attribute of `cls` (nor `variant`), naming the key and the
-        attributes that exist; a derived attribute also set in `section` to another value.
+        attributes that exist; a size (depth, num_heads, hidden_size, patch_size, ...) < 1, a
+        dropout probability outside [0, 1], a negative num_classes, mlp_ratio <= 0; a derived
+        attribute also set in `section` to another value.
     """
     fields = {f.name for f in dataclasses.fields(cls) if f.init} - {"parent", "name"}
     out = {}
@@ -160,6 +192,7 @@ def model_kwargs(cls: type, section: Mapping[str, Any], **derived: Any) -> dict[
         check(key in fields or key == "variant", f"model.{key}", value,
               f"is not an attribute of {cls.__name__} (attributes: {', '.join(sorted(fields))})")
         out[key] = _to_attribute(key, value)
+        _check_range(key, out[key])
     for key, value in derived.items():
         check(out.get(key, value) == value, f"model.{key}", out.get(key),
               f"must be {value!r} here (set by the data and the frozen models) or left out")
