@@ -35,6 +35,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from genjax.errors import check
 
 MODEL_NAMES = ("dit", "unet", "vae", "video_vae", "clip", "video_dit", "vivit")
+# The Linen class in genjax.models.<name> that each family's build passes to make_model: its
+# attributes are the model section's allowed keys (checked early by check_keys).
+MODEL_CLASSES = {"dit": "DiT", "unet": "UNet", "vae": "AutoencoderKL", "video_vae": "VideoAutoencoderKL",
+                 "clip": "CLIP", "video_dit": "VideoDiT", "vivit": "ViViTClassifier"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -107,8 +111,9 @@ def check_keys(config) -> None:
     """Refuse a config key that nothing reads, before anything is built: at the top level and in
     the data, task, diffusion and eval sections, each against its consumer's fields
     (`recipes.DATA_KEYS`, `EVAL_KEYS`, and the family module's TASK_KEYS, DIFFUSION_KEYS,
-    DATA_KEYS and EVAL_KEYS). The model section is checked by `model_kwargs`; optim, ckpt and
-    mesh by the trainer (`genjax.train.trainer.validate`).
+    DATA_KEYS and EVAL_KEYS), and the model section against the attributes of the family's
+    Linen class (`MODEL_CLASSES`, as `model_kwargs` does at build); optim, ckpt and mesh are
+    checked by the trainer (`genjax.train.trainer.validate`).
 
     Raises:
       UserError: one line naming the first unknown key and the allowed ones.
@@ -119,6 +124,8 @@ def check_keys(config) -> None:
     task = family(config.get("model", {}).get("name"))  # a missing name: "model.name=None: ..."
     extra = tuple(name for name in ("task", "diffusion") if hasattr(task, f"{name.upper()}_KEYS"))
     check_section("", config, TOP_KEYS + extra)
+    name = config.model.name
+    model_kwargs(getattr(importlib.import_module(f"genjax.models.{name}"), MODEL_CLASSES[name]), config.model)
     check_section("data", config.data, recipes.DATA_KEYS + getattr(task, "DATA_KEYS", ()))
     check_section("eval", config.get("eval"), EVAL_KEYS + getattr(task, "EVAL_KEYS", ()))
     for name in extra:
