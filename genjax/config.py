@@ -141,14 +141,29 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
 
 
 def _check_syntax(path: str) -> None:
-    """Compile the config file: a syntax error is one line naming the file and line."""
+    """Parse the config file: a syntax error is one line naming the file and line, and a file
+    that binds no top-level `get_config` (def, assignment or import) is refused by name here (the
+    module loader could otherwise reuse a `get_config` left by a config loaded earlier)."""
+    import ast
+
     try:
         with open(path, "rb") as f:
-            compile(f.read(), path, "exec")
+            tree = ast.parse(f.read(), path)
     except SyntaxError as e:
         raise UserError(f"--config={path!r}: line {e.lineno}: {e.msg}") from None
     except (OSError, ValueError) as e:  # unreadable; null bytes
         raise UserError(f"--config={path!r}: cannot be read: {getattr(e, 'strerror', None) or e}") from None
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    if "get_config" not in names and "*" not in names:
+        raise UserError(f"--config={path!r}: defines no get_config(arg=None) function")
 
 
 def _in_file(e: BaseException, path: str) -> int | None:

@@ -87,7 +87,7 @@ def test_check_keys_names_the_key_a_close_match_and_the_allowed_ones():
      r"^--config='.*bad\.py': line 4: '\(' was never closed$"),
     ("X = 1\n", r"^--config='.*bad\.py': defines no get_config\(arg=None\) function$"),
     ("def get_config(arg=None):\n    return {}['x']\n", r"^--config='.*bad\.py': line 2: KeyError: 'x'$"),
-    ("import genjax_no_such_module\n", r"^--config='.*bad\.py': line 1: ModuleNotFoundError: "),
+    ("import genjax_no_such_module\n\ndef get_config(arg=None):\n    return None\n", r"^--config='.*bad\.py': line 1: ModuleNotFoundError: "),
     ("def get_config(arg=None):\n    return 1 +\n", r"^--config='.*bad\.py': line 2: invalid syntax"),
 ])
 def test_a_config_file_that_does_not_load_is_one_line_naming_the_file_and_line(tmp_path, text, message):

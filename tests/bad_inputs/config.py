@@ -70,7 +70,7 @@ FILES = [
     ("config file without get_config", "X = 1\n", r"--config='.*noget\.py': defines no get_config\(arg=None\) function"),
     ("config file raising", "def get_config(arg=None):\n    raise RuntimeError('boom')\n",
      r"--config='.*raises\.py': line 2: RuntimeError: boom"),
-    ("config file bad import", "import genjax_no_such_module\n",
+    ("config file bad import", "import genjax_no_such_module\n\ndef get_config(arg=None):\n    return None\n",
      r"--config='.*badimport\.py': line 1: ModuleNotFoundError: No module named 'genjax_no_such_module'"),
 ]
 FILE_NAMES = ("syntax", "noget", "raises", "badimport")
