@@ -46,7 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(dict(
         dataset="moving_mnist", split="train", eval_split="test", batch_size=128, image_size=64,
-        num_frames=16, num_digits=1, num_examples=100_000, channels=1, label_key="labels"))
+        num_frames=16, num_digits=1, num_examples=100_000, channels=1))
     # The variant is resolved here into explicit sizes, each overridable (--config.model.num_layers=6).
     c.model = ml_collections.ConfigDict(dict(
         name="vivit", **{**vivit.VARIANTS["Ti"], "patch_size": (2, 8, 8), "max_grid": (8, 8, 8)},

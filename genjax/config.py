@@ -10,11 +10,31 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Sequence
+import difflib
+import traceback
+from typing import Any, Collection, Mapping, Sequence
 
 import ml_collections
 
 from genjax.errors import UserError
+
+
+def check_keys(section_name: str, section: Mapping[str, Any] | None, allowed: Collection[str]) -> None:
+    """Refuse a key of `section` (the config section `section_name`, e.g. "optim"; "" for the
+    top level) that its consumer does not read: one line naming the key, a close match and the
+    allowed keys. A missing section (None) passes.
+
+    Raises:
+      UserError: e.g. `optim.ema_dacay: unknown key (did you mean 'ema_decay'? allowed: ...)`.
+    """
+    if section is None:
+        return
+    for key in sorted(set(section.keys()) - set(allowed)):
+        close = difflib.get_close_matches(key, list(allowed), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        field = f"{section_name}.{key}" if section_name else key
+        where = f"config.{section_name}" if section_name else "the config"
+        raise UserError(f"{field}: unknown key in {where} ({hint}allowed: {', '.join(sorted(allowed))})")
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -73,8 +93,9 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     their shared helpers as a package module (`from configs import common`).
 
     Raises:
-      UserError: missing config file, a config without `get_config`, an unknown override key or
-        an override value of the wrong type.
+      UserError: missing or unreadable config file; a syntax error in it (naming the file and
+        line); a config without `get_config`; an error raised while running it (naming its line);
+        an unknown override key or an override value of the wrong type.
     """
     from absl import flags
     from ml_collections import config_flags
@@ -82,6 +103,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     path = spec.split(":", 1)[0]
     if not os.path.isfile(path):
         raise UserError(f"--config={path!r}: no such config file")
+    _check_syntax(path)
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isfile(os.path.join(folder, "__init__.py")):
         folder = os.path.dirname(folder)
@@ -105,12 +127,51 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
             raise UserError(str(inner)) from None
         msg = " ".join(str(e).split())
         raise UserError(f"config override: {msg}") from None
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        if overrides:  # most often an override naming a key the config does not have
-            _check_override_keys(spec, overrides)
+    except Exception as e:  # raised by the config file itself, or an override's key path
+        if isinstance(e, AttributeError) and "get_config" in str(e) and not _in_file(e, path):
+            raise UserError(f"--config={path!r}: defines no get_config(arg=None) function") from None
+        if overrides and isinstance(e, (AttributeError, KeyError, TypeError, ValueError)):
+            _check_override_keys(spec, overrides)  # most often an override naming a missing key
+        line = _in_file(e, path)
         msg = " ".join(str(e).split())
+        if line:  # raised by the file's own code: say where and what
+            msg = f"line {line}: {type(e).__name__}: {msg}"
         raise UserError(f"--config={spec!r}: {msg}") from None
     return fv.config
+
+
+def _check_syntax(path: str) -> None:
+    """Parse the config file: a syntax error is one line naming the file and line, and a file
+    that binds no top-level `get_config` (def, assignment or import) is refused by name here (the
+    module loader could otherwise reuse a `get_config` left by a config loaded earlier)."""
+    import ast
+
+    try:
+        with open(path, "rb") as f:
+            tree = ast.parse(f.read(), path)
+    except SyntaxError as e:
+        raise UserError(f"--config={path!r}: line {e.lineno}: {e.msg}") from None
+    except (OSError, ValueError) as e:  # unreadable; null bytes
+        raise UserError(f"--config={path!r}: cannot be read: {getattr(e, 'strerror', None) or e}") from None
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    if "get_config" not in names and "*" not in names:
+        raise UserError(f"--config={path!r}: defines no get_config(arg=None) function")
+
+
+def _in_file(e: BaseException, path: str) -> int | None:
+    """The line of the innermost frame of `e`'s traceback inside the config file `path`, if any."""
+    target = os.path.abspath(path)
+    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
+             if os.path.abspath(f.filename) == target]
+    return lines[-1] if lines else None
 
 
 def _check_override_keys(spec: str, overrides: Sequence[str]) -> None:

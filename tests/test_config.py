@@ -69,3 +69,30 @@ def test_user_error_inside_get_config_is_one_line(cfg_path):
 def test_missing_config_file():
     with pytest.raises(UserError, match="no such config file"):
         load_config("configs/does_not_exist.py")
+
+
+def test_check_keys_names_the_key_a_close_match_and_the_allowed_ones():
+    from genjax.config import check_keys
+
+    check_keys("optim", {"lr": 1.0}, ("lr", "b1"))
+    check_keys("optim", None, ("lr",))
+    with pytest.raises(UserError, match=r"^optim\.lrr: unknown key in config\.optim \(did you mean 'lr'\? allowed: b1, lr\)$"):
+        check_keys("optim", {"lrr": 1.0}, ("lr", "b1"))
+    with pytest.raises(UserError, match=r"^zzz: unknown key in the config \(allowed: seed\)$"):
+        check_keys("", {"zzz": {"a": 1}}, ("seed",))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("import ml_collections\n\ndef get_config(arg=None):\n    c = dict(\n    return c\n",
+     r"^--config='.*bad\.py': line 4: '\(' was never closed$"),
+    ("X = 1\n", r"^--config='.*bad\.py': defines no get_config\(arg=None\) function$"),
+    ("def get_config(arg=None):\n    return {}['x']\n", r"^--config='.*bad\.py': line 2: KeyError: 'x'$"),
+    ("import genjax_no_such_module\n\ndef get_config(arg=None):\n    return None\n", r"^--config='.*bad\.py': line 1: ModuleNotFoundError: "),
+    ("def get_config(arg=None):\n    return 1 +\n", r"^--config='.*bad\.py': line 2: invalid syntax"),
+])
+def test_a_config_file_that_does_not_load_is_one_line_naming_the_file_and_line(tmp_path, text, message):
+    path = tmp_path / "bad.py"
+    path.write_text(text)
+    with pytest.raises(UserError, match=message) as e:
+        load_config(str(path))
+    assert "\n" not in str(e.value) and "config_config" not in str(e.value)

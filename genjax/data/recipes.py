@@ -44,6 +44,11 @@ def labelled_inputs(config) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
     return video_inputs if media_key(config) == "video" else image_inputs
 
 
+# The fields of config.data that the recipes read (a task family may read more: its DATA_KEYS).
+DATA_KEYS = ("dataset", "split", "batch_size", "image_size", "channels", "num_frames", "num_digits",
+             "num_examples", "data_dir", "crop", "random_flip")
+
+
 def validate(config) -> None:
     """The data section's checks.
 

@@ -17,6 +17,7 @@ Everything is float32 `jnp` unless stated; schedule construction uses float64 nu
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -163,6 +164,22 @@ def _log_alphas_cumprod(schedule: Schedule) -> jax.Array:
     return jnp.cumsum(jnp.log1p(-schedule.betas))
 
 
+def check_timesteps(schedule: Schedule, t: Any) -> None:
+    """UserError unless concrete timesteps `t` are integers in [0, num_timesteps) (an index out of
+    range would be clamped silently, a float one truncated); traced `t` (inside jit) is not
+    checked."""
+    if isinstance(t, jax.core.Tracer):
+        return
+    a = np.asarray(t)
+    n = schedule.num_timesteps
+    if not np.issubdtype(a.dtype, np.integer):
+        check(np.issubdtype(a.dtype, np.floating) and bool(np.all(a == np.round(a))), "t.dtype",
+              str(a.dtype), "timesteps must be integers (floats would be truncated)")
+    bad = a[(a < 0) | (a >= n)]
+    check(bad.size == 0, "t", bad.flat[0].item() if bad.size else None,
+          f"timesteps must be in [0, num_timesteps={n})")
+
+
 def alpha_sigma(schedule: Schedule, t: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Signal and noise scales at integer timesteps `t` (any int shape, e.g. (B,)), float32.
 
@@ -171,7 +188,11 @@ def alpha_sigma(schedule: Schedule, t: jax.Array) -> tuple[jax.Array, jax.Array]
     Flow schedules: alpha = 1 - s, sigma = s (s = (t + 1) / T for `make("flow")`), the VP pair with
     the same logSNR rescaled to alpha + sigma = 1, computed from log alphas_cumprod so small s
     stays accurate.
+
+    Raises:
+      UserError: concrete `t` outside [0, num_timesteps) or not integer-valued (`check_timesteps`).
     """
+    check_timesteps(schedule, t)
     t = jnp.asarray(t, jnp.int32)
     if schedule.is_flow:
         log_ac = _log_alphas_cumprod(schedule)[t]
@@ -183,7 +204,12 @@ def alpha_sigma(schedule: Schedule, t: jax.Array) -> tuple[jax.Array, jax.Array]
 
 def logsnr(schedule: Schedule, t: jax.Array) -> jax.Array:
     """log(alpha_t^2 / sigma_t^2) at integer timesteps `t`, float32 (-inf where alphas_cumprod = 0).
-    Computed from log alphas_cumprod, accurate also where alphas_cumprod ~ 1."""
+    Computed from log alphas_cumprod, accurate also where alphas_cumprod ~ 1.
+
+    Raises:
+      UserError: concrete `t` outside [0, num_timesteps) or not integer-valued (`check_timesteps`).
+    """
+    check_timesteps(schedule, t)
     log_ac = _log_alphas_cumprod(schedule)[jnp.asarray(t, jnp.int32)]
     return log_ac - jnp.log(-jnp.expm1(log_ac))
 

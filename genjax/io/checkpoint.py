@@ -31,6 +31,30 @@ import orbax.checkpoint as ocp
 from genjax.errors import UserError, check, fail
 
 
+# The fields of config.ckpt: make_manager's, and `fallback` (restore the newest intact step when
+# the newest is broken).
+CKPT_KEYS = ("save_interval_steps", "max_to_keep", "async_save", "fallback")
+
+
+def validate_ckpt(ckpt_config: Mapping[str, Any]) -> None:
+    """Check config.ckpt before anything is built.
+
+    Raises:
+      UserError: an unknown key (`CKPT_KEYS`), save_interval_steps < 1, max_to_keep < 0,
+        async_save or fallback not a bool.
+    """
+    from genjax.config import check_keys
+
+    check_keys("ckpt", ckpt_config, CKPT_KEYS)
+    check(int(ckpt_config["save_interval_steps"]) >= 1, "ckpt.save_interval_steps",
+          ckpt_config["save_interval_steps"], "must be >= 1")
+    check(int(ckpt_config["max_to_keep"]) >= 0, "ckpt.max_to_keep", ckpt_config["max_to_keep"],
+          "must be >= 0 (0 keeps every checkpoint)")
+    for key in ("async_save", "fallback"):
+        value = ckpt_config.get(key, True)
+        check(isinstance(value, bool), f"ckpt.{key}", value, "must be true or false")
+
+
 def make_manager(workdir: str, ckpt_config: Mapping[str, Any]) -> ocp.CheckpointManager:
     """The run's `CheckpointManager` at `WORKDIR/checkpoints`.
 

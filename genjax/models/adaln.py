@@ -21,6 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from genjax.errors import check
 from genjax.models.layers import LayerNorm, Mlp, logical, zeros
@@ -76,6 +77,22 @@ def adaln_norm(x: Array, shift: Array, scale: Array, *, eps: float = 1e-6, dtype
     return modulate(h, shift, scale).astype(dtype)
 
 
+def check_labels(y: Any, num_classes: int, null_class: bool) -> None:
+    """UserError unless class labels `y` are integers and, when concrete (not traced inside jit),
+    in [0, num_classes) ([0, num_classes] with a null class: id num_classes is "no label"). An
+    out-of-range id would read a clamped or NaN embedding; a float label would be truncated."""
+    dtype = y.dtype if isinstance(y, jax.core.Tracer) else np.asarray(y).dtype
+    check(np.issubdtype(dtype, np.integer), "y.dtype", str(dtype),
+          "class labels must be integers (float labels would be truncated)")
+    if isinstance(y, jax.core.Tracer):
+        return
+    a = np.asarray(y)
+    hi = num_classes + int(null_class)
+    bad = a[(a < 0) | (a >= hi)]
+    check(bad.size == 0, "y", bad.flat[0].item() if bad.size else None,
+          f"class labels must be in [0, {hi})" + (f" ({num_classes} is the null class)" if null_class else ""))
+
+
 def embed_labels(y: Array, drop: Array | None, num_classes: int, null_class: bool, features: int, *,
                  dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, name: str = "y_embedder") -> Array:
     """Class labels -> `(..., D)` embeddings, dropped labels replaced by the null class id `num_classes`.
@@ -83,7 +100,11 @@ def embed_labels(y: Array, drop: Array | None, num_classes: int, null_class: boo
     Call only inside an `@nn.compact` method (creates the `nn.Embed` `name` with
     `num_classes + null_class` rows, normal(0.02), axes `(vocab, embed)`). y: int `(...)`;
     drop: bool of y's shape or None (`cfg_drop`). Source: DiT `LabelEmbedder`.
+
+    Raises:
+      UserError: see `check_labels`.
     """
+    check_labels(y, num_classes, null_class)
     y = jnp.asarray(y, jnp.int32)
     if drop is not None:
         y = jnp.where(drop, num_classes, y)

@@ -153,10 +153,13 @@ class DiT(nn.Module):
           the variance interpolation v.
 
         Raises:
-          UserError: wrong rank / channels / indivisible size, t or y of the wrong shape, y given
-            without labels, text given without context_dim (or missing with it), text_mask missing
+          UserError: depth, hidden_size, num_heads or patch_size < 1; wrong rank / channels /
+            indivisible size, t or y of the wrong shape, y not integer or (when concrete) outside
+            [0, num_classes) (num_classes itself allowed with a null class), y given without labels, text given without context_dim (or missing with it), text_mask missing
             or misshaped, remat policy unknown, force_drop_ids without a null class or text.
         """
+        for field in ("depth", "hidden_size", "num_heads", "patch_size"):
+            check(getattr(self, field) >= 1, field, getattr(self, field), "must be >= 1")
         check(x.ndim == 4, "x.shape", x.shape, "must be (B, H, W, C)")
         b, hgt, wid, c = x.shape
         p = self.patch_size

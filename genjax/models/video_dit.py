@@ -160,6 +160,8 @@ class VideoDiT(nn.Module):
         return int(np.prod(self.patch_size)) * self.in_channels
 
     def _check_common(self, lead, y, text, text_mask, text_pooled, force_drop_ids):
+        for field in ("depth", "hidden_size", "num_heads"):
+            check(getattr(self, field) >= 1, field, getattr(self, field), "must be >= 1")
         check(self.attention in ATTENTION_KINDS, "attention", self.attention, f"must be one of {ATTENTION_KINDS}")
         check(self.pos_embed in POS_EMBED_KINDS, "pos_embed", self.pos_embed, f"must be one of {POS_EMBED_KINDS}")
         check(self.remat in REMAT_POLICIES, "remat", self.remat, f"must be one of {sorted(REMAT_POLICIES)}")

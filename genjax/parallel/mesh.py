@@ -51,15 +51,36 @@ def context_parallel(mesh_config: Mapping[str, Any]) -> str:
     return name
 
 
+MESH_KEYS = (*MESH_AXES, "context_parallel")  # the fields of config.mesh
+
+
+def validate_mesh(mesh_config: Mapping[str, Any]) -> None:
+    """The checks of config.mesh that need no devices: its keys (`MESH_KEYS`), each size a
+    positive int or -1, `context_parallel`.
+
+    Raises:
+      UserError: an unknown key, a size that is 0 or below -1, an unknown context_parallel.
+    """
+    from genjax.config import check_keys
+
+    check_keys("mesh", mesh_config, MESH_KEYS)
+    context_parallel(mesh_config)
+    for a in MESH_AXES:
+        if a in mesh_config:
+            s = mesh_config[a]
+            check(isinstance(s, int) and (s == -1 or s >= 1), f"mesh.{a}", s,
+                  "must be a positive size or -1 (fill)")
+
+
 def mesh_shape(mesh_config: Mapping[str, Any], num_devices: int) -> tuple[int, int, int, int]:
     """Resolve `mesh_config` to a concrete `(data, fsdp, context, tensor)` shape for `num_devices`
     devices (a missing `context` is 1).
 
     Raises:
-      UserError: a size that is 0 or below -1, more than one -1, a -1 that does not divide
-        evenly, a product that differs from `num_devices`, an unknown `context_parallel`.
+      UserError: an unknown key, a size that is 0 or below -1, more than one -1, a -1 that does
+        not divide evenly, a product that differs from `num_devices`, an unknown `context_parallel`.
     """
-    context_parallel(mesh_config)
+    validate_mesh(mesh_config)
     sizes = [int(mesh_config[a]) if a not in OPTIONAL_AXES or a in mesh_config else OPTIONAL_AXES[a]
              for a in MESH_AXES]
     for a, s in zip(MESH_AXES, sizes):

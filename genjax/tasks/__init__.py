@@ -35,6 +35,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from genjax.errors import check
 
 MODEL_NAMES = ("dit", "unet", "vae", "video_vae", "clip", "video_dit", "vivit")
+# The Linen class in genjax.models.<name> that each family's build passes to make_model: its
+# attributes are the model section's allowed keys (checked early by check_keys).
+MODEL_CLASSES = {"dit": "DiT", "unet": "UNet", "vae": "AutoencoderKL", "video_vae": "VideoAutoencoderKL",
+                 "clip": "CLIP", "video_dit": "VideoDiT", "vivit": "ViViTClassifier"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -79,17 +83,53 @@ def validate(config) -> None:
     """The model, task and data sections' checks, needing no devices or files beyond existence.
 
     Raises:
-      UserError: unknown model.name or model.dtype, a data error (`recipes.validate`), and the
+      UserError: unknown model.name or model.dtype, a model size < 1 or a dropout probability
+        outside [0, 1] (see `model_kwargs`), a data error (`recipes.validate`), and the
         family's own checks (its `validate`, e.g. a frozen-model path that is not a workdir).
     """
     from genjax.data import recipes
 
     task = family(config.model.name)
+    for key, value in config.model.items():  # sizes >= 1 etc., before anything is built
+        _check_range(key, _to_attribute(key, value))
     dtype = config.model.get("dtype", "float32")
     check(dtype in DTYPES, "model.dtype", dtype, f"must be one of {tuple(DTYPES)}")
     recipes.validate(config)
     if hasattr(task, "validate"):
         task.validate(config)
+
+
+# config.eval's fields common to every family (the trainer reads sample_every_steps and
+# num_samples; a diffusion family the sampler settings and its own EVAL_KEYS).
+EVAL_KEYS = ("sample_every_steps", "num_samples", "sampler", "num_sampling_steps", "cfg_scale")
+# Top-level fields of a training config; "task" and "diffusion" only for a family that has
+# TASK_KEYS / DIFFUSION_KEYS.
+TOP_KEYS = ("seed", "num_steps", "log_every_steps", "model", "data", "optim", "ckpt", "eval", "mesh")
+
+
+def check_keys(config) -> None:
+    """Refuse a config key that nothing reads, before anything is built: at the top level and in
+    the data, task, diffusion and eval sections, each against its consumer's fields
+    (`recipes.DATA_KEYS`, `EVAL_KEYS`, and the family module's TASK_KEYS, DIFFUSION_KEYS,
+    DATA_KEYS and EVAL_KEYS), and the model section against the attributes of the family's
+    Linen class (`MODEL_CLASSES`, as `model_kwargs` does at build); optim, ckpt and mesh are
+    checked by the trainer (`genjax.train.trainer.validate`).
+
+    Raises:
+      UserError: one line naming the first unknown key and the allowed ones.
+    """
+    from genjax.config import check_keys as check_section
+    from genjax.data import recipes
+
+    task = family(config.get("model", {}).get("name"))  # a missing name: "model.name=None: ..."
+    extra = tuple(name for name in ("task", "diffusion") if hasattr(task, f"{name.upper()}_KEYS"))
+    check_section("", config, TOP_KEYS + extra)
+    name = config.model.name
+    model_kwargs(getattr(importlib.import_module(f"genjax.models.{name}"), MODEL_CLASSES[name]), config.model)
+    check_section("data", config.data, recipes.DATA_KEYS + getattr(task, "DATA_KEYS", ()))
+    check_section("eval", config.get("eval"), EVAL_KEYS + getattr(task, "EVAL_KEYS", ()))
+    for name in extra:
+        check_section(name, config.get(name), getattr(task, f"{name.upper()}_KEYS"))
 
 
 def build(config, *, mesh: Mesh | None = None) -> Task:
@@ -113,6 +153,33 @@ def _to_attribute(key: str, value: Any) -> Any:
     return value
 
 
+# Model attributes that are sizes or counts (ints, or tuples of ints, each >= 1) in every family
+# that has them, and those that are probabilities or non-negative.
+POSITIVE_FIELDS = frozenset((
+    "depth", "num_layers", "num_heads", "hidden_size", "mlp_dim", "embed_dim", "patch_size",
+    "text_layers", "text_heads", "text_width", "vision_layers", "vision_heads", "vision_width",
+    "video_layers", "video_patch_size", "layers_per_block", "latent_channels", "norm_num_groups",
+    "block_out_channels", "attention_head_dim", "context_length", "vocab_size", "in_channels",
+    "out_channels", "frequency_embedding_size"))
+PROBABILITY_FIELDS = frozenset(("class_dropout_prob", "text_dropout_prob", "dropout"))
+NON_NEGATIVE_FIELDS = frozenset(("num_classes", "num_temporal_layers", "video_temporal_layers"))
+
+
+def _check_range(key: str, value: Any) -> None:
+    """UserError unless a size field is >= 1 (each entry of a tuple), a probability in [0, 1], a
+    count >= 0 and mlp_ratio > 0; other fields and non-numbers (None, strings) pass."""
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    numbers = [v for v in items if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if key in POSITIVE_FIELDS:
+        check(all(v >= 1 for v in numbers), f"model.{key}", value, "must be >= 1")
+    elif key in PROBABILITY_FIELDS:
+        check(all(0 <= v <= 1 for v in numbers), f"model.{key}", value, "must be in [0, 1]")
+    elif key in NON_NEGATIVE_FIELDS:
+        check(all(v >= 0 for v in numbers), f"model.{key}", value, "must be >= 0")
+    elif key == "mlp_ratio":
+        check(all(v > 0 for v in numbers), f"model.{key}", value, "must be > 0")
+
+
 def model_kwargs(cls: type, section: Mapping[str, Any], **derived: Any) -> dict[str, Any]:
     """`section` (a config's model section) as keyword arguments of `Model(...)` building the Linen
     class `cls`: `name` dropped, dtype names -> dtypes, lists -> tuples, plus `derived` (attributes
@@ -120,7 +187,9 @@ def model_kwargs(cls: type, section: Mapping[str, Any], **derived: Any) -> dict[
 
     Raises:
       UserError: a key that is not an attribute of `cls` (nor `variant`), naming the key and the
-        attributes that exist; a derived attribute also set in `section` to another value.
+        attributes that exist; a size (depth, num_heads, hidden_size, patch_size, ...) < 1, a
+        dropout probability outside [0, 1], a negative num_classes, mlp_ratio <= 0; a derived
+        attribute also set in `section` to another value.
     """
     fields = {f.name for f in dataclasses.fields(cls) if f.init} - {"parent", "name"}
     out = {}
@@ -130,6 +199,7 @@ def model_kwargs(cls: type, section: Mapping[str, Any], **derived: Any) -> dict[
         check(key in fields or key == "variant", f"model.{key}", value,
               f"is not an attribute of {cls.__name__} (attributes: {', '.join(sorted(fields))})")
         out[key] = _to_attribute(key, value)
+        _check_range(key, out[key])
     for key, value in derived.items():
         check(out.get(key, value) == value, f"model.{key}", out.get(key),
               f"must be {value!r} here (set by the data and the frozen models) or left out")

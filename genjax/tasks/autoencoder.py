@@ -18,6 +18,9 @@ from genjax.errors import check
 from genjax.tasks import Task
 
 
+TASK_KEYS = ("kl_weight", "rec")  # the fields of config.task that `task` reads
+
+
 def task(config, module, x_shape, key) -> Task:
     from genjax.data import recipes
     from genjax.io import media

@@ -20,6 +20,12 @@ from genjax.errors import check
 from genjax.tasks import Task
 
 
+# The fields of config.diffusion that make_schedule and image_task read, and the config.eval
+# fields of a diffusion task (tasks.EVAL_KEYS plus guide_channels, read by image_task).
+DIFFUSION_KEYS = ("schedule", "num_timesteps", "prediction_type", "weighting")
+EVAL_KEYS = ("guide_channels",)
+
+
 def make_schedule(config):
     """The `schedules.Schedule` of config.diffusion (schedule, num_timesteps, prediction_type)."""
     from genjax.diffusion import schedules

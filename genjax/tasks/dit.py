@@ -19,9 +19,14 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from genjax.errors import check
-from genjax.tasks import Task, is_model_dir, load_frozen, make_model
+from genjax.tasks import Task, diffusion, is_model_dir, load_frozen, make_model
 
 LATENT_MODES = ("on_the_fly", "cache")
+# The config fields this family reads beyond the common ones (tasks.check_keys).
+TASK_KEYS = ("vae",)
+DATA_KEYS = ("latents",)
+DIFFUSION_KEYS = diffusion.DIFFUSION_KEYS
+EVAL_KEYS = diffusion.EVAL_KEYS
 
 
 def validate(config) -> None:

@@ -12,7 +12,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from genjax.tasks import Task, make_model
+from genjax.tasks import Task, diffusion, make_model
+
+# The config fields this family reads beyond the common ones (tasks.check_keys).
+TASK_KEYS = ("num_classes", "class_dropout_prob")
+DIFFUSION_KEYS = diffusion.DIFFUSION_KEYS
+EVAL_KEYS = diffusion.EVAL_KEYS
 
 
 def build(config, *, mesh=None) -> Task:

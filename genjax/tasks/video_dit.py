@@ -51,8 +51,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from genjax.errors import check
-from genjax.tasks import DTYPES, Task, is_model_dir, load_frozen, make_model, model_kwargs
+from genjax.tasks import DTYPES, Task, diffusion, is_model_dir, load_frozen, make_model, model_kwargs
 
+# The config fields this family reads beyond the common ones (tasks.check_keys).
+TASK_KEYS = ("vae", "text_encoder", "text", "text_length", "latent_scale")
+DATA_KEYS = ("latents",)
+DIFFUSION_KEYS = (*diffusion.DIFFUSION_KEYS, "frame_mask_probs")
 DEFAULT_PROMPTS = tuple(f"digit {i}" for i in range(10))
 
 

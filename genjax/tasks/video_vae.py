@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from genjax.errors import check
 from genjax.tasks import Task, make_model
+from genjax.tasks.autoencoder import TASK_KEYS  # noqa: F401 (config.task's fields, tasks.check_keys)
 
 
 def make_module(config):

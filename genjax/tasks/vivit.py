@@ -16,6 +16,8 @@ import numpy as np
 from genjax.errors import check
 from genjax.tasks import Task, make_model
 
+DATA_KEYS = ("eval_split",)  # config.data's fields read here beyond recipes.DATA_KEYS
+
 
 def build(config, *, mesh=None) -> Task:
     del mesh

@@ -13,6 +13,7 @@ non-finite gradient turning the whole update into a no-op.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping
 
 import flax
@@ -26,6 +27,11 @@ from genjax.errors import check
 from genjax.parallel.axes import RULES
 
 PyTree = Any
+
+# The fields of config.optim: make_optimizer's, plus the trainer's grad_accum_steps, ema_decay,
+# ema_warmup and max_nonfinite_steps.
+OPTIM_KEYS = ("lr", "schedule", "warmup_steps", "end_lr_ratio", "b1", "b2", "eps", "weight_decay",
+              "grad_clip_norm", "grad_accum_steps", "ema_decay", "ema_warmup", "max_nonfinite_steps")
 
 
 @flax.struct.dataclass
@@ -107,6 +113,33 @@ def make_optimizer(optim_config: Mapping[str, Any], total_steps: int
     parts.append(optax.adamw(schedule, b1=float(optim_config["b1"]), b2=float(optim_config["b2"]),
                              eps=float(optim_config["eps"]), weight_decay=wd))
     return optax.chain(*parts), schedule
+
+
+def validate_optim(optim_config: Mapping[str, Any], total_steps: int) -> None:
+    """Check config.optim before anything is built: its keys (`OPTIM_KEYS`) and every number's range.
+
+    Raises:
+      UserError: an unknown key; ema_decay outside [0, 1]; b1 or b2 outside [0, 1); eps <= 0;
+        end_lr_ratio < 0; grad_accum_steps or max_nonfinite_steps < 1; ema_warmup not a bool;
+        and `make_optimizer`'s errors (lr <= 0, a bad schedule or warmup, negative weight_decay
+        or grad_clip_norm). A NaN fails every range.
+    """
+    from genjax.config import check_keys
+
+    check_keys("optim", optim_config, OPTIM_KEYS)
+    o = optim_config
+    check(0 <= float(o["ema_decay"]) <= 1, "optim.ema_decay", o["ema_decay"],
+          "must be in [0, 1] (the EMA keeps ema_decay of the old weights each step)")
+    for key in ("b1", "b2"):
+        check(0 <= float(o[key]) < 1, f"optim.{key}", o[key], "must be in [0, 1)")
+    check(float(o["eps"]) > 0 and math.isfinite(float(o["eps"])), "optim.eps", o["eps"],
+          "must be a finite number > 0")
+    check(float(o["end_lr_ratio"]) >= 0, "optim.end_lr_ratio", o["end_lr_ratio"], "must be >= 0")
+    check(math.isfinite(float(o["lr"])), "optim.lr", o["lr"], "must be a finite number > 0")
+    check(isinstance(o["ema_warmup"], bool), "optim.ema_warmup", o["ema_warmup"], "must be true or false")
+    for key in ("grad_accum_steps", "max_nonfinite_steps"):
+        check(int(o[key]) >= 1, f"optim.{key}", o[key], "must be >= 1")
+    make_optimizer(o, total_steps)
 
 
 def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:

@@ -128,22 +128,25 @@ def validate(config) -> None:
     """Config checks that need no devices (the mesh-dependent ones run once the mesh exists).
 
     Raises:
-      UserError: the model section's errors (`tasks.validate`: unknown model name or dtype, a
-        missing frozen-model path, ...), num_steps < 1, log_every_steps < 1, negative
-        ckpt.max_to_keep, ckpt.save_interval_steps < 1, optim.max_nonfinite_steps < 1,
-        eval.sample_every_steps < 0.
+      UserError: a key that nothing reads, in any section (`tasks.check_keys`,
+        `state.validate_optim`, `checkpoint.validate_ckpt`, `mesh.validate_mesh`); the model
+        section's errors (`tasks.validate`: unknown model name or dtype, a missing frozen-model
+        path, ...); num_steps < 1, log_every_steps < 1; an optim number out of range (lr <= 0,
+        ema_decay outside [0, 1], ...); a bad ckpt or mesh value; eval.sample_every_steps < 0,
+        eval.num_samples < 1.
     """
+    from genjax.io import checkpoint
+
+    tasks.check_keys(config)
     tasks.validate(config)
     check(config.num_steps >= 1, "num_steps", config.num_steps, "must be >= 1")
     check(config.log_every_steps >= 1, "log_every_steps", config.log_every_steps, "must be >= 1")
-    check(config.ckpt.max_to_keep >= 0, "ckpt.max_to_keep", config.ckpt.max_to_keep,
-          "must be >= 0 (0 keeps every checkpoint)")
-    check(config.ckpt.save_interval_steps >= 1, "ckpt.save_interval_steps",
-          config.ckpt.save_interval_steps, "must be >= 1")
-    check(config.optim.max_nonfinite_steps >= 1, "optim.max_nonfinite_steps",
-          config.optim.max_nonfinite_steps, "must be >= 1")
+    state_lib.validate_optim(config.optim, config.num_steps)
+    checkpoint.validate_ckpt(config.ckpt)
+    mesh_lib.validate_mesh(config.mesh)
     check(config.eval.sample_every_steps >= 0, "eval.sample_every_steps",
           config.eval.sample_every_steps, "must be >= 0 (0 disables samples)")
+    check(config.eval.num_samples >= 1, "eval.num_samples", config.eval.num_samples, "must be >= 1")
 
 
 class NonFiniteError(RuntimeError):

@@ -1,11 +1,146 @@
-"""Bad-input catalogue rows: config (issue 21)."""
+"""Bad-input catalogue rows: config (issue 21): misspelt keys in every section of a config file,
+numbers out of range, config files that do not load, and the model / schedule API's range checks.
+
+Every row fails at validation, before a mesh, a workdir file or a compiled step exists.
+"""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
+
+import numpy as np
 
 from tests.bad_inputs import Case
 
+ROOT = Path(__file__).resolve().parents[2]
+DIT = str(ROOT / "configs" / "dit_mnist.py")
+
+# (row name, base config, statement run on the unlocked config `c`, expected message)
+TYPOS = [
+    ("model key misspelt", "dit_mnist", "c.model.hiden_size = 64",
+     r"model\.hiden_size=64: is not an attribute of DiT \(attributes: .*hidden_size"),
+    ("data key misspelt", "dit_mnist", "c.data.batch_sise = 8",
+     r"data\.batch_sise: unknown key in config\.data \(did you mean 'batch_size'\?"),
+    ("optim key misspelt", "dit_mnist", "c.optim.ema_dacay = 0.9",
+     r"optim\.ema_dacay: unknown key in config\.optim \(did you mean 'ema_decay'\?"),
+    ("diffusion key misspelt", "dit_mnist", "c.diffusion.num_timestep = 100",
+     r"diffusion\.num_timestep: unknown key in config\.diffusion \(did you mean 'num_timesteps'\?"),
+    ("ckpt key misspelt", "dit_mnist", "c.ckpt.max_to_kep = 1",
+     r"ckpt\.max_to_kep: unknown key in config\.ckpt \(did you mean 'max_to_keep'\?.*fallback"),
+    ("eval key misspelt", "dit_mnist", "c.eval.num_sample = 4",
+     r"eval\.num_sample: unknown key in config\.eval \(did you mean 'num_samples'\?"),
+    ("task key misspelt (dit)", "dit_mnist", "c.task = dict(vea='')",
+     r"task\.vea: unknown key in config\.task \(did you mean 'vae'\?"),
+    ("task key misspelt (vae family)", "vae_mnist", "c.task.kl_wieght = 1e-6",
+     r"task\.kl_wieght: unknown key in config\.task \(did you mean 'kl_weight'\?"),
+    ("mesh key misspelt", "dit_mnist", "c.mesh.fdsp = 1",
+     r"mesh\.fdsp: unknown key in config\.mesh \(did you mean 'fsdp'\?"),
+    ("top-level key misspelt", "dit_mnist", "c.num_step = 5",
+     r"num_step: unknown key in the config \(did you mean 'num_steps'\?"),
+    ("diffusion section on a VAE", "vae_mnist", "c.diffusion = dict(num_timesteps=10)",
+     r"diffusion: unknown key in the config \(allowed: .*"),
+]
+
+# (row name, override, expected message) on configs/dit_mnist.py:smoke=True
+RANGES = [
+    ("ema_decay above 1", "--config.optim.ema_decay=2", r"optim\.ema_decay=2\.0: must be in \[0, 1\]"),
+    ("ema_decay negative", "--config.optim.ema_decay=-0.5", r"optim\.ema_decay=-0\.5: must be in \[0, 1\]"),
+    ("ema_decay NaN", "--config.optim.ema_decay=nan", r"optim\.ema_decay=nan: must be in \[0, 1\]"),
+    ("lr zero", "--config.optim.lr=0", r"optim\.lr=0\.0: must be > 0"),
+    ("lr infinite", "--config.optim.lr=inf", r"optim\.lr=inf: must be a finite number > 0"),
+    ("b2 equal to 1", "--config.optim.b2=1.0", r"optim\.b2=1\.0: must be in \[0, 1\)"),
+    ("eps zero", "--config.optim.eps=0", r"optim\.eps=0\.0: must be a finite number > 0"),
+    ("end_lr_ratio negative", "--config.optim.end_lr_ratio=-1", r"optim\.end_lr_ratio=-1\.0: must be >= 0"),
+    ("max_nonfinite_steps zero", "--config.optim.max_nonfinite_steps=0", r"optim\.max_nonfinite_steps=0: must be >= 1"),
+    ("model depth negative", "--config.model.depth=-1", r"model\.depth=-1: must be >= 1"),
+    ("model num_heads zero", "--config.model.num_heads=0", r"model\.num_heads=0: must be >= 1"),
+    ("model hidden_size zero", "--config.model.hidden_size=0", r"model\.hidden_size=0: must be >= 1"),
+    ("class_dropout_prob above 1", "--config.model.class_dropout_prob=1.5",
+     r"model\.class_dropout_prob=1\.5: must be in \[0, 1\]"),
+    ("save_interval_steps zero", "--config.ckpt.save_interval_steps=0", r"ckpt\.save_interval_steps=0: must be >= 1"),
+    ("eval num_samples zero", "--config.eval.num_samples=0", r"eval\.num_samples=0: must be >= 1"),
+    ("mesh size zero", "--config.mesh.fsdp=0", r"mesh\.fsdp=0: must be a positive size or -1"),
+]
+
+# (row name, file text, expected message): config files that do not load
+FILES = [
+    ("config file syntax error", "import ml_collections\n\ndef get_config(arg=None):\n    c = dict(\n    return c\n",
+     r"--config='.*syntax\.py': line 4: '\(' was never closed"),
+    ("config file without get_config", "X = 1\n", r"--config='.*noget\.py': defines no get_config\(arg=None\) function"),
+    ("config file raising", "def get_config(arg=None):\n    raise RuntimeError('boom')\n",
+     r"--config='.*raises\.py': line 2: RuntimeError: boom"),
+    ("config file bad import", "import genjax_no_such_module\n\ndef get_config(arg=None):\n    return None\n",
+     r"--config='.*badimport\.py': line 1: ModuleNotFoundError: No module named 'genjax_no_such_module'"),
+]
+FILE_NAMES = ("syntax", "noget", "raises", "badimport")
+
+
+def _derived_config(workspace: Path, index: int, base: str, statement: str) -> Path:
+    """A config file that loads configs/<base>.py (smoke) and runs `statement` on it, as a user's
+    edited copy would."""
+    path = workspace / f"typo_{index}.py"
+    path.write_text(textwrap.dedent(f"""\
+        import importlib.util
+
+        def get_config(arg=None):
+            spec = importlib.util.spec_from_file_location("_base", {str(ROOT / "configs" / (base + ".py"))!r})
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            c = module.get_config("smoke=True")
+            c.unlock()
+            {statement}
+            return c
+        """))
+    return path
+
+
+def _dit_apply(y):
+    def run():
+        import jax
+        import jax.numpy as jnp
+
+        from genjax.models import dit
+
+        m = dit.Model(depth=1, hidden_size=8, num_heads=2, patch_size=2, in_channels=1, num_classes=3,
+                      class_dropout_prob=0.0, learn_sigma=False)
+        return m.init(jax.random.key(0), jnp.zeros((2, 4, 4, 1)), jnp.zeros((2,), jnp.int32), y)
+    return run
+
+
+def _alpha_sigma(t):
+    def run():
+        from genjax.diffusion import schedules
+
+        return schedules.alpha_sigma(schedules.make("linear", 10), t)
+    return run
+
 
 def cases(workspace: Path) -> list[Case]:
-    return []
+    workspace.mkdir(parents=True, exist_ok=True)
+    workdir = str(workspace / "w")
+    rows = []
+    for i, (name, base, statement, message) in enumerate(TYPOS):
+        path = _derived_config(workspace, i, base, statement)
+        rows.append(Case(name, ["train", "--config", str(path), "--workdir", workdir], 2,
+                         r"^genjax train: error: " + message))
+    for name, override, message in RANGES:
+        rows.append(Case(name, ["train", "--config", f"{DIT}:smoke=True", "--workdir", workdir, override],
+                         2, r"^genjax train: error: " + message))
+    for file_name, (name, text, message) in zip(FILE_NAMES, FILES):
+        path = workspace / f"{file_name}.py"
+        path.write_text(text)
+        rows.append(Case(name, ["train", "--config", str(path), "--workdir", workdir], 2,
+                         r"^genjax train: error: " + message))
+    rows += [
+        Case("config file missing", ["train", "--config", str(workspace / "nope.py"), "--workdir", workdir], 2,
+             r"^genjax train: error: --config='.*nope\.py': no such config file"),
+        Case("dit label = num_classes", _dit_apply(np.array([0, 3])), 2, r"^y=3: class labels must be in \[0, 3\)"),
+        Case("dit label negative", _dit_apply(np.array([-1, 0])), 2, r"^y=-1: class labels must be in \[0, 3\)"),
+        Case("dit float labels", _dit_apply(np.array([0.0, 1.7], np.float32)), 2,
+             r"^y\.dtype='float32': class labels must be integers"),
+        Case("timestep = T", _alpha_sigma(np.array([0, 10])), 2, r"^t=10: timesteps must be in \[0, num_timesteps=10\)"),
+        Case("timestep negative", _alpha_sigma(np.array([-1])), 2, r"^t=-1: timesteps must be in \[0, num_timesteps=10\)"),
+        Case("timestep fractional", _alpha_sigma(np.array([2.5])), 2, r"^t\.dtype='float64': timesteps must be integers"),
+    ]
+    return rows

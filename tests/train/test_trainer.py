@@ -199,6 +199,9 @@ def test_an_interrupted_run_without_a_checkpoint_says_it_starts_from_step_0(tmp_
     (["--config.ckpt.max_to_keep=-1"], r"^ckpt.max_to_keep=-1: must be >= 0"),
     (["--config.model.name=unet3d"], r"^model.name='unet3d': must be one of"),
     (["--config.optim.grad_accum_steps=3"], r"^optim.grad_accum_steps=3: must divide data.batch_size=16"),
+    (["--config.optim.ema_decay=2"], r"^optim.ema_decay=2.0: must be in \[0, 1\]"),
+    (["--config.model.depth=-1"], r"^model.depth=-1: must be >= 1"),
+    (["--config.optim.b1=1.0"], r"^optim.b1=1.0: must be in \[0, 1\)"),
 ])
 def test_bad_input_fails_before_compiling(tmp_path, overrides, message):
     start = time.perf_counter()
@@ -206,6 +209,48 @@ def test_bad_input_fails_before_compiling(tmp_path, overrides, message):
         trainer.main(smoke(*overrides), str(tmp_path))
     assert time.perf_counter() - start < 5
     assert not os.path.exists(os.path.join(tmp_path, "metrics.jsonl"))
+
+
+@pytest.mark.parametrize("section, key, allowed", [
+    ("model", "hiden_size", "hidden_size"), ("data", "batch_sise", "batch_size"),
+    ("optim", "ema_dacay", "ema_decay"), ("diffusion", "num_timestep", "num_timesteps"),
+    ("ckpt", "fallbak", "fallback"), ("eval", "num_sample", "num_samples"), ("task", "vea", "vae"),
+    ("mesh", "fdsp", "fsdp"), ("", "num_step", "num_steps"),
+])
+def test_a_misspelt_key_in_any_section_fails_before_compiling(tmp_path, section, key, allowed):
+    # A key written in the config file itself (overrides are checked by config_flags already).
+    config = smoke()
+    config.unlock()
+    if section == "task":
+        config.task = {}
+    (config[section] if section else config)[key] = 1
+    with pytest.raises(UserError, match=rf"^{section + '.' if section else ''}{key}\b.*{allowed}") as e:
+        trainer.main(config, str(tmp_path))
+    assert "\n" not in str(e.value)
+    for name in ("checkpoints", "config.json", "metrics.jsonl"):  # nothing written
+        assert not os.path.exists(tmp_path / name)
+
+
+def test_every_shipped_config_passes_the_key_checks():
+    import glob
+    import importlib.util
+
+    from genjax.io import checkpoint as ckpt_lib
+
+    for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))):
+        spec = importlib.util.spec_from_file_location("_cfg", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            continue
+        c = module.get_config()
+        for sub in [c] + [c[k] for k in ("vae", "text", "dit") if k in c]:
+            if "name" not in sub.get("model", {}):
+                continue  # not a `genjax train` config (e.g. the CLIP experiment's own trainer)
+            tasks.check_keys(sub)
+            state_lib.validate_optim(sub.optim, sub.num_steps)
+            ckpt_lib.validate_ckpt(sub.ckpt)
+            mesh_lib.validate_mesh(sub.mesh)
 
 
 def test_consecutive_nonfinite_steps_stop_training(tmp_path, monkeypatch):
