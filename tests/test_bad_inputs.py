@@ -2,7 +2,7 @@
 call, the expected exit status and the expected first line of stderr (a regex searched in it).
 
 A row is `Case(name, run, status, first_line)` (tests/bad_inputs/__init__.py); the rows live in
-one module per area under tests/bad_inputs/ (outputs, workdir, config, inputs):
+one module per area under tests/bad_inputs/ (outputs, workdir, config, inputs, apis):
   run         a list of CLI arguments (`genjax.cli.main(argv)` in this process, so a row costs
               no interpreter start-up), or a zero-argument callable that must raise
               `genjax.errors.UserError` (status 2) whose message matches `first_line`.
@@ -22,7 +22,7 @@ import pytest
 
 from genjax import cli
 from genjax.errors import UserError
-from tests.bad_inputs import Case, config, inputs, outputs, workdir
+from tests.bad_inputs import Case, apis, config, inputs, outputs, workdir
 
 
 def run_case(case: Case, capsys) -> tuple[int, list[str]]:
@@ -51,7 +51,7 @@ def workspace(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("bad_inputs")
 
 
-AREAS = (outputs, workdir, config, inputs)
+AREAS = (outputs, workdir, config, inputs, apis)
 
 
 def _all_cases(workspace: Path) -> list[Case]:
