@@ -63,3 +63,28 @@ def moving_mnist(batch_size: int, num_examples: int, *, image_size: int, num_fra
 def scaled_steps(num_steps: int, steps_scale: float) -> int:
     """`num_steps * steps_scale`, rounded, at least 1 (the `steps_scale=` config argument)."""
     return max(1, int(round(num_steps * steps_scale)))
+
+
+OBJECTIVES = ("eps", "v", "flow")
+
+
+def diffusion(objective: str, *, num_timesteps: int = 1000, schedule: str = "linear",
+              flow_shift: float = 1.0, shift_base_tokens: int = 0) -> ml_collections.ConfigDict:
+    """config.diffusion for `objective` (the `objective=` config argument):
+      "eps" / "v": `schedule` (a variance-preserving beta schedule) with epsilon or v prediction;
+      "flow": rectified flow (schedule "flow", velocity target; Liu et al. 2023, Lipman et al.
+        2023) with logit-normal timesteps (0, 1) (SD3, Esser et al. 2024, eq. 19) and the SD3
+        timestep shift flow_shift, times sqrt(tokens / shift_base_tokens) per example when
+        shift_base_tokens > 0 (`genjax.tasks.diffusion.validate`). Needs model.learn_sigma false.
+    """
+    from genjax.errors import check
+
+    check(objective in OBJECTIVES, "objective", objective, f"must be one of {OBJECTIVES}")
+    if objective == "flow":
+        return ml_collections.ConfigDict(dict(
+            schedule="flow", num_timesteps=num_timesteps, prediction_type="flow", weighting="none",
+            timestep_sampling="logit_normal", logit_mean=0.0, logit_std=1.0, flow_shift=flow_shift,
+            shift_base_tokens=shift_base_tokens))
+    return ml_collections.ConfigDict(dict(
+        schedule=schedule, num_timesteps=num_timesteps, weighting="none",
+        prediction_type="epsilon" if objective == "eps" else "v_prediction"))

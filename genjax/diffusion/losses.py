@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from genjax.diffusion import schedules
 from genjax.errors import check
@@ -179,8 +180,11 @@ def min_snr_weight(snr: jax.Array, gamma: float, prediction_type: str) -> jax.Ar
 def diffusion_loss(denoise_fn: Denoiser, x0: jax.Array, rng: jax.Array, *,
                    schedule: schedules.Schedule, cond: Mapping[str, Any] | None = None,
                    weighting: str = "none", min_snr_gamma: float = 5.0, learn_sigma: bool = False,
-                   vlb_weight: float = 1.0, mask: Any = None) -> tuple[jax.Array, dict]:
-    """Denoising loss at t ~ Uniform{0..T-1} (Ho et al. 2020 Alg. 1, "L_simple").
+                   vlb_weight: float = 1.0, mask: Any = None, timestep_sampling: str = "uniform",
+                   logit_mean: float = 0.0, logit_std: float = 1.0, shift: Any = 1.0) -> tuple[jax.Array, dict]:
+    """The training loss of every diffusion task: a "flow" schedule is `flow_matching_loss` (with
+    timestep_sampling, logit_mean, logit_std, shift, mask); any other schedule is the denoising
+    loss at t ~ Uniform{0..T-1} (Ho et al. 2020 Alg. 1, "L_simple") described here.
 
     x_t = alpha_t x0 + sigma_t noise is passed as `denoise_fn(x_t, t, **cond)` with t (B,) int32,
     and its output is regressed (MSE) onto the target of schedule.prediction_type: noise
@@ -196,22 +200,33 @@ def diffusion_loss(denoise_fn: Denoiser, x0: jax.Array, rng: jax.Array, *,
     Args:
       x0: (B, ...) float clean data (in [-1, 1] for the VLB decoder term to be a likelihood).
       rng: PRNG key, split as in the module docstring.
-      schedule: a VP `Schedule` (not "flow": use `flow_matching_loss`).
+      schedule: a VP `Schedule`, or a "flow" one (then see `flow_matching_loss`).
       cond: keyword inputs for denoise_fn (class labels, text embeddings, ...).
       min_snr_gamma: gamma > 0 (paper: 5).
       mask: optional 0/1 array broadcastable to x0 (see the module docstring).
+      timestep_sampling, logit_mean, logit_std, shift: flow schedules only (`flow_matching_loss`);
+        a VP schedule needs the defaults.
 
     Returns:
       (loss, {"loss", "mse", and with learn_sigma "vb" (bits per dim)}), float32 scalars; "mse" is
       unweighted.
 
     Raises:
-      UserError: flow schedule, unknown weighting, min_snr_gamma <= 0, vlb_weight < 0, a mask that
-        does not broadcast to x0, learn_sigma with T < 2 or (at trace time) an output that is not
-        x0's shape, or not 2C channels with learn_sigma.
+      UserError: unknown weighting, min_snr_gamma <= 0, vlb_weight < 0, a mask that does not
+        broadcast to x0, learn_sigma with T < 2 or (at trace time) an output that is not x0's
+        shape, or not 2C channels with learn_sigma; with a flow schedule learn_sigma or min_snr
+        weighting (flow has no VLB or SNR weighting here); with a VP schedule a timestep_sampling
+        other than "uniform" or a shift other than 1.
     """
-    check(not schedule.is_flow, "schedule.prediction_type", schedule.prediction_type,
-          "diffusion_loss needs epsilon / sample / v_prediction; use flow_matching_loss for flow")
+    if schedule.is_flow:
+        check(not learn_sigma, "learn_sigma", learn_sigma, "must be False with a flow schedule (no VLB)")
+        check(weighting == "none", "weighting", weighting, "must be 'none' with a flow schedule")
+        return flow_matching_loss(denoise_fn, x0, rng, cond=cond, timestep_sampling=timestep_sampling,
+                                  logit_mean=logit_mean, logit_std=logit_std, shift=shift, mask=mask)
+    check(timestep_sampling == "uniform", "timestep_sampling", timestep_sampling,
+          "must be 'uniform' with a variance-preserving schedule (logit_normal is for 'flow')")
+    check(isinstance(shift, (int, float)) and shift == 1, "shift", shift,
+          "must be 1 with a variance-preserving schedule (the timestep shift is for 'flow')")
     check(weighting in WEIGHTINGS, "weighting", weighting, f"must be one of {WEIGHTINGS}")
     check(min_snr_gamma > 0, "min_snr_gamma", min_snr_gamma, "must be > 0")
     check(vlb_weight >= 0, "vlb_weight", vlb_weight, "must be >= 0")
@@ -257,31 +272,37 @@ def diffusion_loss(denoise_fn: Denoiser, x0: jax.Array, rng: jax.Array, *,
 
 def flow_matching_loss(denoise_fn: Denoiser, x0: jax.Array, rng: jax.Array, *,
                        cond: Mapping[str, Any] | None = None, timestep_sampling: str = "uniform",
-                       logit_mean: float = 0.0, logit_std: float = 1.0,
+                       logit_mean: float = 0.0, logit_std: float = 1.0, shift: Any = 1.0,
                        mask: Any = None) -> tuple[jax.Array, dict]:
     """Rectified-flow / conditional flow-matching loss (Lipman et al. 2023, eq. 23 with the
     straight path of Liu et al. 2023; Esser et al. 2024, "SD3", Sec. 2-3; Open-Sora's training).
 
     s ~ Uniform[0, 1) or, with timestep_sampling="logit_normal", s = sigmoid(logit_mean +
-    logit_std * n), n ~ N(0, 1) (SD3 eq. 19, "lognorm(m, s)"); x_s = (1 - s) x0 + s noise; the
+    logit_std * n), n ~ N(0, 1) (SD3 eq. 19, "lognorm(m, s)"), then shifted by
+    `schedules.shift_flow_time(s, shift)` (SD3 eq. 23; `shift` a number or a (B,) array, one per
+    example, e.g. `schedules.flow_shift_for` of each example's token count); x_s = (1 - s) x0 + s noise; the
     denoiser is called as `denoise_fn(x_s, s * 1000, **cond)` (float32 (B,) t, the SD3 /
     diffusers FlowMatchEulerDiscreteScheduler convention) and regressed onto the velocity
     noise - x0.
 
     Args:
       x0: (B, ...) float clean data; rng: PRNG key split as in the module docstring;
-      cond: keyword inputs for denoise_fn; logit_std > 0; mask: optional, broadcastable to x0.
+      cond: keyword inputs for denoise_fn; logit_std > 0; shift > 0 (1 = none); mask: optional,
+        broadcastable to x0.
 
     Returns:
-      (loss, {"loss"}), float32 scalars.
+      (loss, {"loss", "mse"}), float32 scalars (equal: flow matching has no weighting).
 
     Raises:
-      UserError: unknown timestep_sampling, logit_std <= 0, a mask that does not broadcast to x0,
-        or (at trace time) an output whose shape is not x0's.
+      UserError: unknown timestep_sampling, logit_std <= 0, a concrete shift <= 0, a mask that
+        does not broadcast to x0, or (at trace time) an output whose shape is not x0's.
     """
     check(timestep_sampling in TIMESTEP_SAMPLINGS, "timestep_sampling", timestep_sampling,
           f"must be one of {TIMESTEP_SAMPLINGS}")
     check(logit_std > 0, "logit_std", logit_std, "must be > 0")
+    if not isinstance(shift, jax.core.Tracer):
+        bad = [float(k) for k in np.ravel(np.asarray(shift, np.float64)) if not k > 0]
+        check(not bad, "shift", bad[0] if bad else None, "must be > 0 (1 = no shift)")
     _check_mask(mask, x0)
     cond = {} if cond is None else cond
 
@@ -291,6 +312,7 @@ def flow_matching_loss(denoise_fn: Denoiser, x0: jax.Array, rng: jax.Array, *,
         s = jax.random.uniform(t_rng, (batch,))
     else:
         s = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(t_rng, (batch,)))
+    s = schedules.shift_flow_time(s, jnp.broadcast_to(jnp.asarray(shift, jnp.float32), (batch,)))
     noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
     x_s = schedules.flow_interpolate(x0, noise, s.astype(x0.dtype))
     out = denoise_fn(x_s, s * schedules.FLOW_TIME_SCALE, **cond)
@@ -298,7 +320,7 @@ def flow_matching_loss(denoise_fn: Denoiser, x0: jax.Array, rng: jax.Array, *,
           f"must equal x0's shape {tuple(x0.shape)}")
     sq_err = (out.astype(jnp.float32) - (noise - x0).astype(jnp.float32)) ** 2
     loss = _masked_mean(sq_err, mask)
-    return loss, {"loss": loss}
+    return loss, {"loss": loss, "mse": loss}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -82,7 +82,9 @@ def _grid(schedule: Schedule | None, sampler: str, num_steps: int, timestep_spac
                     t=jnp.asarray(250.0 * np.log(sig[:-1] + 1e-44), jnp.float32))
     T = schedule.num_timesteps
     if schedule.is_flow:
-        shift = lambda u: flow_shift * u / (1 + (flow_shift - 1) * u)  # noqa: E731
+        def shift(u):
+            return schedules.shift_flow_time(u, flow_shift)
+
         s = shift(np.linspace(1.0, shift(1.0 / T), num_steps))  # diffusers shifts the end twice
         s = jnp.asarray(np.concatenate([s, [0.0]]), jnp.float32)
         return dict(alpha=1.0 - s, sigma=s, t=s[:-1] * schedules.FLOW_TIME_SCALE)
@@ -271,10 +273,12 @@ def sample(denoise_fn: Denoiser, noise: jax.Array, *, schedule: Schedule | None 
     Raises:
       UserError (before compiling): unknown sampler / variance_type / timestep_spacing, num_steps
         outside [1, num_timesteps], eta outside [0, 1], ddpm on a flow schedule, a missing rng,
-        learned_range with a denoiser that does not output 2C channels.
+        learned_range with a denoiser that does not output 2C channels, flow_shift <= 0.
     """
     cond = dict(cond or {})
     _check(schedule, sampler, num_steps, eta, variance_type, rng, known, timestep_spacing)
+    check(isinstance(flow_shift, (int, float)) and np.isfinite(flow_shift) and flow_shift > 0, "flow_shift",
+          flow_shift, "must be a finite number > 0 (1 = no shift)")
     grid = _grid(schedule, sampler, num_steps, timestep_spacing, flow_shift, sigma_min, sigma_max)
     _check_output_channels(denoise_fn, noise, schedule, grid, cond, sampler, variance_type)
     x = noise * sigma_max if sampler == "consistency" else noise

@@ -277,6 +277,34 @@ def flow_interpolate(x0: jax.Array, noise: jax.Array, s: jax.Array) -> jax.Array
     return (1.0 - s) * x0 + s * noise
 
 
+def shift_flow_time(s: Any, shift: Any) -> Any:
+    """The SD3 timestep shift (Esser et al. 2024, eq. 23): s -> k s / (1 + (k - 1) s), k = `shift`
+    > 0 (1 = identity; k > 1 spends more time at high noise). Maps [0, 1] onto [0, 1] monotonically;
+    s and shift broadcast (a per-example k gives each example of a packed batch its own shift).
+    Works on NumPy and JAX values alike."""
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def flow_shift_for(num_tokens: Any, *, flow_shift: float = 1.0, shift_base_tokens: int = 0) -> Any:
+    """The timestep shift of an example of `num_tokens` spacetime tokens (a number or a (B,) array):
+    `flow_shift * sqrt(num_tokens / shift_base_tokens)`, or `flow_shift` when shift_base_tokens
+    is 0. Larger and longer examples get a larger shift, since more tokens average away more
+    noise (SD3, Esser et al. 2024, Sec. 5.3.2, eq. 23 with sqrt(m / n) per resolution; Open-Sora
+    1.2 `timestep_transform`, which multiplies sqrt(pixels / base) and sqrt(frames / base) -
+    the same as sqrt(tokens / base) for a spacetime grid).
+
+    Raises:
+      UserError: flow_shift <= 0 or not finite, shift_base_tokens < 0.
+    """
+    check(isinstance(flow_shift, (int, float)) and math.isfinite(flow_shift) and flow_shift > 0,
+          "flow_shift", flow_shift, "must be a finite number > 0 (1 = no shift)")
+    check(isinstance(shift_base_tokens, int) and shift_base_tokens >= 0, "shift_base_tokens",
+          shift_base_tokens, "must be an int >= 0 (0 = the same shift at every size)")
+    if not shift_base_tokens:
+        return flow_shift
+    return flow_shift * (num_tokens / shift_base_tokens) ** 0.5
+
+
 # Parameterisation conversions (alpha, sigma broadcastable to x). VP identities: x_t = a x0 + s eps,
 # v = a eps - s x0 (Salimans & Ho 2022, "Progressive distillation", Sec. 4 and Appendix D).
 

@@ -84,7 +84,8 @@ def validate(config) -> None:
 
     Raises:
       UserError: unknown model.name or model.dtype, a model size < 1 or a dropout probability
-        outside [0, 1] (see `model_kwargs`), a data error (`recipes.validate`), and the
+        outside [0, 1] (see `model_kwargs`), a data error (`recipes.validate`), a diffusion
+        family's objective error (`tasks.diffusion.validate`), and the
         family's own checks (its `validate`, e.g. a frozen-model path that is not a workdir).
     """
     from genjax.data import recipes
@@ -95,6 +96,10 @@ def validate(config) -> None:
     dtype = config.model.get("dtype", "float32")
     check(dtype in DTYPES, "model.dtype", dtype, f"must be one of {tuple(DTYPES)}")
     recipes.validate(config)
+    if hasattr(task, "DIFFUSION_KEYS"):
+        from genjax.tasks import diffusion
+
+        diffusion.validate(config)
     if hasattr(task, "validate"):
         task.validate(config)
 

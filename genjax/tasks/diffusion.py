@@ -16,14 +16,18 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from genjax.errors import check
+from genjax.errors import UserError, check
 from genjax.tasks import Task
 
 
-# The fields of config.diffusion that make_schedule and image_task read, and the config.eval
-# fields of a diffusion task (tasks.EVAL_KEYS plus guide_channels, read by image_task).
-DIFFUSION_KEYS = ("schedule", "num_timesteps", "prediction_type", "weighting")
+# The fields of config.diffusion that make_schedule, loss_options and sample_shift read (the
+# last five for flow schedules only), and the config.eval fields of a diffusion task
+# (tasks.EVAL_KEYS plus guide_channels, read by image_task).
+DIFFUSION_KEYS = ("schedule", "num_timesteps", "prediction_type", "weighting", "timestep_sampling",
+                  "logit_mean", "logit_std", "flow_shift", "shift_base_tokens")
 EVAL_KEYS = ("guide_channels",)
+# config.diffusion's flow fields and the values a variance-preserving schedule needs.
+FLOW_DEFAULTS = dict(timestep_sampling="uniform", logit_mean=0.0, logit_std=1.0, flow_shift=1.0, shift_base_tokens=0)
 
 
 def make_schedule(config):
@@ -32,6 +36,83 @@ def make_schedule(config):
 
     d = config.diffusion
     return schedules.make(d.schedule, d.num_timesteps, prediction_type=d.prediction_type)
+
+
+def _flow_fields(config) -> dict[str, Any]:
+    d = config.diffusion
+    return {k: d.get(k, v) for k, v in FLOW_DEFAULTS.items()}
+
+
+def validate(config) -> None:
+    """Check the training objective of config.diffusion before anything is built.
+
+    The objective is chosen by diffusion.schedule: "flow" (with prediction_type "flow") trains
+    rectified flow / flow matching (`losses.flow_matching_loss`: velocity target, Liu et al. 2023,
+    Lipman et al. 2023), with timestep_sampling "uniform" or "logit_normal" (SD3, Esser et al.
+    2024, eq. 19: logit_mean, logit_std) and the SD3 timestep shift flow_shift, scaled per
+    example by sqrt(tokens / shift_base_tokens) when shift_base_tokens > 0 (`schedules.
+    flow_shift_for`; the same shift at sampling); any other schedule trains eps / x0 / v.
+
+    Raises:
+      UserError: a flow schedule with model.learn_sigma, weighting "min_snr" or eval.sampler
+        "ddpm"; a variance-preserving schedule with a flow field set to a non-default value; an
+        unknown timestep_sampling, logit_std <= 0, flow_shift <= 0, shift_base_tokens < 0; and
+        `schedules.make`'s errors (a prediction_type that does not go with the schedule).
+    """
+    from genjax.diffusion import losses, schedules
+
+    try:
+        schedule = make_schedule(config)
+    except UserError as e:
+        raise UserError(f"diffusion.{e}") from None
+    f = _flow_fields(config)
+    if not schedule.is_flow:
+        for key, default in FLOW_DEFAULTS.items():
+            check(f[key] == default, f"diffusion.{key}", f[key],
+                  f"is for diffusion.schedule='flow' (must be {default!r} with {config.diffusion.schedule!r})")
+        return
+    check(not config.model.get("learn_sigma", False), "model.learn_sigma", True,
+          "must be false with diffusion.schedule='flow' (flow matching has no VLB)")
+    check(config.diffusion.get("weighting", "none") == "none", "diffusion.weighting", config.diffusion.weighting,
+          "must be 'none' with diffusion.schedule='flow'")
+    check(config.eval.get("sampler") != "ddpm", "eval.sampler", "ddpm",
+          "needs a variance-preserving schedule; use euler, heun, ddim or dpmpp_2m with 'flow'")
+    check(f["timestep_sampling"] in losses.TIMESTEP_SAMPLINGS, "diffusion.timestep_sampling",
+          f["timestep_sampling"], f"must be one of {losses.TIMESTEP_SAMPLINGS}")
+    check(isinstance(f["logit_std"], (int, float)) and f["logit_std"] > 0, "diffusion.logit_std",
+          f["logit_std"], "must be > 0")
+    try:
+        schedules.flow_shift_for(1, flow_shift=f["flow_shift"], shift_base_tokens=f["shift_base_tokens"])
+    except UserError as e:
+        raise UserError(f"diffusion.{e}") from None
+
+
+def loss_options(config, num_tokens: Any = None) -> dict[str, Any]:
+    """Keyword arguments of `losses.diffusion_loss` from config.diffusion: weighting and, for a
+    flow schedule, timestep_sampling, logit_mean, logit_std and shift (`schedules.flow_shift_for`
+    of `num_tokens`, the spacetime tokens of each example: a number or a (B,) array)."""
+    from genjax.diffusion import schedules
+
+    out = dict(weighting=config.diffusion.get("weighting", "none"))
+    if config.diffusion.schedule != "flow":
+        return out
+    f = _flow_fields(config)
+    shift = schedules.flow_shift_for(num_tokens, flow_shift=float(f["flow_shift"]),
+                                     shift_base_tokens=int(f["shift_base_tokens"]))
+    return out | dict(timestep_sampling=f["timestep_sampling"], logit_mean=float(f["logit_mean"]),
+                      logit_std=float(f["logit_std"]), shift=shift)
+
+
+def sample_shift(config, num_tokens: int) -> float:
+    """The samplers' flow_shift for samples of `num_tokens` spacetime tokens (the training shift
+    of an example of that size, `loss_options`); 1.0 for variance-preserving schedules."""
+    from genjax.diffusion import schedules
+
+    if config.diffusion.schedule != "flow":
+        return 1.0
+    f = _flow_fields(config)
+    return float(schedules.flow_shift_for(num_tokens, flow_shift=float(f["flow_shift"]),
+                                          shift_base_tokens=int(f["shift_base_tokens"])))
 
 
 def sampling_options(config, sampler: str | None, num_steps: int | None, cfg_scale: float | None):
@@ -58,7 +139,8 @@ def sampling_options(config, sampler: str | None, num_steps: int | None, cfg_sca
 def generate(denoise: Callable, shape: tuple[int, ...], rng: jax.Array, *, schedule, cond: dict | None,
              null_cond: dict | None, cfg_scale: Any, sampler: str, num_steps: int, keep: int,
              guide_channels: int | None = None, variance_type: str = "fixed_small",
-             known: tuple[jax.Array, jax.Array] | None = None, decode: Callable | None = None) -> jax.Array:
+             known: tuple[jax.Array, jax.Array] | None = None, decode: Callable | None = None,
+             flow_shift: float = 1.0) -> jax.Array:
     """Samples as uint8, inside jit: x_T = N(0, I) of `shape` drawn with `split(rng)[0]`, the
     sampler's own randomness from `split(rng)[1]`.
 
@@ -71,6 +153,7 @@ def generate(denoise: Callable, shape: tuple[int, ...], rng: jax.Array, *, sched
       known: `(x_known (N, T, ...), frame_mask (N, T))`, latent frames kept fixed
         (`frame_conditioning.frame_conditioned_sampling`: image-to-video, extension).
       decode: latents -> pixels in [-1, 1] (None: the samples are pixels).
+      flow_shift: the SD3 timestep shift of a flow schedule's sampling grid (`sample_shift`).
     Returns:
       uint8 `(N, ...)` in [0, 255] (`media.to_uint8`).
     """
@@ -90,7 +173,8 @@ def generate(denoise: Callable, shape: tuple[int, ...], rng: jax.Array, *, sched
     if known is not None:
         kw = frame_conditioning.frame_conditioned_sampling(prediction, known[0], known[1], cond)
     out = samplers.sample(kw["denoise_fn"], noise, schedule=schedule, sampler=sampler, num_steps=num_steps,
-                          rng=loop_rng, cond=kw["cond"], known=kw["known"], variance_type=variance_type)
+                          rng=loop_rng, cond=kw["cond"], known=kw["known"], variance_type=variance_type,
+                          flow_shift=flow_shift)
     return media.to_uint8(out if decode is None else decode(out))
 
 
@@ -136,7 +220,7 @@ def image_task(config, module, init_params, denoise, *, x_shape, make_data, enco
     """Diffusion training and sampling around `denoise(params, x_t, t, y, rng | None) -> output`.
 
     loss_fn: `losses.diffusion_loss` (Ho et al. 2020 L_simple; + Improved-DDPM VLB with
-    model.learn_sigma) on x0 = `batch["image"]` (B, *x_shape) in [-1, 1], or `encode(batch, rng)`
+    model.learn_sigma; flow matching with diffusion.schedule "flow", `validate`) on x0 = `batch["image"]` (B, *x_shape) in [-1, 1], or `encode(batch, rng)`
     latents, with labels `batch["label"]` (B,) int32 when conditional.
 
     sample_fn(params, rng, cond=None, *, sampler=None, num_steps=None, cfg_scale=None,
@@ -157,11 +241,15 @@ def image_task(config, module, init_params, denoise, *, x_shape, make_data, enco
 
     from genjax.diffusion import losses
 
-    d, e = config.diffusion, config.eval
+    e = config.eval
     schedule = make_schedule(config)
     channels = x_shape[-1]
     learn_sigma = bool(getattr(module, "learn_sigma", False))
     guide_channels = int(e.get("guide_channels", 0)) or channels
+    patch = getattr(module, "patch_size", 1)  # the DiT's tokens; a U-Net's "tokens" are its pixels
+    num_tokens = math.prod(x_shape[:-1]) // patch ** (len(x_shape) - 1)
+    loss_kw = loss_options(config, num_tokens)
+    flow_shift = sample_shift(config, num_tokens)
 
     def loss_fn(params, batch, rng):
         model_rng, loss_rng = jax.random.split(rng)
@@ -172,7 +260,7 @@ def image_task(config, module, init_params, denoise, *, x_shape, make_data, enco
 
         cond = {"y": batch["label"]} if conditional else None
         return losses.diffusion_loss(denoise_fn, x0, loss_rng, schedule=schedule, cond=cond,
-                                     weighting=d.weighting, learn_sigma=learn_sigma)
+                                     learn_sigma=learn_sigma, **loss_kw)
 
     @functools.partial(jax.jit, static_argnames=("sampler", "num_steps"))
     def run(params, rng, labels, cfg_scale, *, sampler, num_steps):
@@ -185,7 +273,8 @@ def image_task(config, module, init_params, denoise, *, x_shape, make_data, enco
                         null_cond={"y": num_classes} if conditional else None, cfg_scale=cfg_scale,
                         sampler=sampler, num_steps=num_steps, keep=2 * channels if learned else channels,
                         guide_channels=guide_channels,
-                        variance_type="learned_range" if learned else "fixed_small", decode=decode)
+                        variance_type="learned_range" if learned else "fixed_small", decode=decode,
+                        flow_shift=flow_shift)
 
     def sample_fn(params, rng, cond=None, *, sampler=None, num_steps=None, cfg_scale=None, init_frames=None):
         sampler, num_steps, cfg_scale = sampling_options(config, sampler, num_steps, cfg_scale)

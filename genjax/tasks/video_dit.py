@@ -17,7 +17,8 @@ to its hidden states `(B, L, Dt)` under text_mask (PixArt-alpha / Stable Diffusi
 encoder's last hidden states). Params: `{"dit": ..., "text": ...}` (no "text" with a frozen encoder).
 
 loss_fn: `losses.diffusion_loss` (diffusion.schedule / prediction_type / weighting; model.learn_sigma
-adds the VLB) with the DiT's classifier-free text dropout (model.text_dropout_prob -> its learned
+adds the VLB; a "flow" schedule trains flow matching, `tasks.diffusion.validate`, with each sample
+size's own timestep shift at sampling) with the DiT's classifier-free text dropout (model.text_dropout_prob -> its learned
 null text, Ho & Salimans 2022). diffusion.frame_mask_probs (default {"none": 1}) draws known latent
 frames per example (`frame_conditioning.random_frame_mask`: first, first k, first + last, random)
 and the loss is `frame_conditioning.frame_conditioned_diffusion_loss` (Open-Sora v1.1), so the
@@ -45,6 +46,7 @@ Raises:
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -131,6 +133,7 @@ def build(config, *, mesh=None) -> Task:
     schedule = diffusion.make_schedule(config)
     channels, learn_sigma = x_shape[-1], module.learn_sigma
     probs = dict(config.diffusion.get("frame_mask_probs", {"none": 1.0}))
+    loss_kw = diffusion.loss_options(config, math.prod(s // p for s, p in zip(x_shape[:3], module.patch_size)))
 
     def init_params(key):
         dit_key, text_key = jax.random.split(key)
@@ -163,7 +166,7 @@ def build(config, *, mesh=None) -> Task:
             return module.apply({"params": params["dit"]}, x_t, t, **c, train=True,
                                 rngs={"dropout": model_rng}).astype(jnp.float32)
 
-        kw = dict(schedule=schedule, cond=cond, weighting=config.diffusion.weighting, learn_sigma=learn_sigma)
+        kw = dict(schedule=schedule, cond=cond, learn_sigma=learn_sigma, **loss_kw)
         if probs.get("none", 0.0) == 1.0:
             return losses.diffusion_loss(denoise_fn, x0, loss_rng, **kw)
         frame_mask = frame_conditioning.random_frame_mask(mask_rng, x0.shape[0], x0.shape[1], probs=probs)
@@ -185,9 +188,11 @@ def build(config, *, mesh=None) -> Task:
             k = z.shape[1]
             x_known = jnp.concatenate([z, jnp.zeros((n, shape[0] - k, *shape[1:]))], axis=1)
             known = (x_known, jnp.broadcast_to(jnp.arange(shape[0]) < k, (n, shape[0])))
+        tokens = math.prod(s // p for s, p in zip(shape[:3], module.patch_size))
         return diffusion.generate(denoise_fn, (n, *shape), rng, schedule=schedule, cond=cond,
                                   null_cond={"force_drop_ids": 1}, cfg_scale=cfg_scale, sampler=sampler,
-                                  num_steps=num_steps, keep=channels, known=known, decode=decode)
+                                  num_steps=num_steps, keep=channels, known=known, decode=decode,
+                                  flow_shift=diffusion.sample_shift(config, tokens))
 
     def sample_fn(params, rng, cond=None, *, sampler=None, num_steps=None, cfg_scale=None, init_frames=None,
                   num_frames=None, height=None, width=None):

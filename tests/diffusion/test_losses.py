@@ -311,6 +311,46 @@ def test_flow_matching_loss_equals_numpy():
         np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
 
 
+def test_diffusion_loss_on_a_flow_schedule_is_flow_matching_with_a_per_example_shift():
+    """The one training loss dispatches a flow schedule to flow matching; a per-example shift
+    (two example sizes in one packed batch) moves each example's time as SD3 eq. 23, in NumPy."""
+    x0, rng = jax.random.normal(jax.random.key(0), (B, H, W, C)), jax.random.key(7)
+    shift = np.linspace(1.0, 3.0, B)
+    seen = {}
+
+    def fn(x, t):
+        seen["t"] = t
+        return _toy_denoiser()(x, t)
+
+    loss, metrics = losses.diffusion_loss(fn, x0, rng, schedule=schedules.make("flow", 1000),
+                                          timestep_sampling="logit_normal", logit_std=0.8, shift=shift)
+    t_rng, noise_rng = jax.random.split(rng)
+    u = 1 / (1 + np.exp(-0.8 * np.asarray(jax.random.normal(t_rng, (B,)), np.float64)))
+    s = shift * u / (1 + (shift - 1) * u)
+    np.testing.assert_allclose(np.asarray(seen["t"]), s * 1000, rtol=1e-5)
+    noise, x0n = np.asarray(jax.random.normal(noise_rng, x0.shape), np.float64), np.asarray(x0, np.float64)
+    x_s = (1 - s[:, None, None, None]) * x0n + s[:, None, None, None] * noise
+    ref = np.mean((_np_toy_denoiser(x_s, s * 1000) - (noise - x0n)) ** 2)
+    np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
+    assert set(metrics) == {"loss", "mse"}
+    same, _ = losses.flow_matching_loss(fn, x0, rng, timestep_sampling="logit_normal", logit_std=0.8, shift=shift)
+    assert float(same) == float(loss)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(schedule="flow", learn_sigma=True), r"^learn_sigma=True: must be False with a flow schedule"),
+    (dict(schedule="flow", weighting="min_snr"), r"^weighting='min_snr': must be 'none' with a flow"),
+    (dict(schedule="flow", shift=np.array([1.0, 0.0])), r"^shift=0\.0: must be > 0"),
+    (dict(schedule="linear", timestep_sampling="logit_normal"), r"^timestep_sampling='logit_normal': must be 'uniform'"),
+    (dict(schedule="linear", shift=3.0), r"^shift=3\.0: must be 1 with a variance-preserving schedule"),
+])
+def test_diffusion_loss_refuses_options_of_the_other_objective(kwargs, message):
+    name = kwargs.pop("schedule")
+    with pytest.raises(UserError, match=message):
+        losses.diffusion_loss(lambda x, t: x, jnp.zeros((2, 4, 4, 1)), jax.random.key(0),
+                              schedule=schedules.make(name, 10), **kwargs)
+
+
 def test_logit_normal_timesteps_distribution():
     n = 8192
     seen = {}

@@ -1,5 +1,7 @@
 """Schedules against diffusers' schedulers, openai's respacing, and exact identities."""
 
+import math
+
 import diffusers
 import jax
 import jax.numpy as jnp
@@ -87,6 +89,26 @@ def test_flow_timesteps_match_flow_match_euler():
     _, sigma = S.alpha_sigma(S.make("flow", 1000), jnp.arange(1000)[::-1])
     np.testing.assert_allclose(sigma, ref.sigmas.numpy(), atol=1e-6)
     np.testing.assert_allclose(sigma * S.FLOW_TIME_SCALE, ref.timesteps.numpy(), atol=1e-3)
+
+
+def test_flow_shift_matches_diffusers_and_open_sora_resolution_shift():
+    # diffusers FlowMatchEulerDiscreteScheduler(shift=k) shifts sigmas by k s / (1 + (k - 1) s).
+    ref = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    unshifted = np.arange(1000, 0, -1) / 1000
+    np.testing.assert_allclose(S.shift_flow_time(unshifted, 3.0), ref.sigmas.numpy(), atol=1e-6)
+    assert S.shift_flow_time(0.3, 1.0) == 0.3 and S.shift_flow_time(1.0, 5.0) == 1.0
+    # Open-Sora 1.2 timestep_transform: ratio = sqrt(pixels / base_pixels) * sqrt(frames / base_frames);
+    # with tokens = frames x pixels / patch, that is sqrt(tokens / base_tokens).
+    frames, side, base_frames, base_side = 8, 48, 1, 32
+    ratio = math.sqrt(side * side / base_side**2) * math.sqrt(frames / base_frames)
+    tokens, base = frames * (side // 2) ** 2, base_frames * (base_side // 2) ** 2
+    assert math.isclose(S.flow_shift_for(tokens, shift_base_tokens=base), ratio)
+    assert S.flow_shift_for(tokens, flow_shift=2.0) == 2.0  # no base: the same shift at every size
+    np.testing.assert_allclose(S.flow_shift_for(np.array([64, 256]), flow_shift=1.5, shift_base_tokens=64), [1.5, 3.0])
+    with pytest.raises(UserError, match=r"^flow_shift=0\.0: must be a finite number > 0"):
+        S.flow_shift_for(4, flow_shift=0.0)
+    with pytest.raises(UserError, match=r"^shift_base_tokens=-1: must be an int >= 0"):
+        S.flow_shift_for(4, shift_base_tokens=-1)
 
 
 def test_alpha_sigma_logsnr_identities():

@@ -263,3 +263,90 @@ def _schedule(config):
 
     d = config.diffusion
     return schedules.make(d.schedule, d.num_timesteps, prediction_type=d.prediction_type)
+
+
+def _randomised(params, seed=1):
+    """adaLN-Zero starts at zero output: perturb every parameter so the model's output matters."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree.unflatten(tree, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+def test_dit_flow_objective_is_flow_matching_and_samples_on_the_shifted_grid():
+    """objective=flow: the task's loss is `losses.flow_matching_loss` with logit-normal times and
+    the resolution shift flow_shift * sqrt(tokens / shift_base_tokens) (49 tokens of 4 x 4
+    patches on 28 x 28, base 196 -> 4 * 0.5 = 2), and its Euler samples are `samplers.sample` on
+    the flow grid shifted by the same 2, guided as every task."""
+    import flax.linen as nn
+
+    from genjax.diffusion import guidance, losses, samplers, schedules
+
+    config = config_of("dit_mnist", "smoke=True,objective=flow", "--config.diffusion.flow_shift=4.0",
+                       "--config.diffusion.shift_base_tokens=196")
+    assert not config.model.learn_sigma and config.eval.sampler == "euler"
+    task = tasks.build(config)
+    params = _randomised(nn.unbox(task.init_params(jax.random.PRNGKey(0))))
+    x0 = jax.random.uniform(jax.random.PRNGKey(3), (4, 28, 28, 1), minval=-1, maxval=1)
+    labels = jax.numpy.array([1, 2, 3, 4], jax.numpy.int32)
+    rng = jax.random.PRNGKey(5)
+    loss, _ = task.loss_fn(params, {"image": x0, "label": labels}, rng)
+    model_rng, loss_rng = jax.random.split(rng)
+
+    def denoise(x_t, t, y):
+        return task.module.apply({"params": params}, x_t, t, y, train=True, rngs={"dropout": model_rng})
+
+    ref, _ = losses.flow_matching_loss(denoise, x0, loss_rng, cond={"y": labels},
+                                       timestep_sampling="logit_normal", shift=2.0)
+    np.testing.assert_allclose(float(loss), float(ref), rtol=1e-5)
+
+    ours = np.asarray(task.sample_fn(params, jax.random.PRNGKey(2), labels[:2])).astype(int)
+    guided = guidance.cfg_denoiser(lambda x, t, y: task.module.apply({"params": params}, x, t, y),
+                                   config.eval.cfg_scale, null_cond={"y": config.model.num_classes})
+    noise_rng, loop_rng = jax.random.split(jax.random.PRNGKey(2))
+    noise = jax.random.normal(noise_rng, (2, 28, 28, 1))
+
+    def reference(shift):
+        x = samplers.sample(lambda x_t, t, y: guided(x_t, t, y=y), noise, schedule=schedules.make("flow", 1000),
+                            sampler="euler", num_steps=config.eval.num_sampling_steps, rng=loop_rng,
+                            cond={"y": labels[:2]}, flow_shift=shift)
+        return np.asarray(media.to_uint8(x)).astype(int)
+
+    assert np.abs(ours - reference(2.0)).max() <= 1
+    assert np.abs(ours - reference(1.0)).max() > 8
+
+
+def test_video_dit_trains_with_flow_matching_and_samples_with_heun(video_vae_dir, tmp_path):
+    workdir = str(tmp_path)
+    config = config_of("video_dit_moving_mnist", f"smoke=True,vae={video_vae_dir[0]},objective=flow",
+                       "--config.diffusion.shift_base_tokens=16", *NO_SAMPLES)
+    records = train(config, workdir)
+    assert json.load(open(os.path.join(workdir, "config.json")))["diffusion"]["schedule"] == "flow"
+    # At zero output (adaLN-Zero) the loss is E|noise - x0|^2 = 1 + E[x0^2]: 4 steps move it little.
+    assert all(1.0 < r["loss"] < 3.0 for r in records if "loss" in r)
+    from genjax import cli
+
+    npz = os.path.join(workdir, "heun.npz")
+    assert cli.main(["sample", "--workdir", workdir, "--prompt", "digit 3", "--num", "1", "--sampler", "heun",
+                     "--steps", "3", "--out", npz]) == 0
+    with np.load(npz) as f:
+        assert f["videos"].shape == (1, 5, 32, 32, 1) and len(np.unique(f["videos"])) > 1
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--config.diffusion.schedule=flow"], r"^diffusion\.prediction_type='epsilon'"),
+    (["timestep_sampling=logit_normal"],
+     r"^diffusion\.timestep_sampling='logit_normal': is for diffusion\.schedule='flow'"),
+    (["--config.diffusion.flow_shift=0.0"], r"^diffusion\.flow_shift=0\.0: must be a finite number > 0"),
+    (["--config.model.learn_sigma=True"], r"^model\.learn_sigma=True: must be false with diffusion\.schedule='flow'"),
+    (["--config.eval.sampler=ddpm"], r"^eval\.sampler='ddpm': needs a variance-preserving schedule"),
+])
+def test_flow_config_errors_are_one_line_before_building(overrides, message):
+    if overrides[0].startswith("timestep_sampling"):  # a key an eps config does not have, set in a file
+        config = config_of("dit_mnist", "smoke=True")
+        config.unlock()
+        config.diffusion.timestep_sampling = "logit_normal"
+    else:
+        arg = "smoke=True" if "schedule=flow" in overrides[0] else "smoke=True,objective=flow"
+        config = config_of("dit_mnist", arg, *overrides)
+    with pytest.raises(UserError, match=message):
+        tasks.validate(config)
