@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
+import numpy as np
 
 from genjax.errors import check
 
@@ -30,22 +31,22 @@ def best_fit(sizes: Sequence[int], room: list[int], count: list[int], *, capacit
     instead (worst fit). Returns each item's bin. Pass the items largest first (`decreasing`)
     for best-fit decreasing. Sizes must be at most `capacity` (callers check them).
     """
-    placed = []
-    sign = -1 if worst else 1
+    r = np.array([*room, *[capacity] * (len(sizes) if new_bins else 0)], np.int64)
+    c = np.array([*count, *[0] * (len(sizes) if new_bins else 0)], np.int64)
+    used, placed = len(room), []
     for n in sizes:
-        best = -1
-        for s, (r, c) in enumerate(zip(room, count)):
-            if n <= r and c < max_items and (best < 0 or sign * r < sign * room[best]):
-                best = s
-        if best < 0:
-            if not new_bins:
-                return None
-            best = len(room)
-            room.append(capacity)
-            count.append(0)
-        room[best] -= n
-        count[best] += 1
+        fits = np.flatnonzero((r[:used] >= n) & (c[:used] < max_items))
+        if len(fits):
+            best = int(fits[np.argmax(r[fits]) if worst else np.argmin(r[fits])])  # first of ties
+        elif new_bins:
+            best, used = used, used + 1
+        else:
+            return None
+        r[best] -= n
+        c[best] += 1
         placed.append(best)
+    room[:] = r[:used].tolist()
+    count[:] = c[:used].tolist()
     return placed
 
 
