@@ -341,9 +341,9 @@ def packed_batches(examples: grain.IterDataset, *, seq_len: int,
     it reads `lookahead` examples at a time and plans them, together with the examples of the
     sequences it kept open, as `pack` does (`best_fit_bins`); the `num_packing_bins` emptiest
     sequences that are not full (`seq_len` tokens or `max_per_seq` examples) stay open, their
-    examples planned again with the next `lookahead`, and the others are emitted in the order
-    they were opened; the end of the stream emits all -> `batch(sequences_per_batch,
-    drop_remainder=True)`.
+    examples planned again with the next `lookahead`; the others are topped up with the largest
+    examples of the open ones that still fit and emitted in plan order; the end of the stream
+    emits all -> `batch(sequences_per_batch, drop_remainder=True)`.
 
     Each batch is the packed dict of the module docstring with S = sequences_per_batch, plus
     `example_fields` (per-example entries of the input dicts, e.g. "label", as

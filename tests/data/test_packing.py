@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from genjax.data.bin_packing import best_fit, decreasing
+from genjax.data.bin_packing import MAX_ROUNDS_OPEN, LookaheadPack, best_fit, decreasing
 from genjax.data.packing import (best_fit_bins, kept_masks, pack, packed_batches,
                                  patchify_video, unpack, unpatchify_video)
 from genjax.errors import UserError
@@ -293,6 +293,18 @@ def test_packed_batches_contents_and_resume():
             assert want.keys() == got.keys()
             for name in want:
                 np.testing.assert_array_equal(got[name], want[name], err_msg=f"{k}: {name}")
+
+
+def test_lookahead_pack_bounds_the_wait():
+    # Record 0 (size 1) alone in a bin with room would stay open forever next to full bins of
+    # size-10 records; it is emitted in the window MAX_ROUNDS_OPEN after the one that read it.
+    records = [{"n": 1 if i == 0 else 10, "i": i} for i in range(200)]
+    stream = iter(LookaheadPack(grain.MapDataset.source(records).to_iter_dataset(), capacity=10,
+                                max_items=4, lookahead=4, open_bins=2, size=lambda r: r["n"],
+                                index_of=lambda r: r["i"], build=lambda rs: [r["i"] for r in rs]))
+    while 0 not in next(stream):
+        pass
+    assert stream.get_state()["read"] == (MAX_ROUNDS_OPEN + 1) * 4  # read in round 0, out in 8
 
 
 @pytest.mark.parametrize("kwargs, videos, match", [
