@@ -63,10 +63,10 @@ def plan_bins(sizes: Sequence[int], *, capacity: int, max_items: int,
     bin packing (Krause, Shen & Schwetman 1975), where BFD can fill bins with a few large items
     and leave many small ones for bins capped at `max_items`: on mixed images and videos it then
     needs about 30 % more bins than `lower = ceil(max(sum / capacity, len / max_items))` (94
-    instead of 72, BENCHMARKS.md). So when BFD
-    needs more than `lower` bins, each m = lower, lower + 1, ... (at most `tries` values, below
-    BFD's count) is tried with the items largest first into m bins by worst fit (most room,
-    which spreads items and slots: LPT, Graham 1969); the first m that fits wins.
+    instead of 72, BENCHMARKS.md). So when BFD needs more than `lower` bins, each m = lower,
+    lower + 1, ... (at most `tries` values, below BFD's count) is tried with the items largest
+    first into m bins by worst fit (most room, which spreads items and slots: LPT, Graham 1969);
+    the first m that fits wins. `tries=0`: BFD only.
 
     Returns, per bin, the item indices in placement order (largest first); bins in the order
     they were opened. Deterministic: depends on the sizes only.
