@@ -8,7 +8,7 @@ count. One epoch over the same examples per method, after a warm-up step:
 
 - padded: one example per sequence (`pack(..., max_per_seq=1)`), i.e. each example padded to the
   largest; padding is masked out of attention and of the loss.
-- packed: greedy first-fit packing (`pack(..., max_per_seq=16)`), block-diagonal attention.
+- packed: best-fit decreasing packing (`pack(..., max_per_seq=16)`), block-diagonal attention.
 
 A train step is eps-prediction on a linear VP schedule with one timestep per example, AdamW,
 on the tiny factorised `VideoDiT` (D = 64, depth 2, 4 heads). Reported: useful (non-padding)
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [("workload", f"{args.examples} mixed latents (sides 8-32 step 4, aspect 1:2-2:1, 1-16 frames, C=4), "
                          f"tubelets {PATCH}, seq_len {seq_len}, {args.batch} sequences / step"),
             ("model", "VideoDiT factorised, D=64, depth 2, 4 heads; eps loss, AdamW; one epoch per method")]
-    for method, label in (("padded", "pad-to-max (1 example / sequence)"), ("packed", "packed (first-fit)")):
+    for method, label in (("padded", "pad-to-max (1 example / sequence)"), ("packed", "packed (best-fit decreasing)")):
         st = stats[method]
         rows.append((label, f"{st['steps']} steps, padding {st['padding_fraction']:.1%}, {st['seconds']:.2f} s, "
                             f"{st['useful_tokens_per_s']:.0f} useful tokens/s"))

@@ -1,7 +1,9 @@
 """NaViT patch n' pack: examples of any resolution, aspect and duration -> fixed-length sequences.
 
 Source: Dehghani et al. 2023, "Patch n' Pack: NaViT, a Vision Transformer for any Aspect Ratio
-and Resolution" (sec. 2.2 packing with greedy first-fit, sec. 3.4 continuous token dropping).
+and Resolution" (sec. 2.2 packing, sec. 3.4 continuous token dropping). NaViT packs greedily;
+here sequences are planned best-fit decreasing (Johnson 1973; Krell et al. 2021, "Efficient
+sequence packing without cross-contamination"), see `best_fit_bins`.
 
 An example is a video `(T, H, W, C)` (an image is `T = 1`, or `(H, W, C)` in `packed_batches`)
 whose `T, H, W` are divisible by `patch_size = (pt, ph, pw)`. `patchify_video` cuts it into
@@ -30,6 +32,7 @@ import einops
 import grain
 import numpy as np
 
+from genjax.data.bin_packing import LookaheadPack, plan_bins
 from genjax.errors import check
 
 PER_EXAMPLE_KEYS = ("example_index", "example_shape", "video_shape")
@@ -163,34 +166,62 @@ def _check_sizes(seq_len, max_per_seq) -> None:
 # Packing a list.
 
 
-def first_fit_bins(num_tokens: Sequence[int], *, seq_len: int, max_per_seq: int
-                   ) -> list[list[int]]:
-    """Greedy first-fit in input order: example i goes to the first sequence with room for it.
+def best_fit_bins(num_tokens: Sequence[int], *, seq_len: int, max_per_seq: int
+                  ) -> list[list[int]]:
+    """Plan sequences best-fit decreasing: examples largest first, each into the fullest that fits.
 
     Sequence s has room for example i if its tokens so far plus `num_tokens[i]` are at most
-    `seq_len` and it holds fewer than `max_per_seq` examples; if none has, a new sequence opens.
-    Returns, per sequence, the example indices in the order they were placed (NaViT sec. 2.2:
-    greedy packing; input order keeps the result independent of the rest of the list).
+    `seq_len` and it holds fewer than `max_per_seq` examples; of those, the one with the least
+    room left takes it (ties: the earliest opened); if none has, a new sequence opens. Examples
+    go by decreasing token count, ties in input order. Because `max_per_seq` caps a sequence,
+    best-fit decreasing can strand many small examples in sequences of `max_per_seq`; when it
+    needs more sequences than the lower bound, fewer are tried by worst fit
+    (`bin_packing.plan_bins`). Returns, per sequence, the input indices of its examples in the
+    order they were placed (largest first). Deterministic: the plan depends on the token
+    counts only, so `pack` with the same inputs and rng state gives the same result.
+
+    Best-fit decreasing is the standard offline bin-packing heuristic (Johnson 1973, "Near-
+    optimal bin packing algorithms"; for sequence packing: Krell et al. 2021, "Efficient
+    sequence packing without cross-contamination"); NaViT (sec. 2.2) packs greedily in input
+    order. On 1,000 mixed images and videos of up to 2,048 tokens in 4,096-token sequences
+    (`benchmarks/packing_padding.py`, BENCHMARKS.md) first-fit pads 4.72 %, best-fit decreasing
+    alone 23.98 % (the cap), this plan 0.75 % (the lower bound).
 
     Raises `UserError` if seq_len or max_per_seq < 1, or an example has more than seq_len tokens.
     """
     _check_sizes(seq_len, max_per_seq)
-    room = np.zeros(0, np.int64)
-    count = np.zeros(0, np.int64)
-    bins: list[list[int]] = []
     for i, n in enumerate(num_tokens):
         check(n <= seq_len, f"num_tokens[{i}]", n, f"must be <= seq_len={seq_len}")
-        fits = np.flatnonzero((room >= n) & (count < max_per_seq))
-        if len(fits):
-            s = int(fits[0])
-        else:
-            s = len(bins)
-            bins.append([])
-            room, count = np.append(room, seq_len), np.append(count, 0)
-        bins[s].append(i)
-        room[s] -= n
-        count[s] += 1
-    return bins
+    return plan_bins([int(n) for n in num_tokens], capacity=seq_len, max_items=max_per_seq)
+
+
+def _sequence(records: Sequence[dict[str, np.ndarray]], *, seq_len: int, max_per_seq: int,
+              num_values: int, fields: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """One packed sequence (the module docstring's layout without the S axis) from records.
+
+    `fields` are extra per-example entries (leading axis 1), -1 at empty slots in their dtype.
+    """
+    out = {
+        "tokens": np.zeros((seq_len, num_values), np.float32),
+        "segment_ids": np.zeros((seq_len,), np.int32),
+        "positions": np.zeros((seq_len, 3), np.int32),
+        "example_index": np.full((max_per_seq,), -1, np.int32),
+        "example_shape": np.zeros((max_per_seq, 3), np.int32),
+        "video_shape": np.zeros((max_per_seq, 4), np.int32),
+    }
+    for name in fields:
+        value = records[0][name]
+        out[name] = np.full((max_per_seq, *value.shape[1:]), -1, value.dtype)
+    start = 0
+    for j, r in enumerate(records):
+        end = start + len(r["tokens"])
+        out["tokens"][start:end] = r["tokens"]
+        out["positions"][start:end] = r["positions"]
+        out["segment_ids"][start:end] = j + 1
+        for key in (*PER_EXAMPLE_KEYS, *fields):
+            out[key][j] = r[key][0]
+        start = end
+    return out
 
 
 def pack(videos: Sequence[np.ndarray], *, seq_len: int, patch_size: tuple[int, int, int],
@@ -199,8 +230,9 @@ def pack(videos: Sequence[np.ndarray], *, seq_len: int, patch_size: tuple[int, i
     """Pack a list of videos `(T, H, W, C)` (images: T = 1) into `S` sequences of `seq_len` tokens.
 
     Each video is patchified (`patchify_video`), optionally token-dropped, and placed whole by
-    `first_fit_bins` (greedy first-fit in input order, at most `max_per_seq` per sequence);
-    S is the number of sequences that needs. Returns the packed dict described in the module
+    `best_fit_bins` (best-fit decreasing, at most `max_per_seq` per sequence); S is the number
+    of sequences that needs. `example_index` says which input example sits in each segment, so
+    `unpack` returns the examples in input order. Returns the packed dict described in the module
     docstring (`tokens (S, L, P)` float32 with P = pt*ph*pw*C, `segment_ids`, `positions`,
     `example_index`, `example_shape`, `video_shape`); `unpack` inverts it exactly when nothing
     was dropped (float32 values; uint8 inputs come back as equal float32 values).
@@ -235,29 +267,14 @@ def pack(videos: Sequence[np.ndarray], *, seq_len: int, patch_size: tuple[int, i
     records = [_example_record(v, i, f"videos[{i}] shape", patch_size=patch_size,
                                seq_len=seq_len, drop_rate=drop_rate, rng=rng)
                for i, v in enumerate(videos)]
-    bins = first_fit_bins([len(r["tokens"]) for r in records], seq_len=seq_len,
-                          max_per_seq=max_per_seq)
-    num_values = records[0]["tokens"].shape[1]
-    num_seqs = len(bins)
-    out = {
-        "tokens": np.zeros((num_seqs, seq_len, num_values), np.float32),
-        "segment_ids": np.zeros((num_seqs, seq_len), np.int32),
-        "positions": np.zeros((num_seqs, seq_len, 3), np.int32),
-        "example_index": np.full((num_seqs, max_per_seq), -1, np.int32),
-        "example_shape": np.zeros((num_seqs, max_per_seq, 3), np.int32),
-        "video_shape": np.zeros((num_seqs, max_per_seq, 4), np.int32),
-    }
+    bins = best_fit_bins([len(r["tokens"]) for r in records], seq_len=seq_len,
+                         max_per_seq=max_per_seq)
+    out: dict[str, np.ndarray] = {}
     for s, members in enumerate(bins):
-        start = 0
-        for j, i in enumerate(members):
-            r = records[i]
-            end = start + len(r["tokens"])
-            out["tokens"][s, start:end] = r["tokens"]
-            out["positions"][s, start:end] = r["positions"]
-            out["segment_ids"][s, start:end] = j + 1
-            for key in PER_EXAMPLE_KEYS:
-                out[key][s, j] = r[key][0]
-            start = end
+        sequence = _sequence([records[i] for i in members], seq_len=seq_len,
+                             max_per_seq=max_per_seq, num_values=records[0]["tokens"].shape[1])
+        for k, value in sequence.items():
+            out.setdefault(k, np.empty((len(bins), *value.shape), value.dtype))[s] = value
     return out
 
 
@@ -312,7 +329,7 @@ def unpack(packed: dict[str, np.ndarray]) -> list[np.ndarray]:
 
 def packed_batches(examples: grain.IterDataset, *, seq_len: int,
                    patch_size: tuple[int, int, int], max_per_seq: int,
-                   sequences_per_batch: int, num_packing_bins: int | None = None,
+                   sequences_per_batch: int, lookahead: int = 128, num_packing_bins: int = 16,
                    key: str = "video", example_fields: Sequence[str] = (),
                    drop_rate: float | tuple = 0.0, seed: int = 0) -> grain.IterDataset:
     """Pack a grain stream of example dicts into fixed-shape batches of `sequences_per_batch`.
@@ -320,37 +337,41 @@ def packed_batches(examples: grain.IterDataset, *, seq_len: int,
     `examples` yields dicts whose `key` entry is a video `(T, H, W, C)` or an image `(H, W, C)`
     (taken as T = 1), any dtype. Steps: `map_with_index` (the stream position becomes
     `example_index`) -> patchify (+ token drop as a grain `random_map` seeded by `seed`: per
-    example rate and kept subset as in `pack`) -> `grain.experimental.FirstFitPackIterDataset`
-    with `num_packing_bins` bins (default `sequences_per_batch`): each example goes to the first
-    bin with room (`seq_len` tokens, `max_per_seq` examples); when one fits in no bin, all bins
-    are emitted and packing restarts with it -> drop grain's per-feature segment/position keys
-    -> `batch(sequences_per_batch, drop_remainder=True)`.
+    example rate and kept subset as in `pack`) -> look-ahead packer (`bin_packing.LookaheadPack`):
+    it reads `lookahead` examples at a time and plans them, together with the examples of the
+    sequences it kept open, as `pack` does (`best_fit_bins`); the `num_packing_bins` emptiest
+    sequences that are not full (`seq_len` tokens or `max_per_seq` examples) stay open, their
+    examples planned again with the next `lookahead`; the others are topped up with the largest
+    examples of the open ones that still fit and emitted in plan order; the end of the stream
+    emits all -> `batch(sequences_per_batch, drop_remainder=True)`.
 
     Each batch is the packed dict of the module docstring with S = sequences_per_batch, plus
     `example_fields` (per-example entries of the input dicts, e.g. "label", as
-    `(S, max_per_seq, ...)` arrays in their own dtype, -1 at empty slots). Padding falls with more
-    bins, at the cost of a `num_packing_bins * seq_len * P * 4`-byte buffer: on the NaViT-style
-    mix of `benchmarks/packing_padding.py` (1,000 examples, patch (2, 16, 16), seq_len 2048) it
-    is 7.4 % with 8 bins, 3.5 % with 32, 2.3 % with 64 (`pack` over the whole list: 1.2 %).
+    `(S, max_per_seq, ...)` arrays in their own dtype, -1 at empty slots). Memory: up to
+    `lookahead` examples plus `num_packing_bins` open sequences. Stream order is kept only up to
+    that window (an example waits at most `bin_packing.MAX_ROUNDS_OPEN` windows). Padding of
+    1,000-example streams with the defaults and max_per_seq 16 (`benchmarks/packing_padding.py`,
+    BENCHMARKS.md): images 2.63 %, videos 2.72 %, mixed 0.75 % (`pack`: 0.87, 1.17, 0.75 %;
+    the first-fit grain stream before: 3-7 %).
 
     Deterministic and checkpointable: the iterator's `get_state()` holds the parent's state at
-    the start of the current group of bins and how many bins were emitted, so `set_state`
-    resumes exactly (given a deterministic, checkpointable `examples`). grain's own packer is
-    used because it packs features with trailing axes, so 3-D positions and per-example arrays
-    are packed with the tokens (per-example fields as features of capacity `max_per_seq`).
+    the start of the earliest look-ahead window with an example not yet emitted, and the
+    stream indices of the examples of each held sequence, so `set_state` re-reads the stream
+    from there and rebuilds the held sequences exactly (given a deterministic, checkpointable
+    `examples`, and the same `lookahead`).
 
-    Raises `UserError` at once for bad sizes / patch_size / drop_rate, and while iterating for
-    an example that is not divisible by patch_size, lacks `key`, or has more than seq_len tokens
-    (naming its stream index).
+    Raises `UserError` at once for bad sizes / patch_size / drop_rate / sequences_per_batch /
+    lookahead / num_packing_bins (integers >= 1), and while iterating for an example that is
+    not divisible by patch_size, lacks `key`, or has more than seq_len tokens (naming its
+    stream index), and at `set_state` for a state saved with another `lookahead`.
     """
     _check_sizes(seq_len, max_per_seq)
     patch_size = _check_patch_size(patch_size)
     _check_drop_rate(drop_rate)
-    check(isinstance(sequences_per_batch, (int, np.integer)) and sequences_per_batch >= 1,
-          "sequences_per_batch", sequences_per_batch, "must be an integer >= 1")
-    num_packing_bins = sequences_per_batch if num_packing_bins is None else num_packing_bins
-    check(isinstance(num_packing_bins, (int, np.integer)) and num_packing_bins >= 1,
-          "num_packing_bins", num_packing_bins, "must be an integer >= 1")
+    for name, value in (("sequences_per_batch", sequences_per_batch), ("lookahead", lookahead),
+                        ("num_packing_bins", num_packing_bins)):
+        check(isinstance(value, (int, np.integer)) and value >= 1, name, value,
+              "must be an integer >= 1")
 
     def to_record(index: int, example: dict[str, Any], rng: np.random.Generator | None):
         field = f"example {index}"
@@ -366,19 +387,16 @@ def packed_batches(examples: grain.IterDataset, *, seq_len: int,
         ds = ds.random_map(lambda pair, rng: to_record(*pair, rng), seed=seed)
     else:
         ds = ds.map(lambda pair: to_record(*pair, None))
-    per_example = (*PER_EXAMPLE_KEYS, *example_fields)
-    ds = grain.experimental.FirstFitPackIterDataset(
-        ds,
-        length_struct={"tokens": seq_len, "positions": seq_len,
-                       **{k: max_per_seq for k in per_example}},
-        padding_struct={"tokens": None, "positions": None, "example_shape": None,
-                        "video_shape": None, "example_index": -1,
-                        **{k: -1 for k in example_fields}},
-        num_packing_bins=num_packing_bins, shuffle_bins=False, max_sequences_per_bin=max_per_seq)
-    ds = ds.map(lambda row: {"segment_ids": row["tokens_segment_ids"],
-                             **{k: row[k] for k in ("tokens", "positions", *per_example)}})
+    fields = tuple(example_fields)
+    ds = LookaheadPack(
+        ds, capacity=seq_len, max_items=max_per_seq, lookahead=int(lookahead),
+        open_bins=int(num_packing_bins), size=lambda record: len(record["tokens"]),
+        index_of=lambda record: int(record["example_index"][0]),
+        build=lambda records: _sequence(records, seq_len=seq_len, max_per_seq=max_per_seq,
+                                        num_values=records[0]["tokens"].shape[1],
+                                        fields=fields))
     return ds.batch(sequences_per_batch, drop_remainder=True)
 
 
-__all__ = ["PER_EXAMPLE_KEYS", "first_fit_bins", "kept_masks", "pack",
+__all__ = ["PER_EXAMPLE_KEYS", "best_fit_bins", "kept_masks", "pack",
            "packed_batches", "patchify_video", "unpack", "unpatchify_video"]
