@@ -1,5 +1,6 @@
 """Training objectives: eps / x0 / v regression with min-SNR weighting, improved-DDPM learned variance
-(hybrid loss with the VLB), rectified-flow matching, and consistency distillation.
+(hybrid loss with the VLB) and rectified-flow matching (consistency distillation is in
+`genjax.diffusion.distillation`).
 
 Every loss takes a denoiser `denoise_fn(x_t, t, **cond) -> model_output` that closes over its
 parameters (e.g. `lambda x, t, **c: model.apply({"params": p}, x, t, **c)`), clean data
@@ -16,6 +17,12 @@ Masked elements are selected out (`jnp.where`), so their values do not reach the
 
 Randomness: each loss splits `rng` once, `t_rng, noise_rng = jax.random.split(rng)`, draws the
 timesteps from t_rng with shape (B,) and `noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)`.
+
+Packed batches (NaViT, `genjax.data.packing`): with `segment_ids (S, L)` (0 = padding, j + 1 =
+example slot j) and `max_per_seq` M, x0 is `(S, L, P)` packed tokens; timesteps are drawn per
+example slot, shape (S, M), each token gets its example's, the denoiser is called with t (S, M)
+(e.g. `VideoDiT.packed`), and padding is masked out. The loss is then the mean over the real
+tokens' elements, so a larger example weighs more (as a token-level loss over a packed batch).
 """
 
 from __future__ import annotations
@@ -34,12 +41,29 @@ Denoiser = Callable[..., jax.Array]
 
 WEIGHTINGS = ("none", "min_snr")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
-DISTANCES = ("l2", "pseudo_huber")
 
 
 def _bcast(a: jax.Array, ndim: int) -> jax.Array:
     """(B,) -> (B, 1, ..., 1) of rank `ndim`."""
     return a.reshape(a.shape + (1,) * (ndim - a.ndim))
+
+
+def _per_example(x0: jax.Array, segment_ids: Any, max_per_seq: int | None, mask: Any):
+    """`(shape of the per-example draws, expand: per-example values -> broadcastable to x0, mask)`:
+    (B,) and `_bcast` for a plain batch; (S, M), a gather by slot to (S, L, 1) and the mask
+    restricted to real tokens for a packed one."""
+    _check_mask(mask, x0)
+    if segment_ids is None:
+        return (x0.shape[0],), lambda a: _bcast(a, x0.ndim), mask
+    check(x0.ndim == 3 and tuple(jnp.shape(segment_ids)) == x0.shape[:2], "segment_ids.shape",
+          tuple(jnp.shape(segment_ids)), f"must be (S, L) of packed x0 (S, L, P) {tuple(x0.shape)}")
+    check(isinstance(max_per_seq, int) and max_per_seq >= 1, "max_per_seq", max_per_seq,
+          "must be an int >= 1 with segment_ids")
+    segment_ids = jnp.asarray(segment_ids, jnp.int32)
+    slot = jnp.clip(segment_ids - 1, 0, max_per_seq - 1)
+    tokens = (segment_ids > 0)[..., None]
+    mask = tokens if mask is None else tokens & (jnp.asarray(mask) != 0)
+    return (x0.shape[0], max_per_seq), lambda a: jnp.take_along_axis(a, slot, axis=1)[..., None], mask
 
 
 def _check_mask(mask: Any, x0: jax.Array) -> None:
@@ -181,7 +205,8 @@ def diffusion_loss(denoise_fn: Denoiser, x0: jax.Array, rng: jax.Array, *,
                    schedule: schedules.Schedule, cond: Mapping[str, Any] | None = None,
                    weighting: str = "none", min_snr_gamma: float = 5.0, learn_sigma: bool = False,
                    vlb_weight: float = 1.0, mask: Any = None, timestep_sampling: str = "uniform",
-                   logit_mean: float = 0.0, logit_std: float = 1.0, shift: Any = 1.0) -> tuple[jax.Array, dict]:
+                   logit_mean: float = 0.0, logit_std: float = 1.0, shift: Any = 1.0,
+                   segment_ids: Any = None, max_per_seq: int | None = None) -> tuple[jax.Array, dict]:
     """The training loss of every diffusion task: a "flow" schedule is `flow_matching_loss` (with
     timestep_sampling, logit_mean, logit_std, shift, mask); any other schedule is the denoising
     loss at t ~ Uniform{0..T-1} (Ho et al. 2020 Alg. 1, "L_simple") described here.
@@ -206,6 +231,7 @@ def diffusion_loss(denoise_fn: Denoiser, x0: jax.Array, rng: jax.Array, *,
       mask: optional 0/1 array broadcastable to x0 (see the module docstring).
       timestep_sampling, logit_mean, logit_std, shift: flow schedules only (`flow_matching_loss`);
         a VP schedule needs the defaults.
+      segment_ids, max_per_seq: a packed batch (module docstring); t is then (S, M).
 
     Returns:
       (loss, {"loss", "mse", and with learn_sigma "vb" (bits per dim)}), float32 scalars; "mse" is
@@ -216,13 +242,15 @@ def diffusion_loss(denoise_fn: Denoiser, x0: jax.Array, rng: jax.Array, *,
         broadcast to x0, learn_sigma with T < 2 or (at trace time) an output that is not x0's
         shape, or not 2C channels with learn_sigma; with a flow schedule learn_sigma or min_snr
         weighting (flow has no VLB or SNR weighting here); with a VP schedule a timestep_sampling
-        other than "uniform" or a shift other than 1.
+        other than "uniform" or a shift other than 1; learn_sigma on a packed batch;
+        segment_ids that are not (S, L) of x0 (S, L, P), max_per_seq < 1.
     """
     if schedule.is_flow:
         check(not learn_sigma, "learn_sigma", learn_sigma, "must be False with a flow schedule (no VLB)")
         check(weighting == "none", "weighting", weighting, "must be 'none' with a flow schedule")
         return flow_matching_loss(denoise_fn, x0, rng, cond=cond, timestep_sampling=timestep_sampling,
-                                  logit_mean=logit_mean, logit_std=logit_std, shift=shift, mask=mask)
+                                  logit_mean=logit_mean, logit_std=logit_std, shift=shift, mask=mask,
+                                  segment_ids=segment_ids, max_per_seq=max_per_seq)
     check(timestep_sampling == "uniform", "timestep_sampling", timestep_sampling,
           "must be 'uniform' with a variance-preserving schedule (logit_normal is for 'flow')")
     check(isinstance(shift, (int, float)) and shift == 1, "shift", shift,
@@ -232,15 +260,17 @@ def diffusion_loss(denoise_fn: Denoiser, x0: jax.Array, rng: jax.Array, *,
     check(vlb_weight >= 0, "vlb_weight", vlb_weight, "must be >= 0")
     check(not learn_sigma or schedule.num_timesteps >= 2, "num_timesteps", schedule.num_timesteps,
           "must be >= 2 with learn_sigma (the clipped posterior variance uses t = 1)")
-    _check_mask(mask, x0)
+    check(not (learn_sigma and segment_ids is not None), "learn_sigma", learn_sigma,
+          "is not supported on a packed batch (segment_ids)")
+    shape, expand, mask = _per_example(x0, segment_ids, max_per_seq, mask)
     cond = {} if cond is None else cond
 
     t_rng, noise_rng = jax.random.split(rng)
-    batch, channels = x0.shape[0], x0.shape[-1]
-    t = jax.random.randint(t_rng, (batch,), 0, schedule.num_timesteps)
+    channels = x0.shape[-1]
+    t = jax.random.randint(t_rng, shape, 0, schedule.num_timesteps)
     noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
-    alpha, sigma = (_bcast(a, x0.ndim) for a in schedules.alpha_sigma(schedule, t))
-    x_t = schedules.q_sample(schedule, x0, t, noise)
+    alpha, sigma = (expand(a) for a in schedules.alpha_sigma(schedule, t))
+    x_t = alpha * x0 + sigma * noise  # schedules.q_sample, per example
     out = denoise_fn(x_t, t, **cond)
 
     want = channels * (2 if learn_sigma else 1)
@@ -254,7 +284,7 @@ def diffusion_loss(denoise_fn: Denoiser, x0: jax.Array, rng: jax.Array, *,
     weight = None
     if weighting == "min_snr":
         ac = schedule.alphas_cumprod[t]
-        weight = min_snr_weight(ac / (1.0 - ac), min_snr_gamma, schedule.prediction_type)
+        weight = expand(min_snr_weight(ac / (1.0 - ac), min_snr_gamma, schedule.prediction_type))
     mse = _masked_mean(sq_err, mask)
     loss = mse if weight is None else _masked_mean(sq_err, mask, weight)
     metrics = {"mse": mse}
@@ -273,7 +303,8 @@ def diffusion_loss(denoise_fn: Denoiser, x0: jax.Array, rng: jax.Array, *,
 def flow_matching_loss(denoise_fn: Denoiser, x0: jax.Array, rng: jax.Array, *,
                        cond: Mapping[str, Any] | None = None, timestep_sampling: str = "uniform",
                        logit_mean: float = 0.0, logit_std: float = 1.0, shift: Any = 1.0,
-                       mask: Any = None) -> tuple[jax.Array, dict]:
+                       mask: Any = None, segment_ids: Any = None,
+                       max_per_seq: int | None = None) -> tuple[jax.Array, dict]:
     """Rectified-flow / conditional flow-matching loss (Lipman et al. 2023, eq. 23 with the
     straight path of Liu et al. 2023; Esser et al. 2024, "SD3", Sec. 2-3; Open-Sora's training).
 
@@ -287,15 +318,17 @@ def flow_matching_loss(denoise_fn: Denoiser, x0: jax.Array, rng: jax.Array, *,
 
     Args:
       x0: (B, ...) float clean data; rng: PRNG key split as in the module docstring;
-      cond: keyword inputs for denoise_fn; logit_std > 0; shift > 0 (1 = none); mask: optional,
-        broadcastable to x0.
+      cond: keyword inputs for denoise_fn; logit_std > 0; shift > 0 (1 = none; (S, M) per slot
+        for a packed batch); mask: optional, broadcastable to x0.
+      segment_ids, max_per_seq: a packed batch (module docstring); s is then (S, M).
 
     Returns:
       (loss, {"loss", "mse"}), float32 scalars (equal: flow matching has no weighting).
 
     Raises:
       UserError: unknown timestep_sampling, logit_std <= 0, a concrete shift <= 0, a mask that
-        does not broadcast to x0, or (at trace time) an output whose shape is not x0's.
+        does not broadcast to x0, bad segment_ids / max_per_seq, or (at trace time) an output
+        whose shape is not x0's.
     """
     check(timestep_sampling in TIMESTEP_SAMPLINGS, "timestep_sampling", timestep_sampling,
           f"must be one of {TIMESTEP_SAMPLINGS}")
@@ -303,147 +336,21 @@ def flow_matching_loss(denoise_fn: Denoiser, x0: jax.Array, rng: jax.Array, *,
     if not isinstance(shift, jax.core.Tracer):
         bad = [float(k) for k in np.ravel(np.asarray(shift, np.float64)) if not k > 0]
         check(not bad, "shift", bad[0] if bad else None, "must be > 0 (1 = no shift)")
-    _check_mask(mask, x0)
+    shape, expand, mask = _per_example(x0, segment_ids, max_per_seq, mask)
     cond = {} if cond is None else cond
 
     t_rng, noise_rng = jax.random.split(rng)
-    batch = x0.shape[0]
     if timestep_sampling == "uniform":
-        s = jax.random.uniform(t_rng, (batch,))
+        s = jax.random.uniform(t_rng, shape)
     else:
-        s = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(t_rng, (batch,)))
-    s = schedules.shift_flow_time(s, jnp.broadcast_to(jnp.asarray(shift, jnp.float32), (batch,)))
+        s = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(t_rng, shape))
+    s = schedules.shift_flow_time(s, jnp.broadcast_to(jnp.asarray(shift, jnp.float32), shape))
     noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
-    x_s = schedules.flow_interpolate(x0, noise, s.astype(x0.dtype))
+    e = expand(s.astype(x0.dtype))
+    x_s = (1.0 - e) * x0 + e * noise  # schedules.flow_interpolate, per example
     out = denoise_fn(x_s, s * schedules.FLOW_TIME_SCALE, **cond)
     check(out.shape == x0.shape, "model_output.shape", tuple(out.shape),
           f"must equal x0's shape {tuple(x0.shape)}")
     sq_err = (out.astype(jnp.float32) - (noise - x0).astype(jnp.float32)) ** 2
     loss = _masked_mean(sq_err, mask)
     return loss, {"loss": loss, "mse": loss}
-
-
-# ----------------------------------------------------------------------------------------------
-# Consistency distillation.
-
-def consistency_function(denoise_fn: Denoiser, x_t: jax.Array, t: jax.Array, *,
-                         schedule: schedules.Schedule, cond: Mapping[str, Any] | None = None,
-                         sigma_data: float = 0.5) -> jax.Array:
-    """Consistency-model output f(x_t, t), an estimate of x0 (Song et al. 2023, "Consistency
-    models", eq. 5 and Appendix C), for a denoiser of a discrete VP schedule.
-
-    Time / sigma mapping: x_t = alpha_t x0 + sigma_t eps is the EDM / VE variable
-    x~ = x_t / alpha_t = x0 + sigma~ eps at noise level sigma~_t = sigma_t / alpha_t, and
-    sigma_min = sigma~_0 (timestep 0 is the boundary). With the x0 prediction D of the denoiser
-    (via `schedules.to_x0_eps`) the network output F is the one EDM's preconditioning
-    (Karras et al. 2022, Table 1) maps to D, and the boundary parameterisation is applied to it:
-
-      F = (D - c_skip(sigma~; 0) x~) / c_out(sigma~; 0)
-      f = c_skip(sigma~; sigma_min) x~ + c_out(sigma~; sigma_min) F
-
-    with (c_skip, c_out)(sigma; sigma_min) = `schedules.consistency_scalings`. So f = x~ exactly at
-    t = 0 (where sigma~ is set to sigma_min bit for bit), f -> D as sigma~ grows, and a student
-    initialised from the teacher starts near the teacher's denoiser, as in Song et al.'s CD.
-
-    x_t: (B, ...) float; t: (B,) int in [0, T). Needs alphas_cumprod[t] > 0 (not the last step of
-    a zero-terminal-SNR schedule). Returns x_t's shape, float32.
-    """
-    cond = {} if cond is None else cond
-    alpha, sigma = (_bcast(a, x_t.ndim) for a in schedules.alpha_sigma(schedule, t))
-    x0, _ = schedules.to_x0_eps(denoise_fn(x_t, t, **cond).astype(jnp.float32), x_t, alpha, sigma,
-                                schedule.prediction_type)
-    sigma_min = _ve_sigma(schedule, jnp.zeros((), jnp.int32))
-    # Select sigma_min itself at t = 0, so that sigma - sigma_min is exactly 0 however XLA fuses.
-    sigma_ve = jnp.where(_bcast(jnp.asarray(t) == 0, x_t.ndim), sigma_min, sigma / alpha)
-    x_ve = x_t / alpha
-    c_skip_edm, c_out_edm = schedules.consistency_scalings(sigma_ve, sigma_data, 0.0)
-    c_skip, c_out = schedules.consistency_scalings(sigma_ve, sigma_data, sigma_min)
-    return c_skip * x_ve + c_out * ((x0 - c_skip_edm * x_ve) / c_out_edm)
-
-
-def _ve_sigma(schedule: schedules.Schedule, t: jax.Array) -> jax.Array:
-    alpha, sigma = schedules.alpha_sigma(schedule, t)
-    return sigma / alpha
-
-
-def consistency_timesteps(num_timesteps: int, num_steps: int, n: jax.Array):
-    """Adjacent discretisation points (t_{n+1}, t_n) for interval n in [0, num_steps): with
-    k = T // N, t_{n+1} = (n + 1) k - 1 and t_n = max(t_{n+1} - k, 0), i.e. the DDIM timesteps
-    k-1, 2k-1, ..., and the boundary 0 (diffusers' train_lcm_distill_sd `DDIMSolver` grid)."""
-    k = num_timesteps // num_steps
-    hi = (n + 1) * k - 1
-    return hi, jnp.maximum(hi - k, 0)
-
-
-def consistency_distillation_loss(student_fn: Denoiser, target_fn: Denoiser, teacher_fn: Denoiser,
-                                  x0: jax.Array, rng: jax.Array, *, schedule: schedules.Schedule,
-                                  num_steps: int, cond: Mapping[str, Any] | None = None,
-                                  sigma_data: float = 0.5, distance: str = "l2",
-                                  huber_c: float | None = None,
-                                  mask: Any = None) -> tuple[jax.Array, dict]:
-    """Consistency distillation (Song et al. 2023, Algorithm 2, lambda(t_n) = 1).
-
-    n ~ Uniform{0..N-1} (from t_rng), (t_{n+1}, t_n) = `consistency_timesteps`, x_{t_{n+1}} =
-    q_sample(x0, t_{n+1}, noise); one DDIM (eta = 0) step of the teacher to t_n, which is exactly an
-    Euler step of the probability-flow ODE in the VE variable x / alpha:
-    x^_{t_n} = alpha_n x0^ + sigma_n eps^ with (x0^, eps^) the teacher's predictions at t_{n+1};
-    then loss = d(f_student(x_{t_{n+1}}, t_{n+1}), stopgrad f_target(x^_{t_n}, t_n)) with f =
-    `consistency_function`. Pass a guided teacher (e.g. `guidance.cfg_denoiser`) for guided CD.
-
-    Distances, per example, then averaged (masked as in the module docstring): "l2" the mean
-    squared error over non-batch dims; "pseudo_huber" sqrt(|a - b|^2 + c^2) - c over the whole
-    example (Song & Dhariwal 2024, "Improved techniques for training consistency models", Sec. 3.3),
-    c = huber_c or 0.00054 sqrt(d), d the number of counted elements per example.
-
-    Args:
-      student_fn: the network being trained; target_fn: its EMA (or the same function);
-        teacher_fn: the pretrained diffusion model. All `fn(x_t, t, **cond)` predicting
-        schedule.prediction_type, t (B,) int32.
-      x0: (B, ...) float clean data; rng: PRNG key split as in the module docstring.
-      schedule: a VP `Schedule` with alphas_cumprod > 0 at every grid point.
-      num_steps: N, 1 <= N <= T.
-
-    Returns:
-      (loss, {"loss"}), float32 scalars.
-
-    Raises:
-      UserError: flow schedule, num_steps outside [1, T], unknown distance, huber_c <= 0, or a mask
-        that does not broadcast to x0.
-    """
-    num_timesteps = schedule.num_timesteps
-    check(not schedule.is_flow, "schedule.prediction_type", schedule.prediction_type,
-          "consistency distillation needs a VP schedule (alpha_t > 0)")
-    check(isinstance(num_steps, int) and 1 <= num_steps <= num_timesteps, "num_steps", num_steps,
-          f"must be an int in [1, {num_timesteps}]")
-    check(distance in DISTANCES, "distance", distance, f"must be one of {DISTANCES}")
-    check(huber_c is None or huber_c > 0, "huber_c", huber_c, "must be None or > 0")
-    _check_mask(mask, x0)
-    cond = {} if cond is None else cond
-
-    t_rng, noise_rng = jax.random.split(rng)
-    n = jax.random.randint(t_rng, (x0.shape[0],), 0, num_steps)
-    t_hi, t_lo = consistency_timesteps(num_timesteps, num_steps, n)
-    noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
-    x_hi = schedules.q_sample(schedule, x0, t_hi, noise)
-
-    a_hi, s_hi = (_bcast(a, x0.ndim) for a in schedules.alpha_sigma(schedule, t_hi))
-    a_lo, s_lo = (_bcast(a, x0.ndim) for a in schedules.alpha_sigma(schedule, t_lo))
-    teacher_out = jax.lax.stop_gradient(teacher_fn(x_hi, t_hi, **cond))
-    x0_hat, eps_hat = schedules.to_x0_eps(teacher_out, x_hi, a_hi, s_hi, schedule.prediction_type)
-    x_lo = a_lo * x0_hat + s_lo * eps_hat
-
-    f = dict(schedule=schedule, cond=cond, sigma_data=sigma_data)
-    pred = consistency_function(student_fn, x_hi, t_hi, **f)
-    target = jax.lax.stop_gradient(consistency_function(target_fn, x_lo, t_lo, **f))
-    sq_err = (pred - target) ** 2
-    if distance == "l2":
-        loss = _masked_mean(sq_err, mask)
-    else:
-        keep = jnp.ones(x0.shape, bool) if mask is None else jnp.broadcast_to(jnp.asarray(mask) != 0,
-                                                                             x0.shape)
-        axes = tuple(range(1, x0.ndim))
-        sq_norm = jnp.sum(jnp.where(keep, sq_err, 0.0), axis=axes)
-        count = jnp.sum(keep, axis=axes)
-        c = 0.00054 * jnp.sqrt(jnp.maximum(count, 1)) if huber_c is None else huber_c
-        loss = jnp.mean(jnp.sqrt(sq_norm + c**2) - c)
-    return loss, {"loss": loss}

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from genjax.diffusion import losses, schedules
+from genjax.diffusion import distillation, losses, schedules
 from genjax.errors import UserError
 
 B, H, W, C = 6, 3, 3, 2
@@ -351,6 +351,41 @@ def test_diffusion_loss_refuses_options_of_the_other_objective(kwargs, message):
                               schedule=schedules.make(name, 10), **kwargs)
 
 
+@pytest.mark.parametrize("name", ["linear", "flow"])
+def test_packed_loss_draws_one_time_per_example_and_ignores_padding(name):
+    """Two rows of packed tokens (examples of 3 + 4 tokens, and 5; padding after): each example
+    slot gets its own time, every token its example's, padding is out of the loss; NumPy."""
+    schedule = schedules.make(name, 1000)
+    seg = np.array([[1, 1, 1, 2, 2, 2, 2, 0], [1, 1, 1, 1, 1, 0, 0, 0]], np.int32)
+    x0 = jax.random.normal(jax.random.key(0), (2, 8, 3))
+    rng, seen = jax.random.key(4), {}
+
+    def fn(x, t):  # token-wise, per-slot time gathered by segment id
+        seen["t"] = t
+        per_token = jnp.take_along_axis(jnp.asarray(t, jnp.float32), jnp.clip(seg - 1, 0, 1), axis=1)
+        return jnp.tanh(x) * (1 + per_token[..., None] / 1000)
+
+    loss, _ = losses.diffusion_loss(fn, x0, rng, schedule=schedule, segment_ids=seg, max_per_seq=2)
+    padded = jnp.where(jnp.asarray(seg)[..., None] > 0, x0, 1e3)
+    assert float(losses.diffusion_loss(fn, padded, rng, schedule=schedule, segment_ids=seg, max_per_seq=2)[0]) \
+        == float(loss)
+    t = np.asarray(seen["t"], np.float64)
+    assert t.shape == (2, 2)
+    t_rng, noise_rng = jax.random.split(rng)
+    noise, x = np.asarray(jax.random.normal(noise_rng, x0.shape), np.float64), np.asarray(x0, np.float64)
+    t_tok = np.take_along_axis(t, np.clip(seg - 1, 0, 1), axis=1)[..., None]
+    if name == "flow":
+        np.testing.assert_allclose(t, np.asarray(jax.random.uniform(t_rng, (2, 2))) * 1000, rtol=1e-6)
+        s = t_tok / 1000
+        x_t, target = (1 - s) * x + s * noise, noise - x
+    else:
+        np.testing.assert_array_equal(t, np.asarray(jax.random.randint(t_rng, (2, 2), 0, 1000)))
+        ac = np.asarray(schedule.alphas_cumprod, np.float64)[t_tok.astype(int)]
+        x_t, target = np.sqrt(ac) * x + np.sqrt(1 - ac) * noise, noise
+    err = (np.tanh(x_t) * (1 + t_tok / 1000) - target) ** 2
+    np.testing.assert_allclose(float(loss), err[seg > 0].mean(), rtol=2e-5)
+
+
 def test_logit_normal_timesteps_distribution():
     n = 8192
     seen = {}
@@ -385,7 +420,7 @@ def test_consistency_boundary_condition_is_exact():
     schedule = schedules.make("linear", 1000)
     x_t = jax.random.normal(jax.random.key(0), (B, H, W, C))
     t = jnp.zeros((B,), jnp.int32)
-    f1, f2 = jax.jit(lambda: [losses.consistency_function(fn, x_t, t, schedule=schedule)
+    f1, f2 = jax.jit(lambda: [distillation.consistency_function(fn, x_t, t, schedule=schedule)
                               for fn in (_toy_denoiser(), lambda x, t: 100 * x + 3.0)])()
     np.testing.assert_array_equal(np.asarray(f1), np.asarray(f2))  # c_out(sigma_min) == 0 exactly
     alpha0 = math.sqrt(float(schedule.alphas_cumprod[0]))
@@ -399,7 +434,7 @@ def test_consistency_distillation_loss_equals_numpy(distance):
     teacher = lambda x, t: 0.3 * x  # noqa: E731
     student = _toy_denoiser()
     target = lambda x, t: _toy_denoiser()(x, t) * 0.9  # noqa: E731
-    loss, _ = jax.jit(lambda: losses.consistency_distillation_loss(
+    loss, _ = jax.jit(lambda: distillation.consistency_distillation_loss(
         student, target, teacher, x0, rng, schedule=schedule, num_steps=num_steps,
         distance=distance))()
     n, noise = _draws(rng, x0.shape, num_steps)
@@ -456,7 +491,7 @@ def test_consistency_distillation_loss_is_zero_for_the_exact_consistency_functio
                       / jnp.where(ratio > 0, ratio, 1.0), mu)
         return (x - a * d) / s
 
-    exact, wrong = jax.jit(lambda: [losses.consistency_distillation_loss(
+    exact, wrong = jax.jit(lambda: [distillation.consistency_distillation_loss(
         student, student, teacher, x0, jax.random.key(10), schedule=schedule, num_steps=50)[0]
         for student in (exact_student, lambda x, t: exact_student(x, t) + 0.05)])()
     assert float(exact) < 1e-10
@@ -479,16 +514,18 @@ def test_bad_inputs_raise_user_error():
         with pytest.raises(UserError, match=field):
             jax.eval_shape(lambda: losses.diffusion_loss(fn, x0, rng, schedule=schedule, **kwargs))
     others = [
-        (lambda: losses.diffusion_loss(fn, x0, rng, schedule=schedules.make("flow", 10)),
-         "prediction_type"),
+        (lambda: losses.diffusion_loss(fn, x0, rng, schedule=schedule, segment_ids=jnp.ones((2, 4))),
+         "segment_ids.shape"),  # packed x0 is (S, L, P)
+        (lambda: losses.diffusion_loss(fn, x0[:, 0], rng, schedule=schedule, segment_ids=jnp.ones((2, 4))),
+         "max_per_seq"),
         (lambda: losses.flow_matching_loss(fn, x0, rng, timestep_sampling="cosmap"),
          "timestep_sampling"),
         (lambda: losses.flow_matching_loss(fn, x0, rng, timestep_sampling="logit_normal",
                                            logit_std=0.0), "logit_std"),
-        (lambda: losses.consistency_distillation_loss(fn, fn, fn, x0, rng, schedule=schedule,
-                                                      num_steps=11), "num_steps"),
-        (lambda: losses.consistency_distillation_loss(fn, fn, fn, x0, rng, schedule=schedule,
-                                                      num_steps=5, distance="l1"), "distance"),
+        (lambda: distillation.consistency_distillation_loss(fn, fn, fn, x0, rng, schedule=schedule,
+                                                            num_steps=11), "num_steps"),
+        (lambda: distillation.consistency_distillation_loss(fn, fn, fn, x0, rng, schedule=schedule,
+                                                            num_steps=5, distance="l1"), "distance"),
     ]
     for call, field in others:
         with pytest.raises(UserError, match=field):
