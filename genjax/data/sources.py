@@ -19,7 +19,7 @@ import importlib.metadata
 import inspect
 import os
 import string
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -134,6 +134,12 @@ class MovingMnistSource:
     Output: `{"video": uint8 (num_frames, S, S, 1) in [0, 255], "labels": int32 (num_digits,),
     "caption": str}`.
 
+    Mixed sizes (`sizes`, a list of `(num_frames, height, width)`; then num_frames and image_size
+    are not used): example i's size is `sizes[k]`, k drawn uniformly by
+    `np.random.default_rng([seed, split_id, i, 1])`, and its video is `(T, H, W, 1)` with the
+    digits bouncing off all four edges of the H x W canvas; images of any aspect ratio and clips
+    of any duration, for NaViT-packed training.
+
     Caption: `caption_template.format(d0=..., d1=..., m0=..., m1=...)` where `dK` is digit K's
     label and `mK` its initial direction of motion, one of "right", "up-right", "up", "up-left",
     "left", "down-left", "down", "down-right". The default template is "digit {d0}" for one
@@ -141,7 +147,8 @@ class MovingMnistSource:
     e.g. "digit {d0} moving {m0}" adds the direction.
 
     Raises `UserError` for: a split other than "train" / "test"; num_examples, num_frames or
-    num_digits < 1; a negative seed; image_size < 28 (the canvas must hold a digit); a speed
+    num_digits < 1; a negative seed; image_size < 28 (the canvas must hold a digit); sizes that
+    are not a non-empty list of (T >= 1, H >= 28, W >= 28) int triples; a speed
     that is not (low, high) with 0 <= low <= high; a caption_template that lacks a `{dK}`
     placeholder for some digit or names a field other than `dK` / `mK` (K < num_digits).
     """
@@ -151,7 +158,7 @@ class MovingMnistSource:
     def __init__(self, split: str = "train", *, num_examples: int = 10_000, num_frames: int = 16,
                  image_size: int = 64, num_digits: int = 1,
                  speed: tuple[float, float] = (2.0, 5.0), seed: int = 0,
-                 caption_template: str | None = None):
+                 caption_template: str | None = None, sizes: Sequence[Sequence[int]] | None = None):
         self.split_id = _check_split(split)
         for field, value in (("num_examples", num_examples), ("num_frames", num_frames),
                              ("num_digits", num_digits)):
@@ -170,6 +177,21 @@ class MovingMnistSource:
         self.image_size, self.num_digits = int(image_size), int(num_digits)
         self.speed = (float(speed[0]), float(speed[1]))
         self.digits = MnistEmbeddedSource(split)
+        self.sizes = None
+        if sizes is not None:
+            ok = isinstance(sizes, (list, tuple)) and len(sizes) >= 1 and all(
+                isinstance(z, (list, tuple)) and len(z) == 3 and all(isinstance(v, (int, np.integer)) for v in z)
+                and z[0] >= 1 and min(z[1:]) >= DIGIT_SIZE for z in sizes)
+            check(ok, "sizes", sizes, f"must be a non-empty list of (num_frames >= 1, height >= {DIGIT_SIZE}, "
+                  f"width >= {DIGIT_SIZE}) int triples")
+            self.sizes = tuple(tuple(int(v) for v in z) for z in sizes)
+
+    def size(self, i: int) -> tuple[int, int, int]:
+        """Example i's `(num_frames, height, width)`."""
+        if self.sizes is None:
+            return self.num_frames, self.image_size, self.image_size
+        rng = np.random.default_rng([self.seed, self.split_id, int(i), 1])
+        return self.sizes[int(rng.integers(len(self.sizes)))]
 
     def __len__(self) -> int:
         return self.num_examples
@@ -180,15 +202,17 @@ class MovingMnistSource:
         if not 0 <= i < self.num_examples:
             raise IndexError(f"example index {i} out of range [0, {self.num_examples})")
         rng = np.random.default_rng([self.seed, self.split_id, int(i)])
-        n, limit = self.num_digits, self.image_size - DIGIT_SIZE
+        num_frames, height, width = self.size(i)
+        n = self.num_digits
+        limit = height - DIGIT_SIZE if height == width else np.array([height, width]) - DIGIT_SIZE  # (y, x)
         ids = rng.integers(len(self.digits), size=n)
         pos = rng.uniform(0.0, limit, size=(n, 2))
         speed = rng.uniform(*self.speed, size=n)
         angle = rng.uniform(0.0, 2 * np.pi, size=n)
         vel = speed[:, None] * np.stack([-np.sin(angle), np.cos(angle)], axis=-1)  # up = -y
         velocity0 = vel
-        corners = np.empty((self.num_frames, n, 2), np.int64)
-        for t in range(self.num_frames):
+        corners = np.empty((num_frames, n, 2), np.int64)
+        for t in range(num_frames):
             corners[t] = np.rint(pos)
             pos = pos + vel
             low, high = pos < 0, pos > limit
@@ -199,9 +223,9 @@ class MovingMnistSource:
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         ids, corners, velocity = self.trajectory(i)
-        s = self.image_size
-        video = np.zeros((self.num_frames, s, s, 1), np.uint8)
-        for t in range(self.num_frames):
+        num_frames, height, width = self.size(i)
+        video = np.zeros((num_frames, height, width, 1), np.uint8)
+        for t in range(num_frames):
             for k, row in enumerate(ids):
                 y, x = corners[t, k]
                 patch = video[t, y:y + DIGIT_SIZE, x:x + DIGIT_SIZE]
@@ -216,7 +240,8 @@ class MovingMnistSource:
     def __repr__(self) -> str:
         return (f"MovingMnistSource(split={self.split!r}, num_examples={self.num_examples}, "
                 f"num_frames={self.num_frames}, image_size={self.image_size}, "
-                f"num_digits={self.num_digits}, speed={self.speed}, seed={self.seed})")
+                f"num_digits={self.num_digits}, speed={self.speed}, seed={self.seed}"
+                + (f", sizes={list(self.sizes)})" if self.sizes else ")"))
 
 
 def _check_caption_template(template: str, num_digits: int) -> None:

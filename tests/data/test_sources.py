@@ -81,6 +81,24 @@ def test_moving_mnist_digit_stays_whole_moves_and_matches_its_label():
         assert ex["caption"] == f"digit {ex['labels'][0]}"
 
 
+def test_moving_mnist_mixed_sizes_keep_the_digit_whole_on_every_canvas():
+    sizes = [(1, 28, 28), (4, 32, 48), (6, 48, 32)]
+    src = MovingMnistSource(num_examples=60, sizes=sizes, seed=3)
+    seen = set()
+    for i in range(60):
+        ex = src[i]
+        seen.add(ex["video"].shape[:3])
+        assert ex["video"].shape[:3] == src.size(i) and ex["video"].shape[3] == 1
+        ink = (ex["video"] > 0).sum(axis=(1, 2, 3))
+        assert (ink == ink[0]).all() and ink[0] > 20  # one rigid digit, never clipped by an edge
+        np.testing.assert_array_equal(src[i]["video"], ex["video"])
+    assert seen == set(sizes)
+    # Without sizes nothing changes: the square canvas of image_size, num_frames long.
+    assert MovingMnistSource(num_examples=2, num_frames=3, image_size=40)[1]["video"].shape == (3, 40, 40, 1)
+    with pytest.raises(UserError, match=r"^sizes=\[\(2, 27, 40\)\]: must be a non-empty list"):
+        MovingMnistSource(sizes=[(2, 27, 40)])
+
+
 def test_moving_mnist_train_and_test_use_disjoint_digits():
     train_pool, test_pool = MnistEmbeddedSource("train"), MnistEmbeddedSource("test")
     test_videos = MovingMnistSource("test", num_examples=5, num_frames=2)
