@@ -98,7 +98,8 @@ class _LookaheadIterator(grain.DatasetIterator):
     (`capacity` or `max_items` reached) and hold no record read more than `MAX_ROUNDS_OPEN`
     rounds ago (bounding the wait and the re-reading on restore) stay open; the others close,
     each topped up with the largest records of the open bins that still fit, and are yielded
-    one at a time, in plan order, built by `build`. At the end of the stream every bin closes.
+    one at a time, in an order shuffled per round (plan order would put the largest records
+    first, so batches would come grouped by size), built by `build`. At the end of the stream every bin closes.
     Round r starts at stream record r * lookahead.
 
     State: the parent's state at the start of the earliest round holding a record still held
@@ -145,7 +146,11 @@ class _LookaheadIterator(grain.DatasetIterator):
                     bins[s].append(i)
                     pool.remove(i)
                     room -= sizes[i]
-        self._closed += [[records[i] for i in b] for s, b in enumerate(bins) if s not in keep]
+        closing = [[records[i] for i in b] for s, b in enumerate(bins) if s not in keep]
+        # Plan order is largest records first: shuffle the round's bins (seeded by the records
+        # read so far, so a restored stream draws the same) so batches mix sizes.
+        order = np.random.default_rng(self._read).permutation(len(closing))
+        self._closed += [closing[k] for k in order]
         carried = set(pool)
         self._open = [b for b in ([records[i] for i in bins[s] if i in carried] for s in keep)
                       if b]

@@ -16,7 +16,8 @@ import numpy as np
 from genjax.errors import check
 
 
-def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+def resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+    """(shard_index, shard_count), None meaning this process of `jax.process_count()`."""
     if shard_index is None or shard_count is None:
         import jax
 
@@ -72,7 +73,7 @@ def make_dataset(source: Sequence[dict[str, Any]], *, batch_size: int, seed: int
     """
     check(isinstance(batch_size, (int, np.integer)) and batch_size >= 1, "batch_size", batch_size,
           "must be an integer >= 1")
-    shard_index, shard_count = _shard(shard_index, shard_count)
+    shard_index, shard_count = resolve_shard(shard_index, shard_count)
     check(batch_size % shard_count == 0, "batch_size", batch_size,
           f"must be divisible by the number of processes (shard_count={shard_count})")
     check(num_epochs is None or num_epochs >= 1, "num_epochs", num_epochs, "must be None or >= 1")
@@ -81,6 +82,21 @@ def make_dataset(source: Sequence[dict[str, Any]], *, batch_size: int, seed: int
           f"each of {shard_count} shard(s) holds {per_shard} of the {len(source)} examples, "
           f"fewer than one batch of {local_batch}")
 
+    ds = example_dataset(source, seed=seed, shuffle=shuffle, num_epochs=num_epochs, transforms=transforms,
+                         shard_index=shard_index, shard_count=shard_count)
+    ds = ds.batch(local_batch, drop_remainder=drop_remainder)
+    return iter(ds.to_iter_dataset(read_options))
+
+
+def example_dataset(source: Sequence[dict[str, Any]], *, seed: int = 0, shuffle: bool = True,
+                    num_epochs: int | None = None, transforms: Sequence = (),
+                    shard_index: int | None = None, shard_count: int | None = None) -> grain.MapDataset:
+    """`make_dataset`'s steps before batching (shard, shuffle, repeat, transforms), as a grain
+    `MapDataset` of single examples: the input of a packer (`genjax.data.packing.packed_batches`),
+    whose examples differ in size. Raises `UserError` for bad shard arguments or num_epochs."""
+    shard_index, shard_count = resolve_shard(shard_index, shard_count)
+    check(num_epochs is None or num_epochs >= 1, "num_epochs", num_epochs, "must be None or >= 1")
+    per_shard = len(source) // shard_count
     ds = grain.MapDataset.source(source)
     ds = ds[shard_index:per_shard * shard_count:shard_count]
     if shuffle:
@@ -91,5 +107,4 @@ def make_dataset(source: Sequence[dict[str, Any]], *, batch_size: int, seed: int
             ds = ds.random_map(transform, seed=_seed(seed, shard_index, position + 1))
         else:
             ds = ds.map(transform)
-    ds = ds.batch(local_batch, drop_remainder=drop_remainder)
-    return iter(ds.to_iter_dataset(read_options))
+    return ds

@@ -7,6 +7,7 @@ pipeline of batches (dicts of numpy arrays with a leading batch axis).
     pixel_data(config)                    `make_data` of {"image" | "video", "label"} batches
     fixed_examples(config, num, split)    the first `num` examples, in order (samples, evaluation)
     latent_cache_data(...)                `make_data` over a frozen autoencoder's latent cache
+    packed_latent_data(...)               `make_data` of NaViT-packed latents of mixed-size examples
 
 Every task goes through these, so a data option (crop, flip, a new source) is written once.
 """
@@ -46,19 +47,33 @@ def labelled_inputs(config) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
 
 # The fields of config.data that the recipes read (a task family may read more: its DATA_KEYS).
 DATA_KEYS = ("dataset", "split", "batch_size", "image_size", "channels", "num_frames", "num_digits",
-             "num_examples", "data_dir", "crop", "random_flip")
+             "num_examples", "data_dir", "crop", "random_flip", "sizes", "packing")
+# The fields of config.data.packing (NaViT patch n' pack; `packed_latent_data`).
+PACKING_KEYS = ("seq_len", "max_per_seq")
 
 
 def validate(config) -> None:
     """The data section's checks.
 
     Raises:
-      UserError: an unknown data.crop, or a data.random_flip that is not a bool.
+      UserError: an unknown data.crop, or a data.random_flip that is not a bool; data.sizes on a
+        dataset other than moving_mnist; an unknown data.packing key, a seq_len or max_per_seq
+        that is not an int >= 1.
     """
+    from genjax.config import check_keys
+
     crop = config.data.get("crop", "resize")
     check(crop in CROPS, "data.crop", crop, f"must be one of {CROPS}")
     flip = config.data.get("random_flip", False)
     check(isinstance(flip, bool), "data.random_flip", flip, "must be true or false")
+    check(config.data.get("sizes") is None or config.data.dataset == "moving_mnist", "data.sizes",
+          config.data.get("sizes"), "is a moving_mnist option (mixed canvas sizes and durations)")
+    packing = config.data.get("packing")
+    if packing is not None:
+        check_keys("data.packing", packing, PACKING_KEYS)
+        for key in PACKING_KEYS:
+            value = packing.get(key)
+            check(isinstance(value, int) and value >= 1, f"data.packing.{key}", value, "must be an int >= 1")
 
 
 def source(config, split: str):
@@ -69,9 +84,11 @@ def source(config, split: str):
 
     d = config.data
     if d.dataset == "moving_mnist":
+        sizes = d.get("sizes")
         return sources.make_source("moving_mnist", split=split, num_frames=d.num_frames,
                                    image_size=d.image_size, num_examples=d.num_examples,
-                                   num_digits=d.get("num_digits", 1), seed=config.seed)
+                                   num_digits=d.get("num_digits", 1), seed=config.seed,
+                                   sizes=None if sizes is None else [tuple(z) for z in sizes])
     data_dir = d.get("data_dir", "") or None
     return sources.make_source(d.dataset, split=split, **({"data_dir": data_dir} if data_dir else {}))
 
@@ -170,4 +187,44 @@ def latent_cache_data(config, posterior: Callable, *, meta: Mapping[str, Any], i
         cache = latent_cache.ensure(os.path.join(workdir, "latents"), config.data.split, meta=full,
                                     compute=compute)
         return dataset(config, cache, (), shard_index=shard_index, shard_count=shard_count)
+    return make_data
+
+
+def packed_latent_data(config, posterior: Callable, *, patch_size: tuple[int, int, int], inputs: Callable):
+    """`make_data(workdir, shard_index=None, shard_count=None)` of NaViT-packed batches of
+    mixed-size examples (Dehghani et al. 2023), for a latent diffusion task on a frozen autoencoder.
+
+    Each example (e.g. Moving MNIST with data.sizes) is scaled to [-1, 1], turned into fields by
+    `inputs` (e.g. the caption's "ids" and "mask"), and encoded alone by `posterior(x (1, ...))
+    -> (mean, std)` (jit it: one compilation per example size) into `latents = concat([mean, std],
+    channel axis)`; `genjax.data.packing.packed_batches` then packs the latents' tubelets of
+    `patch_size` into data.batch_size sequences (over all processes) of data.packing.seq_len
+    tokens with at most data.packing.max_per_seq examples each. Batches: the packed dict
+    (`tokens (S, L, pt*ph*pw*2C)` in (pt, ph, pw, [mean C | std C]) order, segment_ids,
+    positions, example_shape, video_shape, example_index) plus `inputs`' other fields per slot,
+    `(S, M, ...)`, -1 at empty slots. Deterministic and checkpointable like `make_dataset`.
+    """
+    from genjax.data import packing, pipeline, transforms
+
+    def make_data(workdir, shard_index=None, shard_count=None):
+        del workdir
+        shard_index, shard_count = pipeline.resolve_shard(shard_index, shard_count)
+        check(config.data.batch_size % shard_count == 0, "data.batch_size", config.data.batch_size,
+              f"must be divisible by the number of processes ({shard_count}): sequences per batch")
+        src = source(config, config.data.split)
+        key = media_key(config)
+        fields = tuple(sorted(k for k in inputs(src[0]) if k != key))  # per-example fields, e.g. ids, mask
+
+        def encode(example):
+            out = inputs(example)
+            mean, std = posterior(np.asarray(out.pop(key))[None])
+            latents = np.concatenate([np.asarray(mean)[0], np.asarray(std)[0]], axis=-1)
+            return {"latents": latents, **{k: np.asarray(v).astype(np.int32) for k, v in out.items()}}
+
+        ds = pipeline.example_dataset(src, seed=config.seed, shard_index=shard_index, shard_count=shard_count,
+                                      transforms=(transforms.ToFloat(keys=(key,)), encode))
+        p = config.data.packing
+        return iter(packing.packed_batches(ds.to_iter_dataset(), seq_len=p.seq_len, patch_size=patch_size,
+                                           max_per_seq=p.max_per_seq, key="latents", example_fields=fields,
+                                           sequences_per_batch=config.data.batch_size // shard_count))
     return make_data

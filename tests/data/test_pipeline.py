@@ -142,3 +142,42 @@ def test_bad_arguments_are_user_errors(kw, field):
     source = [{"index": np.int64(i)} for i in range(10)]
     with pytest.raises(UserError, match=f"^{field}="):
         make_dataset(source, **kw)
+
+
+
+def test_packed_latent_batches_unpack_to_each_example_encoded_alone():
+    """recipes.packed_latent_data: mixed-size Moving MNIST clips, each encoded alone, packed into
+    fixed (S, L) batches; unpacking a batch gives back every example's [mean | std] exactly, with
+    its caption's tokens in its slot (packed == alone)."""
+    import os
+
+    from genjax.config import load_config
+    from genjax.data import packing, pipeline, recipes
+    from genjax.models.tokenizer import ByteTokenizer
+    from genjax.tasks.clip import tokenize_fn
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    config = load_config(os.path.join(root, "configs", "video_dit_moving_mnist.py") + ":smoke=True,packed=True")
+    tokenize = tokenize_fn(ByteTokenizer(), 16, "video")
+
+    def posterior(x):  # a stand-in causal encoder: f = 2 in time and space (T -> 1 + (T - 1) / 2), 2 channels
+        mean = x[:, ::2, ::2, ::2, :].repeat(2, axis=-1) * np.array([1.0, -0.5], np.float32)
+        return mean, np.abs(mean) + 0.1
+
+    make_data = recipes.packed_latent_data(config, posterior, patch_size=(1, 2, 2), inputs=tokenize)
+    data = make_data("unused", shard_index=0, shard_count=1)
+    stream = pipeline.example_dataset(recipes.source(config, "train"), seed=config.seed, shard_index=0,
+                                      shard_count=1, transforms=(T.ToFloat(keys=("video",)), tokenize))
+    shapes = set()
+    for _ in range(3):
+        batch = next(data)
+        assert batch["tokens"].shape == (2, 512, 2 * 2 * 2 * 2) and batch["ids"].shape == (2, 4, 16)
+        indices = batch["example_index"][batch["example_index"] >= 0]
+        for video, index in zip(packing.unpack(batch), np.sort(indices)):
+            example = stream[int(index)]
+            mean, std = posterior(example["video"][None])
+            np.testing.assert_array_equal(video, np.concatenate([mean[0], std[0]], axis=-1))
+            s, m = (int(a[0]) for a in np.nonzero(batch["example_index"] == index))
+            np.testing.assert_array_equal(batch["ids"][s, m], example["ids"])
+            shapes.add(example["video"].shape)
+    assert len(shapes) >= 3  # images and clips of several sizes in the same batches
