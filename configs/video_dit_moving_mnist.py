@@ -19,6 +19,14 @@ scaling_factor, 1.0 for the "tiny" video VAE; set it to about 1 / latent_std fro
 metrics.jsonl, LDM appendix D.1). task.text_encoder = a CLIP workdir swaps the joint text tower
 for that CLIP's frozen one. `steps` overrides num_steps.
 
+`packed=True` trains on clips of mixed sizes and durations at once, NaViT-packed (Dehghani et
+al. 2023; the Sora report's native-size training): data.sizes draws each clip's (frames, height,
+width) from 32x32, 32x48 and 48x32 canvases of 1 (an image), 5, 9 and 13 frames; each clip is
+encoded alone by the VAE in the input pipeline and its latent tubelets are packed into
+data.batch_size sequences of data.packing.seq_len tokens (one compiled step for every size;
+`genjax.data.recipes.packed_latent_data`). Samples can be drawn at any of those sizes
+(`genjax sample --frames --height --width`).
+
 Data: procedural one-digit Moving MNIST, 9 frames of 32 x 32 (as the video VAE config), captions
 "digit N". Latents 3 x 8 x 8 x 4 (the tiny video VAE: f = 4 in space and time). Model: VideoDiT
 depth 4, width 128, 4 heads, joint space-time attention over (1, 2, 2) tubelets (3 x 4 x 4 = 48
@@ -49,7 +57,7 @@ from genjax.config import parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = parse_arg(arg, smoke=False, vae="", steps=0, objective="v")
+    a = parse_arg(arg, smoke=False, vae="", steps=0, objective="v", packed=False)
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.num_steps = 6_000
@@ -81,6 +89,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.optim.update(lr=1e-3, ema_decay=0.9)
         c.ckpt.update(save_interval_steps=2, max_to_keep=1)
         c.eval.update(sample_every_steps=4, num_samples=2, num_sampling_steps=3)
+    if a.packed:  # f = 4 VAE, (1, 2, 2) tubelets: 13 x 48 x 32 -> 4 x 6 x 4 = 96 tokens, an image 16
+        sizes = [(t, h, w) for t in (1, 5, 9, 13) for h, w in ((32, 32), (32, 48), (48, 32))]
+        c.data.update(batch_size=4, sizes=sizes, packing=dict(seq_len=256, max_per_seq=12))
+        if a.smoke:  # f = 2 VAE: 9 x 48 x 32 -> 5 x 12 x 8 = 480 tokens
+            sizes = [(1, 32, 32), (5, 32, 32), (5, 32, 48), (9, 48, 32)]
+            c.data.update(batch_size=2, sizes=sizes, packing=dict(seq_len=512, max_per_seq=4))
     if a.steps:
         c.num_steps = a.steps
     c.lock()

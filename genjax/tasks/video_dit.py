@@ -10,6 +10,9 @@ S / fs, S / fs, latent_channels).
   data.latents = "on_the_fly" (default): the clips are encoded inside the jitted train step;
   data.latents = "cache": the posterior mean and std (and the caption tokens) are computed once
     into WORKDIR/latents/ (`recipes.latent_cache_data`), so a step costs only the DiT.
+  data.packing = {seq_len, max_per_seq} (with data.sizes, mixed clip sizes): NaViT packing, each
+    clip encoded alone in the input pipeline and its latent tubelets packed into data.batch_size
+    sequences (`_packed`; the loss runs through `VideoDiT.packed`, one time per example).
 Text: captions byte-tokenized (`tokenizer.ByteTokenizer`, task.text_length tokens) and encoded by
 `clip_towers.TextTransformer` (task.text: width, num_layers, num_heads, mlp_dim), trained jointly, or,
 with task.text_encoder = a CLIP workdir, by that CLIP's frozen text tower; the DiT cross-attends
@@ -222,4 +225,72 @@ def build(config, *, mesh=None) -> Task:
         return run(params, rng, jnp.asarray(ids), jnp.asarray(mask), jnp.float32(cfg_scale), init_frames,
                    shape=shape, sampler=sampler, num_steps=num_steps)
 
+    if d.get("packing") is not None:  # NaViT: mixed sizes in fixed (S, L) batches, one compiled step
+        loss_fn, make_data = _packed(config, module, vae_module, vae_params, tokenize, encode_text, schedule)
     return Task(module, init_params, loss_fn, sample_fn, make_data, encode=encode)
+
+
+def _packed(config, module, vae_module, vae_params, tokenize, encode_text, schedule):
+    """`(loss_fn, make_data)` of packed training (data.packing): every example of data.sizes is
+    encoded alone by the frozen VAE in the input pipeline (`recipes.packed_latent_data`), its
+    latent tubelets packed into data.batch_size sequences of data.packing.seq_len tokens; the
+    loss is `losses.diffusion_loss` on the packed tokens (one time per example, padding out)
+    through `VideoDiT.packed`, with each example's own flow shift (`tasks.diffusion.loss_options`
+    of its token count). Raises UserError (before compiling) for a size the VAE or the DiT patch
+    does not divide, an example longer than seq_len, data.latents "cache" or frame conditioning."""
+    from genjax.data import recipes
+    from genjax.diffusion import losses
+
+    d, c = config.data, vae_module.latent_channels
+    fs, ft = vae_module.downsample_factor, vae_module.temporal_downsample_factor
+    check(not module.learn_sigma, "model.learn_sigma", True, "must be false with data.packing")
+    check(d.get("latents", "on_the_fly") == "on_the_fly", "data.latents", d.get("latents"),
+          "must be 'on_the_fly' with data.packing (each example is encoded in the input pipeline)")
+    check(dict(config.diffusion.get("frame_mask_probs", {"none": 1.0})) == {"none": 1.0},
+          "diffusion.frame_mask_probs", dict(config.diffusion.get("frame_mask_probs", {})),
+          "must be {'none': 1.0} with data.packing")
+    pt, ph, pw = module.patch_size
+    sizes = [tuple(z) for z in (d.get("sizes") or [(d.num_frames, d.image_size, d.image_size)])]
+    for t, h, w in sizes:
+        ok = (t - 1) % ft == 0 and (1 + (t - 1) // ft) % pt == 0 and h % (fs * ph) == 0 and w % (fs * pw) == 0
+        check(ok, "data.sizes", (t, h, w), f"each (T, H, W) needs T = 1 + k * {ft} with 1 + k a multiple of {pt}, "
+              f"H a multiple of {fs * ph} and W of {fs * pw} (VAE factors x DiT patch)")
+        tokens = (1 + (t - 1) // ft) // pt * (h // fs // ph) * (w // fs // pw)
+        check(tokens <= d.packing.seq_len, "data.sizes", (t, h, w),
+              f"has {tokens} tokens, more than data.packing.seq_len={d.packing.seq_len}")
+
+    @jax.jit
+    def posterior(x):
+        q = vae_module.apply({"params": vae_params}, x, method=vae_module.encode)
+        return q.mean, q.std
+
+    make_data = recipes.packed_latent_data(config, posterior, patch_size=module.patch_size, inputs=tokenize)
+    scale, shift = vae_module.scaling_factor, vae_module.shift_factor
+
+    def loss_fn(params, batch, rng):
+        vae_rng, model_rng, loss_rng = jax.random.split(rng, 3)
+        seg, tokens = batch["segment_ids"], batch["tokens"]
+        s, l, _ = tokens.shape
+        m = batch["ids"].shape[1]
+        halves = tokens.reshape(s, l, pt * ph * pw, 2 * c)  # (pt, ph, pw, [mean C | std C])
+        mean, std = halves[..., :c], halves[..., c:]
+        x0 = ((mean + std * jax.random.normal(vae_rng, mean.shape) - shift) * scale).reshape(s, l, -1)
+        empty = (batch["example_index"] < 0)[..., None]  # (S, M, 1): give empty slots one valid text token
+        first = jnp.arange(batch["mask"].shape[-1]) == 0
+        text_mask = jnp.where(empty, first, batch["mask"] > 0)
+        ids = jnp.maximum(batch["ids"], 0)
+        text = encode_text(params, ids.reshape(s * m, -1), text_mask.reshape(s * m, -1)).reshape(s, m, *ids.shape[2:], -1)
+
+        def denoise_fn(x_t, t, **cond):
+            return module.apply({"params": params["dit"]}, x_t, seg, batch["positions"], t, **cond,
+                                example_shape=batch["example_shape"], train=True, rngs={"dropout": model_rng},
+                                method=module.packed).astype(jnp.float32)
+
+        num_tokens = jnp.maximum(jnp.prod(batch["example_shape"], axis=-1), 1).astype(jnp.float32)  # (S, M)
+        loss, metrics = losses.diffusion_loss(denoise_fn, x0, loss_rng, schedule=schedule,
+                                              cond={"text": text, "text_mask": text_mask}, segment_ids=seg,
+                                              max_per_seq=m, **diffusion.loss_options(config, num_tokens))
+        real = jnp.sum(seg > 0).astype(jnp.float32)  # the trainer logs examples / tokens per second
+        return loss, {**metrics, "examples": jnp.sum(batch["example_index"] >= 0).astype(jnp.float32),
+                      "tokens": real, "padding": 1 - real / (s * l)}
+    return loss_fn, make_data

@@ -376,9 +376,13 @@ def _train(config, workdir: str, devices) -> dict[str, Any]:
         now = time.perf_counter()
         steps_per_sec = (done - clock_step) / max(now - clock, 1e-9)
         clock, clock_step = now, done
-        rec = {"step": done, **{k: float(v) for k, v in metrics.items() if k != "finite"},
-               "examples_per_sec": steps_per_sec * config.data.batch_size,
-               "mfu": flops * steps_per_sec / peak if flops and peak else None}
+        rec = {"step": done, **{k: float(v) for k, v in metrics.items() if k != "finite"}}
+        # A packed batch counts its real examples and tokens (the logged step's, per micro-batch).
+        per_step = config.optim.grad_accum_steps
+        rec["examples_per_sec"] = steps_per_sec * rec.pop("examples", config.data.batch_size / per_step) * per_step
+        if "tokens" in rec:
+            rec["tokens_per_sec"] = steps_per_sec * rec.pop("tokens") * per_step
+        rec["mfu"] = flops * steps_per_sec / peak if flops and peak else None
         rec["nonfinite_steps"] = int(metrics["nonfinite_steps"])
         rec.pop("nonfinite_streak")
         log.write(rec)
