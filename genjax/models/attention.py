@@ -7,22 +7,18 @@ reference "xla" (float32 logits, an `(B, N, L, S)` array), the memory-linear "bl
 go in as their ingredients (segment ids, key mask, causality), never as an `(L, S)` array, so the
 memory-linear paths build none; every model's `attention_impl` attribute chooses.
 
-Sequence parallelism: under a mesh whose `context` axis has size c > 1 (`jax.set_mesh`, as the
-trainer traces its step; config `mesh.context`), `dot_product_attention` splits the tokens over
-that axis (`genjax.parallel.context`): self-attention as ring attention (each step a
-`blockwise_attention` returning its log-sum-exp) or DeepSpeed-Ulysses (all-to-all to whole
-sequences over N / c heads, then the chosen implementation per device), by config
-`mesh.context_parallel`; cross-attention to un-split text tokens attends each device's queries
-locally. With c = 1 nothing of this runs.
+Sequence parallelism: under a mesh whose `context` axis has size c > 1 (config `mesh.context`),
+`dot_product_attention` splits the tokens over it (`genjax.parallel.context`): self-attention as
+ring attention (blockwise steps merged by log-sum-exp) or DeepSpeed-Ulysses (all-to-all to N / c
+heads), by `mesh.context_parallel`; cross-attention to un-split text is local. c = 1: none of it.
 
   Attention (DiT, video DiT, ViViT, CLIP, PixArt-style cross-attention, conv attention blocks)
-    q = to_q(x), k = to_k(context or x), v = to_v(context or x)        (B, L|S, N, K)
+    q = to_q(x), k = to_k(context or x), v = to_v(context or x)        (B, L|S, N, K), + 3D RoPE
     o = dot_product_attention(q, k, v, segment ids, key mask, causal)  (B, L, N, K)
     out = to_out(o)                                                    (B, L, D_out)
 
-`factorised_attention` runs an attention layer spatially (tokens of one frame) or temporally
-(tokens at one (h, w)) over (t, h, w)-ordered spacetime tokens, on regular grids by reshaping and
-on packed sequences through group ids used as segment ids (ViViT model 3, video DiT).
+`factorised_attention` runs an attention layer spatially (one frame) or temporally (one (h, w)) over
+(t, h, w)-ordered tokens: regular grids by reshaping, packed ones by group ids as segment ids.
 """
 
 from __future__ import annotations
@@ -39,6 +35,7 @@ import numpy as np
 from genjax.errors import check
 from genjax.models.blockwise_attention import blockwise_attention
 from genjax.models.layers import logical, xavier_uniform, zeros
+from genjax.models.spacetime import apply_rope
 from genjax.parallel import context as context_lib
 from genjax.parallel.axes import EMBED, HEADS, KV
 
@@ -354,7 +351,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: Array, context: Array | None = None, *, segment_ids: Array | None = None,
                  context_segment_ids: Array | None = None, context_mask: Array | None = None,
-                 causal: bool = False) -> Array:
+                 causal: bool = False, rope: Array | None = None) -> Array:
         """Attend from x to itself (context None) or to context.
 
         Args:
@@ -367,6 +364,8 @@ class Attention(nn.Module):
           context_mask: `(B, S)` bool, False = key (context token, or token in self-attention)
             ignored: exactly zero weight, equal to slicing those keys away.
           causal: query l attends to keys <= l.
+          rope: `(B, L, K/2)` rotary angles of the tokens (self-attention; `spacetime.rope_angles`),
+            applied to queries and keys (`spacetime.apply_rope`).
 
         Returns:
           `(B, L, out_features or D)` in `dtype`.
@@ -395,6 +394,9 @@ class Attention(nn.Module):
                               dtype=self.dtype, param_dtype=self.param_dtype, name=name)(inp)
 
         q, k, v = proj("to_q", x), proj("to_k", kv_in), proj("to_v", kv_in)
+        if rope is not None:
+            check(context is None, "rope", "given", "is for self-attention")
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         kv_segments = segment_ids if context is None else context_segment_ids
         out = dot_product_attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_segments,
                                     kv_mask=context_mask, causal=causal, implementation=self.attention_impl,
@@ -408,11 +410,11 @@ FACTORISED_AXES = ("spatial", "temporal")
 
 
 def factorised_attention(attn: Callable[..., Array], x: Array, axis: str, *, grid: tuple[int, int, int] | None = None,
-                         group_ids: Array | None = None) -> Array:
+                         group_ids: Array | None = None, rope: Array | None = None) -> Array:
     """Run `attn` over one axis of spacetime tokens: within a frame ("spatial") or at one (h, w) ("temporal").
 
     Args:
-      attn: an `Attention` (called as `attn(tokens)` or `attn(tokens, segment_ids=ids)`).
+      attn: an `Attention` (called as `attn(tokens, rope=...)` or `attn(tokens, segment_ids=ids, rope=...)`).
       x: `(B, L, D)` tokens in (t, h, w) row-major order.
       axis: "spatial" or "temporal".
       grid: `(nt, nh, nw)` of a regular video (L = nt*nh*nw): the tokens are reshaped to
@@ -421,6 +423,7 @@ def factorised_attention(attn: Callable[..., Array], x: Array, axis: str, *, gri
         for spatial or (segment, h, w) for temporal: the tokens are sorted by group id (so each
         group is contiguous and the memory-linear implementations skip the block pairs of
         different groups), attended with the sorted ids as segment ids, and put back in place.
+      rope: `(B, L, K/2)` rotary angles of x's tokens, moved with them (`Attention`'s rope).
 
     Returns:
       `(B, L, D_out)`; both forms give the same numbers on the same tokens.
@@ -435,9 +438,9 @@ def factorised_attention(attn: Callable[..., Array], x: Array, axis: str, *, gri
     check((grid is None) != (group_ids is None), "grid", grid, "give exactly one of grid or group_ids")
     if grid is None:  # sort tokens so each group is contiguous: block-sparse attention skips the rest
         order = jnp.argsort(group_ids, axis=1, stable=True)
-        out = attn(jnp.take_along_axis(x, order[..., None], 1), segment_ids=jnp.take_along_axis(group_ids, order, 1))
-        inverse = jnp.argsort(order, axis=1)
-        return jnp.take_along_axis(out, inverse[..., None], 1)
+        move = lambda a: None if a is None else jnp.take_along_axis(a, order[..., None], 1)  # noqa: E731
+        out = attn(move(x), segment_ids=jnp.take_along_axis(group_ids, order, 1), rope=move(rope))
+        return jnp.take_along_axis(out, jnp.argsort(order, axis=1)[..., None], 1)
     groups = "(b t) s d" if axis == "spatial" else "(b s) t d"  # one attention per group
-    h = einops.rearrange(x, f"b (t s) d -> {groups}", t=grid[0])
-    return einops.rearrange(attn(h), f"{groups} -> b (t s) d", b=x.shape[0])
+    regroup = lambda a: None if a is None else einops.rearrange(a, f"b (t s) d -> {groups}", t=grid[0])  # noqa: E731
+    return einops.rearrange(attn(regroup(x), rope=regroup(rope)), f"{groups} -> b (t s) d", b=x.shape[0])

@@ -7,6 +7,7 @@ defined in `genjax.models.layers`; `grid = (nt, nh, nw)` is the tubelet grid of 
   video (B, T, H, W, C) -> patchify_3d / TubeletEmbed / FramePatchEmbed -> tokens (B, nt*nh*nw, .)
   positions (B, L, 3) as (t, h, w) -> FactorisedPosEmbed -> (B, L, D)
   segment_ids + positions -> group_ids: the groups of factorised attention in packed sequences
+  positions -> rope_angles -> apply_rope on attention queries and keys (3D RoPE)
 
 Token order is (t, h, w) row-major and values inside a tubelet are ordered (pt, ph, pw, C), the
 order of `genjax.data.packing`.
@@ -239,6 +240,38 @@ def segment_grid_sizes(segment_ids: Array, positions: Array) -> Array:
     flat = (jnp.arange(b)[:, None] * (l + 1) + segment_ids).reshape(-1)  # one id per (row, segment)
     top = jax.ops.segment_max(positions.reshape(-1, 3), flat, num_segments=b * (l + 1))
     return (top[flat] + 1).reshape(b, l, 3).astype(jnp.int32)
+
+
+def rope_angles(positions: Array, head_dim: int, theta: float = 10000.0) -> Array:
+    """3D rotary position angles of tokens at `positions (B, L, 3)` int (t, h, w): `(B, L, K/2)` float32.
+
+    The K/2 rotation frequencies of a head of width K are split over the three axes as Wan 2.1
+    does (c = K/2: c - 2 (c // 3) for t, c // 3 for h, c // 3 for w); axis a with n frequencies
+    uses theta^(-2i / 2n), i < n (RoFormer, Su et al. 2021, eq. 15, per axis). Positions are
+    each token's own, so packed sequences and any grid size work (`apply_rope`).
+
+    Raises:
+      UserError: positions not (B, L, 3); K odd or below 6.
+    """
+    check(positions.ndim == 3 and positions.shape[-1] == 3, "positions.shape", tuple(positions.shape),
+          "must be (B, L, 3) as (t, h, w)")
+    check(head_dim % 2 == 0 and head_dim >= 6, "head_dim", head_dim, "must be even and >= 6 for 3D RoPE")
+    c = head_dim // 2
+    angles = []
+    for axis, n in enumerate((c - 2 * (c // 3), c // 3, c // 3)):
+        inv_freq = 1.0 / theta ** (np.arange(0, 2 * n, 2, dtype=np.float64) / (2 * n))
+        angles.append(positions[..., axis:axis + 1].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32))
+    return jnp.concatenate(angles, axis=-1)
+
+
+def apply_rope(x: Array, angles: Array) -> Array:
+    """Rotate each consecutive pair (x[2i], x[2i+1]) of `x (B, L, N, K)` by `angles (B, L, K/2)`
+    (as complex numbers times e^{i angle}, Wan 2.1 `rope_apply`), in float32; x's dtype out."""
+    pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+    cos, sin = jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]
+    re = pairs[..., 0] * cos - pairs[..., 1] * sin
+    im = pairs[..., 0] * sin + pairs[..., 1] * cos
+    return jnp.stack([re, im], axis=-1).reshape(x.shape).astype(x.dtype)
 
 
 class FactorisedPosEmbed(nn.Module):

@@ -9,6 +9,7 @@ Open-Sora STDiT (spatial then temporal attention per block); Chen et al. 2023, P
 (patch n' pack). Dimension letters are defined in `genjax.models.layers`.
 
   x (B, T, H, W, C) latents -> TubeletEmbed (pt, ph, pw) + FactorisedPosEmbed (t, h, w) -> (B, L, D)
+     (or pos_embed "rope": no added embedding; 3D RoPE on q, k in every self-attention)
      or packed tubelets (S, L, P) + segment_ids (S, L) + positions (S, L, 3)   (genjax.data.packing)
   c = TimestepEmbedder(t) [+ pooled text] [+ label]   per example, or per (example, frame)
   depth x VideoDiTBlock: adaLN-Zero self-attention ("joint" over all tokens of an example, or
@@ -37,7 +38,7 @@ from genjax.models.adaln import FinalLayer, TextEmbedder, adaln_norm, cfg_drop, 
 from genjax.models.attention import Attention, factorised_attention
 from genjax.models.layers import REMAT_POLICIES, SIZES, Mlp, TimestepEmbedder, stack_blocks
 from genjax.models.spacetime import (POS_EMBED_KINDS, FactorisedPosEmbed, TubeletEmbed, grid_positions, group_ids,
-                                     unpatchify_3d)
+                                     rope_angles, unpatchify_3d)
 from genjax.parallel.axes import BATCH, LENGTH
 
 Dtype = Any
@@ -45,6 +46,7 @@ Array = jax.Array
 Grid = tuple[int, int, int]
 
 ATTENTION_KINDS = ("joint", "factorised")
+VIDEO_POS_EMBEDS = (*POS_EMBED_KINDS, "rope")
 
 
 class VideoDiTBlock(nn.Module):
@@ -62,7 +64,8 @@ class VideoDiTBlock(nn.Module):
     packed sequences (grid None) use `frame_ids` / `location_ids` from `spacetime.group_ids` as
     attention segments. Call positional args (for `nn.scan`): `x, c (B, G, D), c_index (B, L) | None,
     segment_ids, frame_ids, location_ids, context (B, S, D), context_mask (B, S),
-    context_segment_ids (B, S)` (unused ones None; see `adaln.per_token` for c / c_index).
+    context_segment_ids (B, S), rope (B, L, K/2)` (unused ones None; see `adaln.per_token` for c /
+    c_index; rope: 3D rotary angles of the tokens, `spacetime.rope_angles`).
     """
 
     hidden_size: int
@@ -77,7 +80,7 @@ class VideoDiTBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, c, c_index, segment_ids, frame_ids, location_ids, context, context_mask,
-                 context_segment_ids):
+                 context_segment_ids, rope):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attns = [("attn", None, segment_ids)] if self.attention == "joint" else [
             ("attn_spatial", "spatial", frame_ids), ("attn_temporal", "temporal", location_ids)]
@@ -87,9 +90,9 @@ class VideoDiTBlock(nn.Module):
             h = adaln_norm(x, shift, scale, dtype=self.dtype, name=f"norm_{name}")
             attn = Attention(self.num_heads, attention_impl=self.attention_impl, **kw, name=name)
             if axis is None:
-                h = attn(h, segment_ids=ids)
+                h = attn(h, segment_ids=ids, rope=rope)
             else:
-                h = factorised_attention(attn, h, axis, grid=self.grid, group_ids=None if self.grid else ids)
+                h = factorised_attention(attn, h, axis, grid=self.grid, group_ids=None if self.grid else ids, rope=rope)
             x = x + (gate * h).astype(self.dtype)
         if self.cross_attention:
             x = x + Attention(self.num_heads, zero_init_out=True, attention_impl=self.attention_impl, **kw,
@@ -110,8 +113,11 @@ class VideoDiT(nn.Module):
       in_channels: C of the latents. hidden_size: D. depth: blocks. num_heads: N. mlp_ratio.
       attention: "joint" (full spacetime attention, Sora / VDT) | "factorised" (spatial then
         temporal in each block, ViViT model 3 / Latte / Open-Sora STDiT).
-      pos_embed: "sincos" (fixed, any grid) | "learned" | "fractional" (`spacetime.FactorisedPosEmbed`);
-        max_grid: its (max_t, max_h, max_w) in tubelets (used by "learned" / "fractional").
+      pos_embed: "sincos" (fixed, any grid) | "learned" | "fractional" (`spacetime.FactorisedPosEmbed`,
+        added to the tokens) | "rope" (3D rotary embedding of queries and keys in every
+        self-attention, head dim split over (t, h, w) as Wan 2.1, `spacetime.rope_angles`; relative,
+        so any grid and longer or larger samples than in training); max_grid: (max_t, max_h,
+        max_w) in tubelets (used by "learned" / "fractional").
       num_classes: class labels (0 = none; id num_classes = null class when class_dropout_prob > 0).
       class_dropout_prob / text_dropout_prob: CFG dropout probabilities in training.
       context_dim: Dc, the width of the text-encoder tokens, or None for no text (`adaln.TextEmbedder`).
@@ -163,7 +169,7 @@ class VideoDiT(nn.Module):
         for field in ("depth", "hidden_size", "num_heads"):
             check(getattr(self, field) >= 1, field, getattr(self, field), "must be >= 1")
         check(self.attention in ATTENTION_KINDS, "attention", self.attention, f"must be one of {ATTENTION_KINDS}")
-        check(self.pos_embed in POS_EMBED_KINDS, "pos_embed", self.pos_embed, f"must be one of {POS_EMBED_KINDS}")
+        check(self.pos_embed in VIDEO_POS_EMBEDS, "pos_embed", self.pos_embed, f"must be one of {VIDEO_POS_EMBEDS}")
         check(self.remat in REMAT_POLICIES, "remat", self.remat, f"must be one of {sorted(REMAT_POLICIES)}")
         if self.num_classes:
             check(y is not None and jnp.shape(y) == lead, "y.shape", None if y is None else jnp.shape(y),
@@ -286,8 +292,12 @@ class VideoDiT(nn.Module):
         d, b = self.hidden_size, t_rows.shape[0]
         packed = segment_ids is not None
         h, _ = TubeletEmbed(d, tuple(self.patch_size), self.in_channels, **kw, name="x_embedder")(x)
-        h = h + FactorisedPosEmbed(d, *self.max_grid, kind=self.pos_embed, **kw, name="pos_embed")(
-            positions, grid_sizes=grid_sizes, segment_ids=segment_ids)
+        rope = None
+        if self.pos_embed == "rope":
+            rope = rope_angles(positions, d // self.num_heads)
+        else:
+            h = h + FactorisedPosEmbed(d, *self.max_grid, kind=self.pos_embed, **kw, name="pos_embed")(
+                positions, grid_sizes=grid_sizes, segment_ids=segment_ids)
 
         c = TimestepEmbedder(d, self.frequency_embedding_size, **kw, name="t_embedder")(
             t_rows.reshape(-1)).reshape(*t_rows.shape, d)
@@ -316,7 +326,7 @@ class VideoDiT(nn.Module):
             location_ids = group_ids(segment_ids, positions[..., 1:])
         block_kw = dict(hidden_size=d, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, attention=self.attention,
                         grid=grid, cross_attention=bool(self.context_dim), attention_impl=self.attention_impl, **kw)
-        args = (c, c_index, segment_ids, frame_ids, location_ids, context, context_mask, context_segment_ids)
+        args = (c, c_index, segment_ids, frame_ids, location_ids, context, context_mask, context_segment_ids, rope)
         h = stack_blocks(VideoDiTBlock, block_kw, self.depth, "blocks", h, *args, scan=self.scan, remat=self.remat)
         return FinalLayer(int(np.prod(self.patch_size)) * self.out_dim, **kw, name="final_layer")(h, c, c_index)
 

@@ -74,11 +74,12 @@ def _packed_fn(m):
     return jax.jit(lambda p, batch, t, tx, tm: video_dit.apply_packed(m, p, batch, t, text=tx, text_mask=tm))
 
 
-@pytest.mark.parametrize("attention", ["joint", "factorised"])
-def test_packed_equals_each_example_alone(attention, setup):
+@pytest.mark.parametrize("attention, pos_embed", [("joint", "sincos"), ("factorised", "sincos"),
+                                                   ("joint", "rope"), ("factorised", "rope")])
+def test_packed_equals_each_example_alone(attention, pos_embed, setup):
     m, params, apply = setup
-    if attention == "factorised":  # other block parameters (attn_spatial, attn_temporal, 9 modulations)
-        m = m.clone(attention=attention)
+    if (attention, pos_embed) != ("joint", "sincos"):  # factorised: attn_spatial, attn_temporal, 9 modulations
+        m = m.clone(attention=attention, pos_embed=pos_embed)
         x, t, text, mask = _args()
         params = _random_params(m, x, t, text=text, text_mask=mask)
         apply = jax.jit(m.apply)
@@ -254,3 +255,40 @@ def test_bad_packed_input_raises(setup):
         video_dit.apply_packed(m, params, {**batch, "segment_ids": batch["segment_ids"][:, :5]}, np.zeros((2, 3)), **ok)
     with pytest.raises(UserError, match="variant"):
         video_dit.Model(variant="XXL/2")
+
+
+def test_rope_matches_wan_complex_rotation_and_is_relative():
+    """3D RoPE: `apply_rope(x, rope_angles(positions, K))` equals Wan 2.1's rope_apply, written here
+    with complex numbers (pairs as complex, K/2 = c frequencies split c - 2(c//3), c//3, c//3 over
+    t, h, w, theta^(-2i/dim) per axis); and attention under RoPE depends only on position
+    differences, so shifting every position leaves the output unchanged."""
+    from genjax.models.attention import Attention
+    from genjax.models.spacetime import apply_rope, rope_angles
+
+    rng = np.random.default_rng(0)
+    k_dim, b, l, n = 20, 2, 7, 3
+    pos = rng.integers(0, 30, size=(b, l, 3))
+    x = rng.normal(size=(b, l, n, k_dim)).astype(np.float32)
+    c = k_dim // 2
+    splits = [c - 2 * (c // 3), c // 3, c // 3]
+    freqs = []
+    for axis, dim in zip(range(3), [2 * s for s in splits]):
+        inv = 1.0 / np.power(10000.0, np.arange(0, dim, 2) / dim)
+        freqs.append(np.exp(1j * np.outer(pos[..., axis].ravel(), inv)).reshape(b, l, -1))
+    rot = np.concatenate(freqs, axis=-1)[:, :, None]  # (b, l, 1, c)
+    xc = x.astype(np.float64).reshape(b, l, n, c, 2)
+    want = (xc[..., 0] + 1j * xc[..., 1]) * rot
+    want = np.stack([want.real, want.imag], axis=-1).reshape(x.shape)
+    got = np.asarray(apply_rope(jnp.asarray(x), rope_angles(jnp.asarray(pos), k_dim)))
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+    attn = Attention(num_heads=2)
+    h = rng.normal(size=(b, l, 24)).astype(np.float32)
+    params = attn.init(jax.random.key(0), h)
+    small = pos % 8
+    out = attn.apply(params, h, rope=rope_angles(jnp.asarray(small), 12))
+    shifted = attn.apply(params, h, rope=rope_angles(jnp.asarray(small + np.array([3, 5, 2])), 12))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(shifted), atol=2e-5)
+    assert np.abs(np.asarray(out) - np.asarray(attn.apply(params, h))).max() > 1e-3  # RoPE changes it
+    with pytest.raises(UserError, match=r"^rope='given': is for self-attention"):
+        attn.apply(params, h, h, rope=rope_angles(jnp.asarray(small), 12))
