@@ -95,6 +95,43 @@ def _resize_and_crop(frames: np.ndarray, size: int, crop: str | None, rng: np.ra
     return frames[:, y : y + size, x : x + size]
 
 
+CAPTION_FILES = ("captions.jsonl", "captions.csv")
+
+
+def _read_captions(file: str | None, root: str, videos: Sequence[str]) -> dict[str, str]:
+    """{video path: caption} from a sidecar file (see `VideoFolderSource`); {} without one."""
+    import csv
+    import json
+
+    if file is None:
+        return {}
+    check(os.path.isfile(file) and file.endswith((".jsonl", ".csv")), "captions", file,
+          "must be an existing .jsonl or .csv file")
+    rows = []
+    with open(file, encoding="utf-8", newline="") as f:
+        if file.endswith(".csv"):
+            reader = csv.DictReader(f)
+            check(set(reader.fieldnames or ()) >= {"path", "caption"}, "captions", file,
+                  f"must have a 'path,caption' header (found {reader.fieldnames})")
+            rows = [(i + 2, r) for i, r in enumerate(reader)]
+        else:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append((i, json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"captions={file!r}: line {i}: not JSON ({e.msg})") from None
+    out = {}
+    for line, row in rows:
+        ok = isinstance(row, dict) and isinstance(row.get("path"), str) and isinstance(row.get("caption"), str)
+        check(ok, "captions", file, f"line {line} must give a string 'path' and 'caption'")
+        out[os.path.normpath(os.path.join(root, row["path"]))] = row["caption"]
+    missing = [p for p in videos if os.path.normpath(p) not in out]
+    check(not missing, "captions", file, f"has no caption for {len(missing)} of {len(videos)} videos, "
+          f"e.g. {os.path.relpath(missing[0], root) if missing else ''!r}")
+    return {p: out[os.path.normpath(p)] for p in videos}
+
+
 def _check_size(size) -> None:
     check(
         size is None or (isinstance(size, (int, np.integer)) and size >= 1),
@@ -119,7 +156,8 @@ class VideoFolderSource:
 
     `__getitem__(i)` decodes only that clip's frames (ffmpeg seeks to the clip; GIF iterates),
     optionally resizes the shorter side to `size` and crops a `size` x `size` square, and returns
-    `{"video": uint8 (clip_length, H, W, 3), "caption": file stem, "path": str}`. The random crop
+    `{"video": uint8 (clip_length, H, W, 3), "caption": str, "path": str}`; the caption is the
+    video's line in the sidecar captions file, or its file stem when there is none. The random crop
     offset is a pure function of (seed, i): the same clip gets the same crop every epoch and in
     every worker.
 
@@ -135,14 +173,19 @@ class VideoFolderSource:
       seed: seed of the random crop.
       extensions: file name endings that count as videos (case-insensitive), a subset of
         `genjax.io.media.VIDEO_EXTENSIONS`.
+      captions: a sidecar file of captions, one line per video: JSON Lines `{"path": ..., "caption":
+        ...}` (.jsonl) or CSV `path,caption` with that header (.csv), paths relative to the folder;
+        default `captions.jsonl` or `captions.csv` in the folder if one exists, else the file stems.
+        Every readable video must have a caption.
 
     Attributes:
       videos: list of (path, num_frames) of the readable videos, in index order.
       num_skipped, skipped_files: the unreadable files that were skipped.
 
     Raises:
-      UserError: a bad argument, a missing folder, a folder without (readable) videos, or a clip
-        longer than every video; all before any clip is decoded. `__getitem__` raises UserError
+      UserError: a bad argument, a missing folder, a folder without (readable) videos, a clip
+        longer than every video, a captions file that cannot be parsed or lacks a video's caption
+        (naming the first); all before any clip is decoded. `__getitem__` raises UserError
         naming the file when a clip cannot be decoded.
     """
 
@@ -157,6 +200,7 @@ class VideoFolderSource:
         clips_per_video: str | int = "all",
         seed: int = 0,
         extensions: Sequence[str] = VIDEO_EXTENSIONS,
+        captions: str | None = None,
     ):
         check(isinstance(clip_length, (int, np.integer)) and clip_length >= 1, "clip_length", clip_length, "must be an int >= 1")
         check(isinstance(frame_stride, (int, np.integer)) and frame_stride >= 1, "frame_stride", frame_stride, "must be an int >= 1")
@@ -201,6 +245,9 @@ class VideoFolderSource:
             f"(longest: {longest} frames, {longest_path}); ask for fewer (e.g. --set clip_length={(longest - 1) // self.frame_stride + 1})",
         )
 
+        self.captions_file = captions or next((os.path.join(self.path, name) for name in CAPTION_FILES
+                                               if os.path.isfile(os.path.join(self.path, name))), None)
+        self.captions = _read_captions(self.captions_file, self.path, [p for p, _ in self.videos])
         video_ids, starts = [], []
         for vid, (_, n) in enumerate(self.videos):
             clip_starts = np.arange(0, n - self.span + 1, self.span)
@@ -234,15 +281,15 @@ class VideoFolderSource:
         if self.size is not None:
             rng = np.random.default_rng([self.seed, index]) if self.crop == "random" else None
             video = _resize_and_crop(video, self.size, self.crop, rng)
-        stem = os.path.splitext(os.path.basename(path))[0]
-        return {"video": video, "caption": stem, "path": path}
+        caption = self.captions.get(path, os.path.splitext(os.path.basename(path))[0])
+        return {"video": video, "caption": caption, "path": path}
 
     def __repr__(self) -> str:
         return (
             f"VideoFolderSource(path={self.path!r}, clip_length={self.clip_length}, "
             f"frame_stride={self.frame_stride}, size={self.size}, crop={self.crop!r}, "
             f"clips_per_video={self.clips_per_video!r}, seed={self.seed}, videos={len(self.videos)}, "
-            f"clips={len(self)}, skipped={self.num_skipped})"
+            f"clips={len(self)}, skipped={self.num_skipped}, captions={self.captions_file!r})"
         )
 
 

@@ -31,13 +31,20 @@ def image_inputs(example: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def video_inputs(example: Mapping[str, Any]) -> dict[str, Any]:
-    """A Moving MNIST example -> `{"video", "label" int32}` (the first digit's label)."""
-    return {"video": example["video"], "label": np.int32(example["labels"][0])}
+    """A video example -> `{"video", "label" int32}`: Moving MNIST's first digit, -1 for an
+    unlabelled clip (a video folder)."""
+    labels = example.get("labels")
+    return {"video": example["video"], "label": np.int32(-1 if labels is None else labels[0])}
+
+
+def is_video(config) -> bool:
+    """Whether config.data.dataset is a video dataset: moving_mnist or video_folder:PATH."""
+    return config.data.dataset == "moving_mnist" or config.data.dataset.startswith("video_folder:")
 
 
 def media_key(config) -> str:
-    """"video" for video datasets (Moving MNIST), else "image"."""
-    return "video" if config.data.dataset == "moving_mnist" else "image"
+    """"video" for video datasets (`is_video`), else "image"."""
+    return "video" if is_video(config) else "image"
 
 
 def labelled_inputs(config) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
@@ -47,7 +54,7 @@ def labelled_inputs(config) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
 
 # The fields of config.data that the recipes read (a task family may read more: its DATA_KEYS).
 DATA_KEYS = ("dataset", "split", "batch_size", "image_size", "channels", "num_frames", "num_digits",
-             "num_examples", "data_dir", "crop", "random_flip", "sizes", "packing")
+             "num_examples", "data_dir", "crop", "random_flip", "sizes", "packing", "frame_stride", "captions")
 # The fields of config.data.packing (NaViT patch n' pack; `packed_latent_data`).
 PACKING_KEYS = ("seq_len", "max_per_seq")
 
@@ -78,8 +85,11 @@ def validate(config) -> None:
 
 def source(config, split: str):
     """`config.data.dataset` for `split`; Moving MNIST takes data.num_frames / image_size /
-    num_examples / num_digits; a TFDS dataset is read from data.data_dir (empty / absent: TFDS's
-    default folder, $TFDS_DATA_DIR or ~/tensorflow_datasets)."""
+    num_examples / num_digits (/ sizes); "video_folder:PATH" gives clips of data.num_frames frames
+    every data.frame_stride (default 1), resized and center-cropped to data.image_size, captioned
+    from data.captions (default: the folder's captions.jsonl / .csv, else file stems;
+    `folders.VideoFolderSource`); a TFDS dataset is read from data.data_dir (empty / absent:
+    TFDS's default folder, $TFDS_DATA_DIR or ~/tensorflow_datasets)."""
     from genjax.data import sources
 
     d = config.data
@@ -89,6 +99,10 @@ def source(config, split: str):
                                    image_size=d.image_size, num_examples=d.num_examples,
                                    num_digits=d.get("num_digits", 1), seed=config.seed,
                                    sizes=None if sizes is None else [tuple(z) for z in sizes])
+    if d.dataset.startswith("video_folder:"):
+        return sources.make_source(d.dataset, split=split, clip_length=d.num_frames, size=d.image_size,
+                                   crop="center", frame_stride=d.get("frame_stride", 1),
+                                   captions=d.get("captions") or None, seed=config.seed)
     data_dir = d.get("data_dir", "") or None
     return sources.make_source(d.dataset, split=split, **({"data_dir": data_dir} if data_dir else {}))
 
@@ -139,7 +153,10 @@ def pixel_data(config, inputs: Callable | None = None):
 
 
 def fixed_examples(config, num: int, split: str = "test") -> dict[str, np.ndarray]:
-    """The first `num` examples of `split` as float32 [-1, 1] pixels (+ int32 labels), in order."""
+    """The first `num` examples of `split` as float32 [-1, 1] pixels (+ int32 labels), in order.
+    A folder dataset is one split: its examples come from data.split."""
+    if config.data.dataset.startswith(("video_folder:", "image_folder:")):
+        split = config.data.split
     src = source(config, split)
     ds = dataset(config, src, pixel_transforms(config, src, (labelled_inputs(config),)), shuffle=False,
                  shard_index=0, shard_count=1, num_epochs=1, drop_remainder=False)
@@ -177,8 +194,9 @@ def latent_cache_data(config, posterior: Callable, *, meta: Mapping[str, Any], i
         full = {**meta, "dataset": config.data.dataset, "split": config.data.split,
                 "image_size": config.data.image_size}
         if key == "video":
-            full.update(num_frames=config.data.num_frames, num_examples=config.data.num_examples,
-                        num_digits=config.data.get("num_digits", 1), seed=config.seed)
+            full.update(num_frames=config.data.num_frames, num_examples=config.data.get("num_examples"),
+                        num_digits=config.data.get("num_digits", 1), seed=config.seed,
+                        frame_stride=config.data.get("frame_stride", 1), clips=len(src))
         # Non-default preprocessing is part of what the cache was computed from (a flip is drawn
         # once per example when the cache is filled, as the feature-caching DiT ports fast-DiT /
         # LightningDiT do).

@@ -30,8 +30,8 @@ same model does image-to-video and extension.
 sample_fn(params, rng, cond=None, *, sampler=None, num_steps=None, cfg_scale=None,
 init_frames=None, num_frames=None, height=None, width=None) -> uint8 videos (N, T, H, W, C):
   cond: prompts, a list of N non-empty str of valid UTF-8, each at most task.text_length - 2 bytes
-    (longer ones are refused, not cut) (default "digit 0" ... "digit 9" cycled to
-    eval.num_samples); classifier-free guidance against the null text (force_drop_ids = 1).
+    (longer ones are refused, not cut) (default eval.prompts, or "digit 0" ... "digit 9", cycled
+    to eval.num_samples); classifier-free guidance against the null text (force_drop_ids = 1).
   sampler, num_steps, cfg_scale: default config.eval's (`tasks.diffusion.sampling_options`).
   init_frames: optional uint8 (N, K, H, W, C) first frames, K = 1 + j * ft < T: encoded by the VAE
     (posterior mode) and kept as the first 1 + j latent frames (image-to-video with K = 1).
@@ -62,6 +62,7 @@ from genjax.tasks import DTYPES, Task, diffusion, is_model_dir, load_frozen, mak
 TASK_KEYS = ("vae", "text_encoder", "text", "text_length", "latent_scale")
 DATA_KEYS = ("latents",)
 DIFFUSION_KEYS = (*diffusion.DIFFUSION_KEYS, "frame_mask_probs")
+EVAL_KEYS = ("prompts",)  # default prompts of samples (default DEFAULT_PROMPTS)
 DEFAULT_PROMPTS = tuple(f"digit {i}" for i in range(10))
 
 
@@ -113,12 +114,13 @@ def _text_tower(t, tok, mesh, dtype):
 
 
 def build(config, *, mesh=None) -> Task:
+    from genjax.data import recipes
     from genjax.diffusion import frame_conditioning, losses
     from genjax.models import tokenizer, video_dit
     from genjax.tasks import clip as clip_task, diffusion
 
     d, t, e = config.data, config.task, config.eval
-    check(d.dataset == "moving_mnist", "data.dataset", d.dataset, "video_dit trains on moving_mnist")
+    check(recipes.is_video(config), "data.dataset", d.dataset, "video_dit trains on moving_mnist or video_folder:PATH")
     vae_module, vae_params = load_frozen(t.vae, mesh=mesh, family_name="video_vae")
     if t.get("latent_scale", 0.0):
         vae_module = vae_module.clone(scaling_factor=float(t.latent_scale))
@@ -200,7 +202,8 @@ def build(config, *, mesh=None) -> Task:
     def sample_fn(params, rng, cond=None, *, sampler=None, num_steps=None, cfg_scale=None, init_frames=None,
                   num_frames=None, height=None, width=None):
         sampler, num_steps, cfg_scale = diffusion.sampling_options(config, sampler, num_steps, cfg_scale)
-        prompts = [DEFAULT_PROMPTS[i % 10] for i in range(e.num_samples)] if cond is None else cond
+        defaults = tuple(e.get("prompts") or DEFAULT_PROMPTS)
+        prompts = [defaults[i % len(defaults)] for i in range(e.num_samples)] if cond is None else cond
         tok.check_fits(prompts, length, "prompts")  # a prompt cut at text_length changes the sample
         for i, p in enumerate(prompts):
             check(p.strip() != "", f"prompts[{i}]", p, "must be a non-empty string")

@@ -19,10 +19,11 @@ def make_module(config):
 
 def build(config, *, mesh=None) -> Task:
     del mesh
+    from genjax.data import recipes
     from genjax.tasks import autoencoder
 
     d = config.data
-    check(d.dataset == "moving_mnist", "data.dataset", d.dataset, "video_vae trains on moving_mnist")
+    check(recipes.is_video(config), "data.dataset", d.dataset, "video_vae trains on moving_mnist or video_folder:PATH")
     module = make_module(config)
     fs, ft = module.downsample_factor, module.temporal_downsample_factor
     check(d.image_size % fs == 0, "data.image_size", d.image_size, f"must be divisible by {fs}")
