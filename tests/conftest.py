@@ -40,3 +40,20 @@ def smoke_demo(tmp_path_factory):
     with contextlib.redirect_stdout(out):
         assert cli.main(["demo", "--smoke", "--workdir", workdir]) == 0
     return workdir, out.getvalue(), time.perf_counter() - start
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Make `--dist loadgroup` group again: pytest-xdist 3.8 marks an `xdist_group` test by
+    suffixing `item._nodeid` with "@group", which pytest 9 no longer reads (a node's id lives in
+    `item._id`), so the groups were split over workers and the smoke demo ran twice. The same
+    suffix is applied here through pytest's own id type (a no-op where xdist's still works)."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    from _pytest.nodeid import coerce_node_id
+
+    for item in items:
+        names = sorted({m.args[0] if m.args else m.kwargs.get("name", "default")
+                        for m in item.iter_markers("xdist_group")})
+        if names and item.nodeid.rfind("@") <= item.nodeid.rfind("]"):
+            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(names)}")
