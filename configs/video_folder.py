@@ -20,7 +20,9 @@ RGB in [-1, 1]; every non-overlapping clip of every video. Models: the video VAE
 `configs/video_vae_moving_mnist.py` ("tiny": f = 4 in space and time, 4 latent channels) on 3
 channels; the DiT of `configs/video_dit_moving_mnist.py` (depth 4, width 128, (1, 2, 2) tubelets:
 5 x 8 x 8 = 320 tokens per clip) with a byte-level text tower of 77 tokens, trained with
-rectified flow (`objective=`) and sampled with Euler. Check `genjax data show
+rectified flow (`objective=`) and sampled with Euler. `packed=True` (stage dit) keeps every clip's
+aspect ratio instead of cropping: each is resized (never up) to fit 1,024 latent tokens and the
+clips are NaViT-packed into 8 sequences per batch (`genjax.tasks.video_dit`). Check `genjax data show
 video_folder:/data/clips --set clip_length=17` first.
 
 Hardware and run time: ONE GPU or TPU core is the intended target; the full runs (20k VAE steps
@@ -44,7 +46,7 @@ STAGES = ("vae", "dit")
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = parse_arg(arg, stage="vae", path="", vae="", captions="", prompt="a video", smoke=False, steps=0,
-                  image_size=64, num_frames=17, frame_stride=1, objective="flow")
+                  image_size=64, num_frames=17, frame_stride=1, objective="flow", packed=False)
     check(a.stage in STAGES, "stage", a.stage, f"must be one of {STAGES}")
     check(a.path != "", "path", a.path, "must be the folder of video files (path=/data/clips)")
     check(a.stage == "vae" or a.vae != "", "vae", a.vae, "must be the stage=vae workdir for stage=dit")
@@ -63,6 +65,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.latents = "on_the_fly"
         c.task.text_length = 77
         c.eval.prompts = [a.prompt]
+        if a.packed:  # native aspect ratios, each clip resized to fit seq_len tokens, NaViT-packed
+            c.data.update(batch_size=2 if a.smoke else 8,
+                          packing=dict(seq_len=512 if a.smoke else 1024, max_per_seq=4 if a.smoke else 8))
     if a.smoke:
         c.num_steps = 2
         c.ckpt.update(save_interval_steps=2, max_to_keep=1)

@@ -8,12 +8,13 @@ trainer saves that state in its checkpoints.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np
 
-from genjax.errors import check
+from genjax.errors import UserError, check
 
 
 def resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
@@ -47,8 +48,8 @@ def make_dataset(source: Sequence[dict[str, Any]], *, batch_size: int, seed: int
                  transforms: Sequence[grain.transforms.Map | grain.transforms.RandomMap
                                       | Callable[[dict], dict]] = (),
                  shard_index: int | None = None, shard_count: int | None = None,
-                 drop_remainder: bool = True,
-                 read_options: grain.ReadOptions | None = None) -> grain.DatasetIterator:
+                 drop_remainder: bool = True, read_options: grain.ReadOptions | None = None,
+                 skip_unreadable: bool = False) -> grain.DatasetIterator:
     """Build a checkpointable iterator of batches over a random-access `source`.
 
     Steps (grain `MapDataset`): `source` -> shard: process `shard_index` of `shard_count`
@@ -66,6 +67,8 @@ def make_dataset(source: Sequence[dict[str, Any]], *, batch_size: int, seed: int
     Returns a grain `DatasetIterator` yielding dicts of numpy arrays (B, ...) with
     B = batch_size // shard_count; `get_state()` / `set_state(state)` save and restore its
     position. `read_options` sets grain's prefetch threads and buffer (grain's defaults if None).
+    `skip_unreadable`: an example the source cannot read (`UserError`, e.g. a clip that does not
+    decode) is skipped and named on stderr (`SkipUnreadable`) instead of stopping the run.
 
     Raises `UserError` if batch_size < 1 or not divisible by shard_count, the shard has fewer
     examples than one batch (with drop_remainder), num_epochs < 1, or the shard arguments are
@@ -83,25 +86,57 @@ def make_dataset(source: Sequence[dict[str, Any]], *, batch_size: int, seed: int
           f"fewer than one batch of {local_batch}")
 
     ds = example_dataset(source, seed=seed, shuffle=shuffle, num_epochs=num_epochs, transforms=transforms,
-                         shard_index=shard_index, shard_count=shard_count)
+                         shard_index=shard_index, shard_count=shard_count, skip_unreadable=skip_unreadable)
+    if skip_unreadable:  # grain batches a filtered dataset only as an IterDataset
+        return iter(ds.to_iter_dataset(read_options).batch(local_batch, drop_remainder=drop_remainder))
     ds = ds.batch(local_batch, drop_remainder=drop_remainder)
     return iter(ds.to_iter_dataset(read_options))
 
 
+class SkipUnreadable:
+    """A random-access source whose unreadable examples (`UserError` from the source, e.g. a clip
+    that does not decode) read as None, each named once on stderr and counted in `skipped`
+    (indices); `example_dataset(skip_unreadable=True)` filters them out."""
+
+    def __init__(self, source: Sequence[dict[str, Any]]):
+        self.source, self.skipped = source, []
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.source[index]
+        except UserError as e:
+            if index not in self.skipped:
+                self.skipped.append(index)
+                print(f"genjax: warning: skipping unreadable example {index} "
+                      f"({len(self.skipped)} so far): {e}", file=sys.stderr)
+            return None
+
+    def __repr__(self) -> str:
+        return f"SkipUnreadable({self.source!r}, skipped={len(self.skipped)})"
+
+
 def example_dataset(source: Sequence[dict[str, Any]], *, seed: int = 0, shuffle: bool = True,
                     num_epochs: int | None = None, transforms: Sequence = (),
-                    shard_index: int | None = None, shard_count: int | None = None) -> grain.MapDataset:
+                    shard_index: int | None = None, shard_count: int | None = None,
+                    skip_unreadable: bool = False) -> grain.MapDataset:
     """`make_dataset`'s steps before batching (shard, shuffle, repeat, transforms), as a grain
     `MapDataset` of single examples: the input of a packer (`genjax.data.packing.packed_batches`),
-    whose examples differ in size. Raises `UserError` for bad shard arguments or num_epochs."""
+    whose examples differ in size. With `skip_unreadable` the source is wrapped in
+    `SkipUnreadable` and its None examples filtered out before the transforms (iterate it as an
+    IterDataset). Raises `UserError` for bad shard arguments or num_epochs."""
     shard_index, shard_count = resolve_shard(shard_index, shard_count)
     check(num_epochs is None or num_epochs >= 1, "num_epochs", num_epochs, "must be None or >= 1")
     per_shard = len(source) // shard_count
-    ds = grain.MapDataset.source(source)
+    ds = grain.MapDataset.source(SkipUnreadable(source) if skip_unreadable else source)
     ds = ds[shard_index:per_shard * shard_count:shard_count]
     if shuffle:
         ds = ds.shuffle(seed=_seed(seed, shard_index))
     ds = ds.repeat(num_epochs)
+    if skip_unreadable:
+        ds = ds.filter(lambda example: example is not None)
     for position, transform in enumerate(transforms):
         if isinstance(transform, grain.transforms.RandomMap):
             ds = ds.random_map(transform, seed=_seed(seed, shard_index, position + 1))

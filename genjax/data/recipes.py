@@ -86,7 +86,8 @@ def validate(config) -> None:
 def source(config, split: str):
     """`config.data.dataset` for `split`; Moving MNIST takes data.num_frames / image_size /
     num_examples / num_digits (/ sizes); "video_folder:PATH" gives clips of data.num_frames frames
-    every data.frame_stride (default 1), resized and center-cropped to data.image_size, captioned
+    every data.frame_stride (default 1), resized and center-cropped to data.image_size (with
+    data.packing: at their native size and aspect, fitted to the token budget by the task), captioned
     from data.captions (default: the folder's captions.jsonl / .csv, else file stems;
     `folders.VideoFolderSource`); a TFDS dataset is read from data.data_dir (empty / absent:
     TFDS's default folder, $TFDS_DATA_DIR or ~/tensorflow_datasets)."""
@@ -99,10 +100,12 @@ def source(config, split: str):
                                    image_size=d.image_size, num_examples=d.num_examples,
                                    num_digits=d.get("num_digits", 1), seed=config.seed,
                                    sizes=None if sizes is None else [tuple(z) for z in sizes])
-    if d.dataset.startswith("video_folder:"):
-        return sources.make_source(d.dataset, split=split, clip_length=d.num_frames, size=d.image_size,
-                                   crop="center", frame_stride=d.get("frame_stride", 1),
-                                   captions=d.get("captions") or None, seed=config.seed)
+    if d.dataset.startswith("video_folder:"):  # packed: native sizes, fitted to the token budget later
+        packed = d.get("packing") is not None
+        return sources.make_source(d.dataset, split=split, clip_length=d.num_frames,
+                                   size=None if packed else d.image_size, crop=None if packed else "center",
+                                   frame_stride=d.get("frame_stride", 1), captions=d.get("captions") or None,
+                                   seed=config.seed)
     data_dir = d.get("data_dir", "") or None
     return sources.make_source(d.dataset, split=split, **({"data_dir": data_dir} if data_dir else {}))
 
@@ -136,7 +139,13 @@ def dataset(config, src, transforms, *, shard_index=None, shard_count=None, **kw
 
     return pipeline.make_dataset(src, batch_size=config.data.batch_size, seed=config.seed,
                                  transforms=transforms, shard_index=shard_index,
-                                 shard_count=shard_count, **kw)
+                                 shard_count=shard_count, skip_unreadable=is_folder(config), **kw)
+
+
+def is_folder(config) -> bool:
+    """Whether config.data.dataset reads files of a folder (video_folder: / image_folder:), whose
+    unreadable examples are skipped and named, never stopping a run (`pipeline.SkipUnreadable`)."""
+    return config.data.dataset.startswith(("video_folder:", "image_folder:"))
 
 
 def pixel_data(config, inputs: Callable | None = None):
@@ -208,11 +217,14 @@ def latent_cache_data(config, posterior: Callable, *, meta: Mapping[str, Any], i
     return make_data
 
 
-def packed_latent_data(config, posterior: Callable, *, patch_size: tuple[int, int, int], inputs: Callable):
+def packed_latent_data(config, posterior: Callable, *, patch_size: tuple[int, int, int], inputs: Callable,
+                       fit: Callable | None = None):
     """`make_data(workdir, shard_index=None, shard_count=None)` of NaViT-packed batches of
     mixed-size examples (Dehghani et al. 2023), for a latent diffusion task on a frozen autoencoder.
 
-    Each example (e.g. Moving MNIST with data.sizes) is scaled to [-1, 1], turned into fields by
+    Each example (e.g. Moving MNIST with data.sizes, or a folder's clips at their native size;
+    unreadable ones skipped, `is_folder`) is resized by `fit` (a transform, e.g.
+    `transforms.FitArea` to the token budget; None: as it is), scaled to [-1, 1], turned into fields by
     `inputs` (e.g. the caption's "ids" and "mask"), and encoded alone by `posterior(x (1, ...))
     -> (mean, std)` (jit it: one compilation per example size) into `latents = concat([mean, std],
     channel axis)`; `genjax.data.packing.packed_batches` then packs the latents' tubelets of
@@ -240,7 +252,8 @@ def packed_latent_data(config, posterior: Callable, *, patch_size: tuple[int, in
             return {"latents": latents, **{k: np.asarray(v).astype(np.int32) for k, v in out.items()}}
 
         ds = pipeline.example_dataset(src, seed=config.seed, shard_index=shard_index, shard_count=shard_count,
-                                      transforms=(transforms.ToFloat(keys=(key,)), encode))
+                                      transforms=(*([fit] if fit else []), transforms.ToFloat(keys=(key,)), encode),
+                                      skip_unreadable=is_folder(config))
         p = config.data.packing
         return iter(packing.packed_batches(ds.to_iter_dataset(), seq_len=p.seq_len, patch_size=patch_size,
                                            max_per_seq=p.max_per_seq, key="latents", example_fields=fields,

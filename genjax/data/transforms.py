@@ -176,6 +176,40 @@ class ToFloat(grain.transforms.Map):
         return _apply(example, self.keys, to_float)
 
 
+def budget_size(height: int, width: int, *, max_area: int, multiple: int) -> tuple[int, int]:
+    """The size `(h, w)` a `height x width` frame is resized to so that h * w <= max_area: the
+    aspect ratio kept (up to rounding each side down to a multiple of `multiple`, at least one
+    multiple, so the area exceeds max_area only when max_area < multiple^2), never upscaled. NaViT's aspect-preserving resize to a token budget (Dehghani et
+    al. 2023, sec. 2.1 and 3.1) instead of a square crop.
+
+    Raises:
+      UserError: a side, max_area or multiple < 1.
+    """
+    for field, value in (("height", height), ("width", width), ("max_area", max_area), ("multiple", multiple)):
+        check(isinstance(value, (int, np.integer)) and value >= 1, field, value, "must be an int >= 1")
+    scale = min(1.0, (max_area / (height * width)) ** 0.5)
+    h, w = (max(multiple, int(side * scale) // multiple * multiple) for side in (height, width))
+    if h * w > max_area:  # a very thin frame: its short side was raised to one multiple, trim the long one
+        long = max(multiple, max_area // multiple // multiple * multiple)
+        h, w = (multiple, min(w, long)) if h == multiple else (min(h, long), multiple)
+    return h, w
+
+
+@dataclasses.dataclass(frozen=True)
+class FitArea(grain.transforms.Map):
+    """Resize `keys` (..., H, W, C) to `budget_size(H, W, max_area=, multiple=)` (bilinear, PIL);
+    unchanged when that is already its size."""
+    max_area: int
+    multiple: int
+    keys: tuple[str, ...] = PIXEL_KEYS
+
+    def map(self, example):
+        def fit(x):
+            size = budget_size(x.shape[-3], x.shape[-2], max_area=self.max_area, multiple=self.multiple)
+            return x if size == x.shape[-3:-1] else resize(x, size)
+        return _apply(example, self.keys, fit)
+
+
 @dataclasses.dataclass(frozen=True)
 class Resize(grain.transforms.Map):
     """`resize` to `size` (int or (h, w)) on `keys`."""

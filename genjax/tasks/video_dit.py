@@ -234,14 +234,15 @@ def build(config, *, mesh=None) -> Task:
 
 
 def _packed(config, module, vae_module, vae_params, tokenize, encode_text, schedule):
-    """`(loss_fn, make_data)` of packed training (data.packing): every example of data.sizes is
+    """`(loss_fn, make_data)` of packed training (data.packing): every example (of data.sizes, or a
+    folder's clip at its native aspect resized to fit seq_len tokens, `transforms.FitArea`) is
     encoded alone by the frozen VAE in the input pipeline (`recipes.packed_latent_data`), its
     latent tubelets packed into data.batch_size sequences of data.packing.seq_len tokens; the
     loss is `losses.diffusion_loss` on the packed tokens (one time per example, padding out)
     through `VideoDiT.packed`, with each example's own flow shift (`tasks.diffusion.loss_options`
     of its token count). Raises UserError (before compiling) for a size the VAE or the DiT patch
     does not divide, an example longer than seq_len, data.latents "cache" or frame conditioning."""
-    from genjax.data import recipes
+    from genjax.data import recipes, transforms
     from genjax.diffusion import losses
 
     d, c = config.data, vae_module.latent_channels
@@ -253,7 +254,14 @@ def _packed(config, module, vae_module, vae_params, tokenize, encode_text, sched
           "diffusion.frame_mask_probs", dict(config.diffusion.get("frame_mask_probs", {})),
           "must be {'none': 1.0} with data.packing")
     pt, ph, pw = module.patch_size
+    fit = None
     sizes = [tuple(z) for z in (d.get("sizes") or [(d.num_frames, d.image_size, d.image_size)])]
+    if recipes.is_folder(config):  # native sizes: resize each clip to the token budget, aspect kept
+        nt = (1 + (d.num_frames - 1) // ft) // pt
+        multiple = math.lcm(fs * ph, fs * pw)
+        fit = transforms.FitArea(max_area=d.packing.seq_len * fs * ph * fs * pw // max(nt, 1), multiple=multiple,
+                                 keys=("video",))
+        sizes = [(d.num_frames, multiple, multiple)]  # the frame count and the smallest size
     for t, h, w in sizes:
         ok = (t - 1) % ft == 0 and (1 + (t - 1) // ft) % pt == 0 and h % (fs * ph) == 0 and w % (fs * pw) == 0
         check(ok, "data.sizes", (t, h, w), f"each (T, H, W) needs T = 1 + k * {ft} with 1 + k a multiple of {pt}, "
@@ -267,7 +275,7 @@ def _packed(config, module, vae_module, vae_params, tokenize, encode_text, sched
         q = vae_module.apply({"params": vae_params}, x, method=vae_module.encode)
         return q.mean, q.std
 
-    make_data = recipes.packed_latent_data(config, posterior, patch_size=module.patch_size, inputs=tokenize)
+    make_data = recipes.packed_latent_data(config, posterior, patch_size=module.patch_size, inputs=tokenize, fit=fit)
     scale, shift = vae_module.scaling_factor, vae_module.shift_factor
 
     def loss_fn(params, batch, rng):

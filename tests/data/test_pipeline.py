@@ -181,3 +181,26 @@ def test_packed_latent_batches_unpack_to_each_example_encoded_alone():
             np.testing.assert_array_equal(batch["ids"][s, m], example["ids"])
             shapes.add(example["video"].shape)
     assert len(shapes) >= 3  # images and clips of several sizes in the same batches
+
+
+def test_unreadable_examples_are_skipped_named_and_counted(capsys):
+    """skip_unreadable: an example whose read raises UserError (a clip that does not decode) is
+    left out with one line naming it; the others come in order and the run goes on."""
+    from genjax.data.pipeline import SkipUnreadable
+
+    class Flaky:
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            if i in (2, 5):
+                raise UserError(f"path='clip{i}.mp4': could not decode clip {i}")
+            return {"x": np.int32(i)}
+
+    it = make_dataset(Flaky(), batch_size=3, shuffle=False, num_epochs=1, shard_index=0, shard_count=1,
+                      skip_unreadable=True, drop_remainder=False)
+    assert [b["x"].tolist() for b in it] == [[0, 1, 3], [4, 6, 7]]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0].startswith("genjax: warning: skipping unreadable example 2 (1 so far): "
+                                               "path='clip2.mp4'")
+    assert len(SkipUnreadable(Flaky())) == 8

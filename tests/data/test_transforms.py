@@ -178,3 +178,19 @@ def test_adm_center_crop_bad_pixels_is_a_user_error():
         T.adm_center_crop(np.zeros((40, 40, 3), np.float32), 32)
     with pytest.raises(UserError, match=r"^pixels="):
         T.adm_center_crop(np.zeros((40, 40), np.uint8), 32)
+
+
+def test_budget_size_keeps_the_aspect_ratio_within_the_area_and_never_upscales():
+    assert T.budget_size(272, 640, max_area=2730, multiple=4) == (32, 80)  # 0.125 x, aspect 2.35 -> 2.5
+    assert T.budget_size(144, 176, max_area=2730, multiple=4) == (44, 56)
+    assert T.budget_size(30, 40, max_area=10**6, multiple=4) == (28, 40)  # small: not upscaled, only rounded
+    assert T.budget_size(1000, 10, max_area=100, multiple=8) == (8, 8)  # at least one multiple per side
+    h, w = T.budget_size(720, 1280, max_area=128 * 128, multiple=16)
+    assert h * w <= 128 * 128 and abs(w / h - 16 / 9) < 0.2
+    video = np.random.default_rng(0).integers(0, 256, (2, 144, 176, 3), dtype=np.uint8)
+    out = T.FitArea(max_area=2730, multiple=4, keys=("video",)).map({"video": video})["video"]
+    np.testing.assert_array_equal(out, T.resize(video, (44, 56)))
+    same = T.FitArea(max_area=10**6, multiple=4, keys=("video",)).map({"video": video})["video"]
+    assert same is video
+    with pytest.raises(UserError, match=r"^max_area=0: must be an int >= 1"):
+        T.budget_size(10, 10, max_area=0, multiple=2)
