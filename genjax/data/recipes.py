@@ -56,7 +56,7 @@ def labelled_inputs(config) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
 DATA_KEYS = ("dataset", "split", "batch_size", "image_size", "channels", "num_frames", "num_digits",
              "num_examples", "data_dir", "crop", "random_flip", "sizes", "packing", "frame_stride", "captions")
 # The fields of config.data.packing (NaViT patch n' pack; `packed_latent_data`).
-PACKING_KEYS = ("seq_len", "max_per_seq")
+PACKING_KEYS = ("seq_len", "max_per_seq", "drop_rate")
 
 
 def validate(config) -> None:
@@ -78,7 +78,7 @@ def validate(config) -> None:
     packing = config.data.get("packing")
     if packing is not None:
         check_keys("data.packing", packing, PACKING_KEYS)
-        for key in PACKING_KEYS:
+        for key in ("seq_len", "max_per_seq"):
             value = packing.get(key)
             check(isinstance(value, int) and value >= 1, f"data.packing.{key}", value, "must be an int >= 1")
 
@@ -217,6 +217,11 @@ def latent_cache_data(config, posterior: Callable, *, meta: Mapping[str, Any], i
     return make_data
 
 
+def _rate(drop_rate):
+    """A config's drop_rate: a number, or ("beta", a, b) given as a list or tuple."""
+    return tuple(drop_rate) if isinstance(drop_rate, (list, tuple)) else drop_rate
+
+
 def packed_latent_data(config, posterior: Callable, *, patch_size: tuple[int, int, int], inputs: Callable,
                        fit: Callable | None = None):
     """`make_data(workdir, shard_index=None, shard_count=None)` of NaViT-packed batches of
@@ -229,7 +234,9 @@ def packed_latent_data(config, posterior: Callable, *, patch_size: tuple[int, in
     -> (mean, std)` (jit it: one compilation per example size) into `latents = concat([mean, std],
     channel axis)`; `genjax.data.packing.packed_batches` then packs the latents' tubelets of
     `patch_size` into data.batch_size sequences (over all processes) of data.packing.seq_len
-    tokens with at most data.packing.max_per_seq examples each. Batches: the packed dict
+    tokens with at most data.packing.max_per_seq examples each, after NaViT token dropping at
+    data.packing.drop_rate (default 0; a rate in [0, 1) or ("beta", a, b), sec. 3.4; seeded by
+    the config's seed, so resuming is exact). Batches: the packed dict
     (`tokens (S, L, pt*ph*pw*2C)` in (pt, ph, pw, [mean C | std C]) order, segment_ids,
     positions, example_shape, video_shape, example_index) plus `inputs`' other fields per slot,
     `(S, M, ...)`, -1 at empty slots. Deterministic and checkpointable like `make_dataset`.
@@ -257,5 +264,6 @@ def packed_latent_data(config, posterior: Callable, *, patch_size: tuple[int, in
         p = config.data.packing
         return iter(packing.packed_batches(ds.to_iter_dataset(), seq_len=p.seq_len, patch_size=patch_size,
                                            max_per_seq=p.max_per_seq, key="latents", example_fields=fields,
-                                           sequences_per_batch=config.data.batch_size // shard_count))
+                                           sequences_per_batch=config.data.batch_size // shard_count,
+                                           drop_rate=_rate(p.get("drop_rate", 0.0)), seed=config.seed))
     return make_data

@@ -166,6 +166,13 @@ def test_packed_latent_batches_unpack_to_each_example_encoded_alone():
 
     make_data = recipes.packed_latent_data(config, posterior, patch_size=(1, 2, 2), inputs=tokenize)
     data = make_data("unused", shard_index=0, shard_count=1)
+    config.unlock()
+    config.data.packing.drop_rate = 0.5  # NaViT token dropping: each example keeps half its tokens
+    dropped = next(recipes.packed_latent_data(config, posterior, patch_size=(1, 2, 2), inputs=tokenize)(
+        "unused", shard_index=0, shard_count=1))
+    for s, m in zip(*np.nonzero(dropped["example_index"] >= 0)):
+        kept = int(np.sum(dropped["segment_ids"][s] == m + 1))
+        assert kept == max(1, round(0.5 * int(np.prod(dropped["example_shape"][s, m]))))
     stream = pipeline.example_dataset(recipes.source(config, "train"), seed=config.seed, shard_index=0,
                                       shard_count=1, transforms=(T.ToFloat(keys=("video",)), tokenize))
     shapes = set()
