@@ -200,7 +200,7 @@ def _loop_jit(denoise_fn, x, grid, rng, known, cond, opts, step_offset):
     return _loop(denoise_fn, x, grid, rng, known, cond, opts, step_offset)
 
 
-def _check(schedule, sampler, num_steps, eta, variance_type, rng, known, timestep_spacing):
+def _check(schedule, sampler, num_steps, eta, variance_type, rng, known, timestep_spacing, flow_shift=1.0):
     check(sampler in SAMPLERS, "sampler", sampler, f"must be one of {SAMPLERS}")
     check(sampler == "consistency" or isinstance(schedule, Schedule), "schedule", schedule,
           f"must be a Schedule for sampler {sampler!r}")
@@ -208,6 +208,8 @@ def _check(schedule, sampler, num_steps, eta, variance_type, rng, known, timeste
     check(isinstance(num_steps, int) and 1 <= num_steps <= limit, "num_steps", num_steps,
           f"must be an int in [1, {limit}] (the schedule's num_timesteps)")
     check(isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0, "eta", eta, "must be in [0, 1]")
+    check(isinstance(flow_shift, (int, float)) and np.isfinite(flow_shift) and flow_shift > 0, "flow_shift",
+          flow_shift, "must be a finite number > 0 (1 = no shift)")
     check(variance_type in VARIANCE_TYPES, "variance_type", variance_type,
           f"must be one of {VARIANCE_TYPES}")
     check(timestep_spacing in SPACINGS, "timestep_spacing", timestep_spacing, f"must be one of {SPACINGS}")
@@ -276,9 +278,7 @@ def sample(denoise_fn: Denoiser, noise: jax.Array, *, schedule: Schedule | None 
         learned_range with a denoiser that does not output 2C channels, flow_shift <= 0.
     """
     cond = dict(cond or {})
-    _check(schedule, sampler, num_steps, eta, variance_type, rng, known, timestep_spacing)
-    check(isinstance(flow_shift, (int, float)) and np.isfinite(flow_shift) and flow_shift > 0, "flow_shift",
-          flow_shift, "must be a finite number > 0 (1 = no shift)")
+    _check(schedule, sampler, num_steps, eta, variance_type, rng, known, timestep_spacing, flow_shift)
     grid = _grid(schedule, sampler, num_steps, timestep_spacing, flow_shift, sigma_min, sigma_max)
     _check_output_channels(denoise_fn, noise, schedule, grid, cond, sampler, variance_type)
     x = noise * sigma_max if sampler == "consistency" else noise
@@ -310,7 +310,7 @@ def sdedit(denoise_fn: Denoiser, x_init: jax.Array, *, strength: float, schedule
           "must be in [0, 1]")
     check(sampler != "consistency", "sampler", sampler, "sdedit supports the diffusion samplers only")
     cond = dict(cond or {})
-    _check(schedule, sampler, num_steps, eta, variance_type, rng, known, timestep_spacing)
+    _check(schedule, sampler, num_steps, eta, variance_type, rng, known, timestep_spacing, flow_shift)
     grid = _grid(schedule, sampler, num_steps, timestep_spacing, flow_shift, 0.0, 0.0)
     _check_output_channels(denoise_fn, x_init, schedule, grid, cond, sampler, variance_type)
     start = num_steps - min(int(num_steps * strength), num_steps)

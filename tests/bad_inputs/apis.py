@@ -63,6 +63,12 @@ def _sdedit(**kwargs):
     return run
 
 
+def _flow():
+    from genjax.diffusion import schedules
+
+    return schedules.make("flow", 100)
+
+
 def _cfg(cfg_scale, **kwargs):
     def run():
         from genjax.diffusion import guidance
@@ -106,6 +112,8 @@ def cases(workspace: Path) -> list[Case]:
         Case("sample ddpm without rng", _sample(sampler="ddpm"), 2, r"^rng=None: "),
         Case("sample unknown variance_type", _sample(variance_type="learned"), 2, r"^variance_type='learned': "),
         Case("sdedit strength above 1", _sdedit(strength=2.0), 2, r"^strength=2\.0: must be in \[0, 1\]"),
+        Case("sdedit flow_shift zero", _sdedit(schedule=_flow(), sampler="euler", flow_shift=0.0), 2,
+             r"^flow_shift=0\.0: must be a finite number > 0"),
         Case("sdedit consistency sampler", _sdedit(sampler="consistency"), 2,
              r"^sampler='consistency': sdedit supports the diffusion samplers only"),
         Case("cfg_denoiser NaN scale", _cfg(float("nan")), 2, r"^cfg_scale=nan: must be a finite number"),
