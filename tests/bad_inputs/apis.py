@@ -19,11 +19,11 @@ def _pack(videos, **kwargs):
     return run
 
 
-def _first_fit(num_tokens, **kwargs):
+def _best_fit(num_tokens, **kwargs):
     def run():
         from genjax.data import packing
 
-        return packing.first_fit_bins(num_tokens, **(dict(seq_len=8, max_per_seq=2) | kwargs))
+        return packing.best_fit_bins(num_tokens, **(dict(seq_len=8, max_per_seq=2) | kwargs))
     return run
 
 
@@ -98,7 +98,7 @@ def cases(workspace: Path) -> list[Case]:
              r"^rng=None: must be a numpy Generator when drop_rate is not 0"),
         Case("pack beta drop_rate with a <= 0", _pack([video], drop_rate=("beta", 0, 1), rng=np.random.default_rng(0)),
              2, r"^drop_rate=\('beta', 0, 1\): a distribution must be \('beta', a, b\) with a, b > 0"),
-        Case("first_fit_bins example longer than seq_len", _first_fit([3, 9]), 2,
+        Case("best_fit_bins example longer than seq_len", _best_fit([3, 9]), 2,
              r"^num_tokens\[1\]=9: must be <= seq_len=8"),
         Case("unpatchify_video wrong token count", _unpatchify(np.zeros((3, 4)), (1, 2, 2)), 2,
              r"^tokens shape=\(3, 4\): must be \(prod\(grid\), pt\*ph\*pw\*C\)"),
