@@ -16,14 +16,16 @@ depth 2, 4 heads). One epoch over all the examples per method:
 - packed: NaViT (Dehghani et al. 2023, "Patch n' Pack"): best-fit decreasing packing
   (`pack(..., max_per_seq=16)`), --batch sequences per step, block-diagonal attention, t per
   example slot (`diffusion_loss(..., segment_ids=, max_per_seq=16)`).
-- buckets: Open-Sora's bucketing (hpcaitech/Open-Sora, `VariableVideoTextDataset` +
-  `Bucket`): examples grouped by their exact latent shape (T, H, W), each bucket cut (in order)
-  into batches of up to B examples, run through the regular form `module.apply(x (B, T, H, W,
-  C), t (B,))` with `diffusion_loss` unmasked. B is --bucket-batch, or by default per bucket
-  max(1, batch * seq_len // the bucket's tokens per example), so a step sees about as many
-  tokens as a packed step (Open-Sora also sets a batch size per bucket). No padding at all, but
-  every distinct batch shape (a bucket, and its last partial batch if smaller) is a compiled
-  step of its own.
+- buckets: Open-Sora's bucketing (hpcaitech/Open-Sora, `opensora/datasets/bucket.py` `Bucket`
+  and `sampler.py` `VariableVideoBatchSampler`: every batch holds one (resolution, frames)
+  bucket, with a batch size per bucket in `bucket_config`): examples grouped by their exact
+  latent shape (T, H, W) (Open-Sora first resizes / crops clips to its configured buckets;
+  these latents already lie on a grid of 592 shapes), each bucket cut (in order) into batches of
+  up to B examples, run through the regular form `module.apply(x (B, T, H, W, C), t (B,))` with
+  `diffusion_loss` unmasked. B is --bucket-batch, or by default per bucket max(1, batch *
+  seq_len // the bucket's tokens per example), so a step sees about as many tokens as a packed
+  step. No padding at all, but every distinct batch shape (a bucket, and its last partial batch
+  if smaller) is a compiled step of its own.
 
 Each method's steps are compiled ahead of time (`train_step.lower(...).compile()`, counted and
 timed separately: "compiled shapes, compile s") and each compiled step is run once before
