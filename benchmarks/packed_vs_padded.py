@@ -36,7 +36,7 @@ packed / padded and packed / buckets. Buckets take more, smaller optimizer steps
 
     .venv/bin/python benchmarks/packed_vs_padded.py [--examples 16] [--batch 4] [--record]
 
-~4 min on 2 quiet cores, most of it compiling (~10 s of CPU per step shape; 15 bucket shapes).
+~2 min on 2 quiet cores, most of it compiling (~6 s per step shape, 17 shapes; ~3x that on a busy machine).
 """
 
 from __future__ import annotations
