@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from benchmarks import common, compile_time, context_memory, ddim_loop, dit_fwd_bwd, train_step
+from benchmarks import common, compile_time, context_memory, ddim_loop, dit_fwd_bwd, packed_vs_padded, train_step
 
 TINY_DIT = ["--num-layers", "1", "--hidden-size", "32", "--num-heads", "2", "--batch", "2", "--size", "4",
             "--num-classes", "10", "--repeats", "1"]
@@ -99,3 +99,18 @@ def test_record_writes_and_replaces_its_section(tmp_path):
     assert text.count("<!-- bench:a -->") == 1 and "| ratio | 2.50 |" in text and "1.50" not in text
     assert text.index("<!-- bench:a -->") < text.index("<!-- bench:b -->") and "| ratio | 3.00 |" in text
     assert "Command: `python benchmarks/a.py`" in text
+
+
+@pytest.mark.slow  # four XLA compiles of the trainer's step (padded, packed, two buckets): ~1 min of CPU
+def test_packed_vs_padded():
+    """2 examples of different shapes: one step shape each for padded and packed, two buckets;
+    every method sees the same tokens, padded pads, buckets never do."""
+    result = packed_vs_padded.main(["--examples", "2", "--batch", "1", "--repeats", "1"])
+    assert math.isfinite(result["ratio"]) and math.isfinite(result["ratio_buckets"])
+    for method in ("padded", "packed", "buckets"):
+        st = result[method]
+        assert st["seconds"] > 0 and st["useful_tokens"] == result["packed"]["useful_tokens"] > 0
+    assert result["padded"]["steps"] == 2 and result["padded"]["compiled_shapes"] == 1
+    assert result["packed"]["compiled_shapes"] == 1 and result["buckets"]["compiled_shapes"] == 2
+    assert result["buckets"]["padding_fraction"] == 0 < result["padded"]["padding_fraction"]
+    assert result["load_before"] and result["load_after"]
