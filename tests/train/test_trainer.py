@@ -231,6 +231,16 @@ def test_a_misspelt_key_in_any_section_fails_before_compiling(tmp_path, section,
         assert not os.path.exists(tmp_path / name)
 
 
+# Config arguments to check beyond the defaults (a config that needs arguments, or that switches
+# sections on with them).
+CONFIG_ARGS = {
+    "video_folder.py": ["stage=vae,path=/clips", "stage=dit,path=/clips,vae=/vae,packed=True"],
+    "video_dit_moving_mnist.py": [None, "packed=True,objective=flow", "smoke=True,packed=True"],
+    "dit_mnist.py": [None, "objective=flow", "objective=v"],
+    "unet_mnist.py": [None, "objective=flow"],
+}
+
+
 def test_every_shipped_config_passes_the_key_checks():
     import glob
     import importlib.util
@@ -243,14 +253,15 @@ def test_every_shipped_config_passes_the_key_checks():
         spec.loader.exec_module(module)
         if not hasattr(module, "get_config"):
             continue
-        c = module.get_config()
-        for sub in [c] + [c[k] for k in ("vae", "text", "dit") if k in c]:
-            if "name" not in sub.get("model", {}):
-                continue  # not a `genjax train` config (e.g. the CLIP experiment's own trainer)
-            tasks.check_keys(sub)
-            state_lib.validate_optim(sub.optim, sub.num_steps)
-            ckpt_lib.validate_ckpt(sub.ckpt)
-            mesh_lib.validate_mesh(sub.mesh)
+        for arg in CONFIG_ARGS.get(os.path.basename(path), [None]):
+            c = module.get_config(arg)
+            for sub in [c] + [c[k] for k in ("vae", "text", "dit") if k in c]:
+                if "name" not in sub.get("model", {}):
+                    continue  # not a `genjax train` config (e.g. the CLIP experiment's own trainer)
+                tasks.check_keys(sub)
+                state_lib.validate_optim(sub.optim, sub.num_steps)
+                ckpt_lib.validate_ckpt(sub.ckpt)
+                mesh_lib.validate_mesh(sub.mesh)
 
 
 def test_consecutive_nonfinite_steps_stop_training(tmp_path, monkeypatch):
