@@ -94,7 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.update(batch_size=4, sizes=sizes, packing=dict(seq_len=256, max_per_seq=12))
         if a.smoke:  # f = 2 VAE: 9 x 48 x 32 -> 5 x 12 x 8 = 480 tokens
             sizes = [(1, 32, 32), (5, 32, 32), (5, 32, 48), (9, 48, 32)]
-            c.data.update(batch_size=2, sizes=sizes, packing=dict(seq_len=512, max_per_seq=4))
+            c.data.update(batch_size=2, sizes=sizes, packing=dict(seq_len=512, max_per_seq=4, lookahead=16))
     if a.steps:
         c.num_steps = a.steps
     c.lock()

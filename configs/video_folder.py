@@ -67,7 +67,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval.prompts = [a.prompt]
         if a.packed:  # native aspect ratios, each clip resized to fit seq_len tokens, NaViT-packed
             c.data.update(batch_size=2 if a.smoke else 8,
-                          packing=dict(seq_len=512 if a.smoke else 1024, max_per_seq=4 if a.smoke else 8))
+                          packing=dict(seq_len=512, max_per_seq=4, lookahead=8) if a.smoke else
+                          dict(seq_len=1024, max_per_seq=8, lookahead=128))
     if a.smoke:
         c.num_steps = 2
         c.ckpt.update(save_interval_steps=2, max_to_keep=1)

@@ -56,7 +56,7 @@ def labelled_inputs(config) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
 DATA_KEYS = ("dataset", "split", "batch_size", "image_size", "channels", "num_frames", "num_digits",
              "num_examples", "data_dir", "crop", "random_flip", "sizes", "packing", "frame_stride", "captions")
 # The fields of config.data.packing (NaViT patch n' pack; `packed_latent_data`).
-PACKING_KEYS = ("seq_len", "max_per_seq", "drop_rate")
+PACKING_KEYS = ("seq_len", "max_per_seq", "drop_rate", "lookahead")
 
 
 def validate(config) -> None:
@@ -138,8 +138,21 @@ def dataset(config, src, transforms, *, shard_index=None, shard_count=None, **kw
     from genjax.data import pipeline
 
     return pipeline.make_dataset(src, batch_size=config.data.batch_size, seed=config.seed,
-                                 transforms=transforms, shard_index=shard_index,
-                                 shard_count=shard_count, skip_unreadable=is_folder(config), **kw)
+                                 transforms=transforms, shard_index=shard_index, shard_count=shard_count,
+                                 skip_unreadable=is_folder(config), read_options=read_options(config), **kw)
+
+
+def read_options(config, examples: int | None = None):
+    """grain's read options: its defaults (16 threads, 500 examples read ahead), except for a
+    folder of videos, where each example is a clip decoded by ffmpeg: then as many threads as
+    cores and `examples` (default 2 batches) read ahead, as 500 decoded clips would take minutes
+    of CPU and gigabytes before the first step."""
+    import grain
+
+    if not config.data.dataset.startswith("video_folder:"):
+        return None
+    ahead = examples or 2 * config.data.batch_size
+    return grain.ReadOptions(num_threads=min(16, os.cpu_count() or 1), prefetch_buffer_size=max(ahead, 2))
 
 
 def is_folder(config) -> bool:
@@ -234,7 +247,8 @@ def packed_latent_data(config, posterior: Callable, *, patch_size: tuple[int, in
     -> (mean, std)` (jit it: one compilation per example size) into `latents = concat([mean, std],
     channel axis)`; `genjax.data.packing.packed_batches` then packs the latents' tubelets of
     `patch_size` into data.batch_size sequences (over all processes) of data.packing.seq_len
-    tokens with at most data.packing.max_per_seq examples each, after NaViT token dropping at
+    tokens with at most data.packing.max_per_seq examples each (planned over a look-ahead of
+    data.packing.lookahead examples, default 128), after NaViT token dropping at
     data.packing.drop_rate (default 0; a rate in [0, 1) or ("beta", a, b), sec. 3.4; seeded by
     the config's seed, so resuming is exact). Batches: the packed dict
     (`tokens (S, L, pt*ph*pw*2C)` in (pt, ph, pw, [mean C | std C]) order, segment_ids,
@@ -262,7 +276,9 @@ def packed_latent_data(config, posterior: Callable, *, patch_size: tuple[int, in
                                       transforms=(*([fit] if fit else []), transforms.ToFloat(keys=(key,)), encode),
                                       skip_unreadable=is_folder(config))
         p = config.data.packing
-        return iter(packing.packed_batches(ds.to_iter_dataset(), seq_len=p.seq_len, patch_size=patch_size,
+        lookahead = p.get("lookahead", 128)
+        ds = ds.to_iter_dataset(read_options(config, lookahead))
+        return iter(packing.packed_batches(ds, seq_len=p.seq_len, patch_size=patch_size, lookahead=lookahead,
                                            max_per_seq=p.max_per_seq, key="latents", example_fields=fields,
                                            sequences_per_batch=config.data.batch_size // shard_count,
                                            drop_rate=_rate(p.get("drop_rate", 0.0)), seed=config.seed))
