@@ -50,7 +50,10 @@ def pytest_collection_modifyitems(config, items):
     suffix is applied here through pytest's own id type (a no-op where xdist's still works)."""
     if not getattr(config.option, "loadgroup", False):
         return
-    from _pytest.nodeid import coerce_node_id
+    try:
+        from _pytest.nodeid import coerce_node_id  # pytest >= 9
+    except ImportError:  # pytest 8: xdist's own suffix works
+        return
 
     for item in items:
         names = sorted({m.args[0] if m.args else m.kwargs.get("name", "default")
