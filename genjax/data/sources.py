@@ -204,7 +204,7 @@ class MovingMnistSource:
         rng = np.random.default_rng([self.seed, self.split_id, int(i)])
         num_frames, height, width = self.size(i)
         n = self.num_digits
-        limit = height - DIGIT_SIZE if height == width else np.array([height, width]) - DIGIT_SIZE  # (y, x)
+        limit = np.array([height, width]) - DIGIT_SIZE  # (y, x)
         ids = rng.integers(len(self.digits), size=n)
         pos = rng.uniform(0.0, limit, size=(n, 2))
         speed = rng.uniform(*self.speed, size=n)
