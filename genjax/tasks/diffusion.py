@@ -106,13 +106,7 @@ def loss_options(config, num_tokens: Any = None) -> dict[str, Any]:
 def sample_shift(config, num_tokens: int) -> float:
     """The samplers' flow_shift for samples of `num_tokens` spacetime tokens (the training shift
     of an example of that size, `loss_options`); 1.0 for variance-preserving schedules."""
-    from genjax.diffusion import schedules
-
-    if config.diffusion.schedule != "flow":
-        return 1.0
-    f = _flow_fields(config)
-    return float(schedules.flow_shift_for(num_tokens, flow_shift=float(f["flow_shift"]),
-                                          shift_base_tokens=int(f["shift_base_tokens"])))
+    return float(loss_options(config, num_tokens).get("shift", 1.0))
 
 
 def sampling_options(config, sampler: str | None, num_steps: int | None, cfg_scale: float | None):
