@@ -25,7 +25,8 @@ from genjax.errors import UserError, check
 from genjax.io.weights import StateDictReader, load_state_dict
 from genjax.models.adaln import FinalLayer, TextEmbedder, adaln_norm, cfg_drop, check_text, embed_labels, modulations
 from genjax.models.attention import Attention
-from genjax.models.layers import SIZES, Mlp, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, stack_blocks, unpatchify
+from genjax.models.layers import (SIZES, Mlp, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, sincos_pos_embed_at,
+                                  stack_blocks, unpatchify)
 from genjax.parallel.axes import BATCH, LENGTH
 
 Dtype = Any
@@ -41,7 +42,9 @@ class DiTBlock(nn.Module):
     (diffusers' `norm3` uses the config's `norm_eps`, 1e-5 by default). With `cross_attention`,
     `x + cross_attn(x, context)` (an `attention.Attention` with zero-initialised `to_out`, no norm
     before it, as PixArt-alpha / Open-Sora STDiT) runs between self-attention and the MLP
-    (PixArt-alpha Fig. 4); call `(x, c, context (B, S, D), context_mask (B, S))`.
+    (PixArt-alpha Fig. 4). Call `(x, c, c_index, segment_ids, context (B, S, D), context_mask (B, S),
+    context_segment_ids)`: c `(B, D)`, or `(B, M, D)` rows gathered per token by c_index `(B, L)`
+    (`adaln.per_token`); segment_ids make self- and cross-attention block-diagonal (packed).
     """
 
     hidden_size: int
@@ -54,16 +57,20 @@ class DiTBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, c: Array, context: Array | None = None, context_mask: Array | None = None) -> Array:
+    def __call__(self, x: Array, c: Array, c_index: Array | None = None, segment_ids: Array | None = None,
+                 context: Array | None = None, context_mask: Array | None = None,
+                 context_segment_ids: Array | None = None) -> Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulations(c, 6, self.hidden_size, **kw)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulations(c, 6, self.hidden_size, c_index,
+                                                                                     **kw)
         h = adaln_norm(x, shift_msa, scale_msa, dtype=self.dtype, name="norm1")
-        h = Attention(self.num_heads, attention_impl=self.attention_impl, **kw, name="attn")(h)
+        h = Attention(self.num_heads, attention_impl=self.attention_impl, **kw, name="attn")(h, segment_ids=segment_ids)
         x = x + (gate_msa * h).astype(self.dtype)
         if self.cross_attention:
             x = x + Attention(self.num_heads, zero_init_out=True, attention_impl=self.attention_impl, **kw,
                               name="cross_attn")(
-                x, context, context_mask=context_mask)
+                x, context, segment_ids=segment_ids, context_segment_ids=context_segment_ids,
+                context_mask=context_mask)
         h = adaln_norm(x, shift_mlp, scale_mlp, eps=self.mlp_norm_eps, dtype=self.dtype, name="norm2")
         h = Mlp(int(self.hidden_size * self.mlp_ratio), **kw, name="mlp")(h)
         x = x + (gate_mlp * h).astype(self.dtype)
@@ -129,7 +136,6 @@ class DiT(nn.Module):
         """C_out: `out_channels` or C * (2 if learn_sigma else 1)."""
         return self.out_channels or self.in_channels * (2 if self.learn_sigma else 1)
 
-    @nn.compact
     def __call__(self, x: Array, t: Array, y: Array | None = None, *, text: Array | None = None,
                  text_mask: Array | None = None, text_pooled: Array | None = None, train: bool = False,
                  force_drop_ids: Array | None = None) -> Array:
@@ -158,8 +164,6 @@ class DiT(nn.Module):
             [0, num_classes) (num_classes itself allowed with a null class), y given without labels, text given without context_dim (or missing with it), text_mask missing
             or misshaped, remat policy unknown, force_drop_ids without a null class or text.
         """
-        for field in ("depth", "hidden_size", "num_heads", "patch_size"):
-            check(getattr(self, field) >= 1, field, getattr(self, field), "must be >= 1")
         check(x.ndim == 4, "x.shape", x.shape, "must be (B, H, W, C)")
         b, hgt, wid, c = x.shape
         p = self.patch_size
@@ -167,42 +171,119 @@ class DiT(nn.Module):
         check(hgt % p == 0 and wid % p == 0, "x (H, W)", (hgt, wid), f"must be divisible by patch_size={p}")
         t = jnp.asarray(t)
         check(t.shape in ((), (b,)), "t.shape", t.shape, f"must be (B,)=({b},) or ()")
+        self._check_common((b,), y, text, text_mask, text_pooled, force_drop_ids)
+        grid = (hgt // p, wid // p)
+        pos = jnp.asarray(sincos_pos_embed_2d(self.hidden_size, *grid, base_size=self.pos_embed_base_size))[None]
+        expand = (lambda a: None if a is None else jnp.asarray(a)[:, None])
+        out = self._forward(x, pos, jnp.broadcast_to(t, (b,))[:, None], expand(y), expand(text), expand(text_mask),
+                            expand(text_pooled), expand(force_drop_ids), None, train)
+        return unpatchify(out, grid, (p, p))
+
+    def packed(self, tokens: Array, segment_ids: Array, positions: Array, t: Array, y: Array | None = None, *,
+               text: Array | None = None, text_mask: Array | None = None, text_pooled: Array | None = None,
+               example_shape: Array | None = None, train: bool = False,
+               force_drop_ids: Array | None = None) -> Array:
+        """Denoiser output for NaViT-packed images of mixed sizes (`genjax.data.packing` layout).
+
+        S sequences of L patches hold up to M images each (segment j + 1 = slot j). Each image is
+        seen as if alone (tested against `__call__` per image to 1e-5): patches attend only within
+        their segment, take their image's time / label / text, and the 2D sin-cos position of their
+        (h, w) patch coordinates (with pos_embed_base_size, scaled to the image's own grid, as
+        diffusers interpolates).
+
+        Args:
+          tokens: `(S, L, p*p*C)` noisy patches in (p, p, C) order (`packing.patchify_video` with
+            patch_size (1, p, p)).
+          segment_ids: `(S, L)` int, 0 = padding, j + 1 = slot j. positions: `(S, L, 3)` (t, h, w)
+            patch coordinates (t unused: images).
+          t: `(S, M)` timesteps per slot, in [0, 1000) (or flow time x 1000); empty slots ignored.
+          y: `(S, M)` labels; text `(S, M, S_text, context_dim)`, text_mask `(S, M, S_text)`,
+            text_pooled `(S, M, context_dim)`, force_drop_ids `(S, M)`: as `__call__`, per slot.
+          example_shape: `(S, M, 3)` patch grids (1, nh, nw), required with pos_embed_base_size.
+          train: label / text dropout per slot with an rng named "dropout".
+
+        Returns:
+          `(S, L, p*p*C_out)` float32 in the tokens' layout, 0 at padding.
+
+        Raises:
+          UserError (before compiling): shapes inconsistent with the above, or those of `__call__`.
+        """
+        p, c = self.patch_size, self.in_channels
+        check(tokens.ndim == 3 and tokens.shape[-1] == p * p * c, "tokens.shape", tuple(tokens.shape),
+              f"must be (S, L, p*p*C={p * p * c}) for patch_size={p}, in_channels={c}")
+        s, l = tokens.shape[:2]
+        check(jnp.shape(segment_ids) == (s, l), "segment_ids.shape", jnp.shape(segment_ids), f"must be {(s, l)}")
+        check(jnp.shape(positions) == (s, l, 3), "positions.shape", jnp.shape(positions), f"must be {(s, l, 3)}")
+        t = jnp.asarray(t)
+        check(t.ndim == 2 and t.shape[0] == s, "t.shape", t.shape, f"must be (S, M) with S={s}")
+        m = t.shape[1]
+        self._check_common((s, m), y, text, text_mask, text_pooled, force_drop_ids)
+        check(self.pos_embed_base_size is None or jnp.shape(example_shape) == (s, m, 3), "example_shape.shape",
+              None if example_shape is None else jnp.shape(example_shape),
+              f"must be {(s, m, 3)} with pos_embed_base_size (positions are scaled to each image's grid)")
+        segment_ids = jnp.asarray(segment_ids, jnp.int32)
+        slot = jnp.clip(segment_ids - 1, 0, m - 1)
+        coords = jnp.asarray(positions, jnp.float32)[..., 1:]  # (S, L, 2) patch (h, w)
+        if self.pos_embed_base_size is not None:
+            grid = jnp.take_along_axis(jnp.asarray(example_shape, jnp.float32), slot[..., None], axis=1)[..., 1:]
+            coords = coords / (jnp.maximum(grid, 1) / self.pos_embed_base_size)
+        pos = sincos_pos_embed_at(self.hidden_size, coords)
+        x = tokens.reshape(s * l, p, p, c)  # one patch per "image": the same conv as __call__
+        out = self._forward(x, pos, t, y, text, text_mask, text_pooled, force_drop_ids, segment_ids, train)
+        return jnp.where((segment_ids > 0)[..., None], out, 0.0)
+
+    def _check_common(self, lead, y, text, text_mask, text_pooled, force_drop_ids):
+        for field in ("depth", "hidden_size", "num_heads", "patch_size"):
+            check(getattr(self, field) >= 1, field, getattr(self, field), "must be >= 1")
         if self.num_classes:
-            check(y is not None and jnp.shape(y) == (b,), "y.shape", None if y is None else jnp.shape(y),
-                  f"must be (B,)=({b},)")
+            check(y is not None and jnp.shape(y) == lead, "y.shape", None if y is None else jnp.shape(y),
+                  f"must be {lead}")
         else:
             check(y is None, "y", "given", "needs num_classes > 0")
-        check_text(text, text_mask, text_pooled, (b,), self.context_dim)
+        check_text(text, text_mask, text_pooled, lead, self.context_dim)
         has_null_class = self.num_classes and self.class_dropout_prob > 0
         check(force_drop_ids is None or has_null_class or (self.context_dim and not self.num_classes),
               "force_drop_ids", "given", "needs a null class (class_dropout_prob > 0) or text-only conditioning")
-        d, grid = self.hidden_size, (hgt // p, wid // p)
+        check(force_drop_ids is None or jnp.shape(force_drop_ids) == lead, "force_drop_ids.shape",
+              None if force_drop_ids is None else jnp.shape(force_drop_ids), f"must be {lead}")
+
+    @nn.compact
+    def _forward(self, x, pos, t, y, text, text_mask, text_pooled, force_drop_ids, segment_ids, train):
+        """Shared body of both forms. Per-example fields have a leading `(B, M)` (M = 1 in the regular
+        form); x is the images `(B, H, W, C)` or one patch per row `(B * L, p, p, C)` (packed); pos
+        `(1 | B, L, D)`. Returns `(B, L, p*p*C_out)`."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        (b, m), d, p = t.shape, self.hidden_size, self.patch_size
+        packed = segment_ids is not None
+        h = PatchEmbed(d, (p, p), **kw, name="x_embedder")(x).reshape(b, -1, d)  # (B, L, D)
+        h = h + pos.astype(self.dtype)
 
-        pos = sincos_pos_embed_2d(d, *grid, base_size=self.pos_embed_base_size)
-        h = PatchEmbed(d, (p, p), **kw, name="x_embedder")(x) + jnp.asarray(pos, self.dtype)[None]
-
-        temb = TimestepEmbedder(d, self.frequency_embedding_size, downscale_freq_shift=self.time_freq_shift,
-                                **kw, name="t_embedder")(jnp.broadcast_to(t, (b,)))
-        cond = temb
+        cond = TimestepEmbedder(d, self.frequency_embedding_size, downscale_freq_shift=self.time_freq_shift,
+                                **kw, name="t_embedder")(t.reshape(-1)).reshape(b, m, d)  # (B, M, D)
         if self.num_classes:
-            drop = cfg_drop(self, (b,), self.class_dropout_prob, train, force_drop_ids)
+            drop = cfg_drop(self, (b, m), self.class_dropout_prob, train, force_drop_ids)
             cond = cond + embed_labels(y, drop, self.num_classes, self.class_dropout_prob > 0, d, **kw)
-        context = context_mask = None
+        context = context_mask = context_segment_ids = None
         if self.context_dim:
-            drop = cfg_drop(self, (b,), self.text_dropout_prob, train, force_drop_ids)
+            drop = cfg_drop(self, (b, m), self.text_dropout_prob, train, force_drop_ids)
+            n_text = text.shape[2]
+            flat = lambda a: None if a is None else a.reshape(b * m, *a.shape[2:])  # noqa: E731
             context, context_mask, pooled = TextEmbedder(d, **kw, name="text_embedder")(
-                text, text_mask, text_pooled, drop)
-            cond = cond + pooled
+                flat(text), flat(text_mask), flat(text_pooled), flat(drop))
+            context, context_mask = context.reshape(b, m * n_text, d), context_mask.reshape(b, m * n_text)
+            cond = cond + pooled.reshape(b, m, d)
+            if packed:
+                context_segment_ids = jnp.broadcast_to(jnp.repeat(jnp.arange(1, m + 1, dtype=jnp.int32), n_text),
+                                                       (b, m * n_text))
         cond = cond.astype(self.dtype)
+        c_index = jnp.clip(segment_ids - 1, 0, m - 1) if packed else None
 
         block_kw = dict(hidden_size=d, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                         cross_attention=bool(self.context_dim), mlp_norm_eps=self.mlp_norm_eps,
                         attention_impl=self.attention_impl, **kw)
-        h = stack_blocks(DiTBlock, block_kw, self.depth, "blocks", h, cond, context, context_mask,
-                         scan=self.scan, remat=self.remat)
-        out = FinalLayer(p * p * self.out_dim, **kw, name="final_layer")(h, cond)
-        return unpatchify(out, grid, (p, p))
+        h = stack_blocks(DiTBlock, block_kw, self.depth, "blocks", h, cond, c_index, segment_ids, context,
+                         context_mask, context_segment_ids, scan=self.scan, remat=self.remat)
+        return FinalLayer(p * p * self.out_dim, **kw, name="final_layer")(h, cond, c_index)
 
 
 # --------------------------------------------------------------------------- variants

@@ -157,6 +157,30 @@ def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int, *, base_size: 
     return emb.astype(np.float32)
 
 
+def sincos_embed(pos: Array, dim: int) -> Array:
+    """`[sin(pos * omega), cos(pos * omega)]`, omega_i = 10000^(-2i/dim): `(...,)` -> `(..., dim)` float32.
+
+    The formula of `sincos_pos_embed_1d` (MAE) in jax, so positions may be traced (packed tokens).
+    """
+    omega = 1.0 / 10000 ** (jnp.arange(dim // 2, dtype=jnp.float32) / (dim / 2.0))
+    out = jnp.asarray(pos).astype(jnp.float32)[..., None] * omega
+    return jnp.concatenate([jnp.sin(out), jnp.cos(out)], axis=-1)
+
+
+def sincos_pos_embed_at(embed_dim: int, coords: Array) -> Array:
+    """`sincos_pos_embed_2d` at given (h, w) coordinates: `(..., 2)` -> `(..., D)` float32 (w block first).
+
+    For tokens whose grid is not a regular array (NaViT-packed images); float32, so it equals the
+    float64 table of `sincos_pos_embed_2d` to about 1e-6 at coordinates below 100.
+
+    Raises:
+      UserError: `embed_dim` not divisible by 4.
+    """
+    check(embed_dim % 4 == 0, "embed_dim", embed_dim, "must be divisible by 4 for 2D sin-cos positions")
+    return jnp.concatenate([sincos_embed(coords[..., 1], embed_dim // 2), sincos_embed(coords[..., 0], embed_dim // 2)],
+                           axis=-1)
+
+
 class TimestepEmbedder(nn.Module):
     """t -> sinusoid (float32) -> Dense -> SiLU -> Dense: `(B,)` -> `(B, D)`.
 

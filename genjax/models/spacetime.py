@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genjax.errors import check
-from genjax.models.layers import PatchEmbed, logical, zeros
+from genjax.models.layers import PatchEmbed, logical, sincos_embed, zeros
 from genjax.parallel.axes import BATCH, CONV_IN, CONV_OUT, EMBED, LENGTH
 
 Dtype = Any
@@ -213,16 +213,6 @@ class FramePatchEmbed(nn.Module):
 # --------------------------------------------------------------------------- positions
 
 
-def _sincos(pos: Array, dim: int) -> Array:
-    """`[sin(pos * omega), cos(pos * omega)]`, omega_i = 10000^(-2i/dim): `(...,)` -> `(..., dim)` f32.
-
-    The formula of `layers.sincos_pos_embed_1d` (MAE), in jax so positions may be traced.
-    """
-    omega = 1.0 / 10000 ** (jnp.arange(dim // 2, dtype=jnp.float32) / (dim / 2.0))
-    out = pos.astype(jnp.float32)[..., None] * omega
-    return jnp.concatenate([jnp.sin(out), jnp.cos(out)], axis=-1)
-
-
 def sincos_split(features: int) -> tuple[int, int, int]:
     """Channel widths (D_t, D_h, D_w) of the (t, h, w) sin-cos blocks: D_h = D_w = 2*floor(D/6)."""
     part = 2 * (features // 6)
@@ -330,7 +320,7 @@ class FactorisedPosEmbed(nn.Module):
             if grid_sizes is None:
                 grid_sizes = segment_grid_sizes(segment_ids, positions)
             pos = pos / jnp.asarray(grid_sizes, jnp.float32) * jnp.asarray(maxes, jnp.float32)
-        out = jnp.concatenate([_sincos(pos[..., i], w) for i, w in enumerate(sincos_split(self.features))], -1)
+        out = jnp.concatenate([sincos_embed(pos[..., i], w) for i, w in enumerate(sincos_split(self.features))], -1)
         return out.astype(self.dtype)
 
 

@@ -287,3 +287,80 @@ def test_text_bad_input_raises(kw, match):
     with pytest.raises(UserError, match="context_dim"):
         jax.eval_shape(dit.DiT(hidden_size=16, depth=1, num_heads=2, num_classes=10).init, jax.random.key(0), x, t,
                        np.zeros(2, np.int32), text=np.zeros((2, 5, 6)), text_mask=np.ones((2, 5)))
+
+
+# --------------------------------------------------------------------------- packed (NaViT)
+
+PACK_SHAPES = [(8, 6), (4, 4), (2, 10), (6, 2)]  # (H, W) images of mixed sizes and aspects
+
+
+def _packed_case(seed=3, **kw):
+    from genjax.data import packing
+
+    m = dit.DiT(**{**dict(patch_size=2, in_channels=3, hidden_size=16, depth=2, num_heads=2, num_classes=5,
+                          learn_sigma=True), **kw})
+    rng = np.random.default_rng(seed)
+    images = [rng.normal(size=(h, w, 3)).astype(np.float32) for h, w in PACK_SHAPES]
+    t = rng.uniform(0, 999, len(images)).astype(np.float32)
+    y = rng.integers(0, 5, len(images)).astype(np.int32)
+    batch = packing.pack([im[None] for im in images], seq_len=24, patch_size=(1, 2, 2), max_per_seq=3)
+    params = _random_params(m, images[0][None], t[:1], y[:1])
+    return m, params, images, t, y, batch
+
+
+def _per_slot(batch, values, fill=0):
+    index = batch["example_index"]
+    out = np.full(index.shape + np.shape(values)[1:], fill, np.asarray(values).dtype)
+    out[index >= 0] = np.asarray(values)[index[index >= 0]]
+    return out
+
+
+@pytest.mark.parametrize("kw", [{}, {"pos_embed_base_size": 4}])
+def test_packed_equals_each_image_alone(kw):
+    """NaViT packing is exact: every image of a packed batch gets what `__call__` gives it alone
+    (to float32 rounding; with pos_embed_base_size the scaled positions are computed in float32 in
+    the packed form and in float64 in `__call__`'s table: 1e-4)."""
+    from genjax.data import packing
+
+    m, params, images, t, y, batch = _packed_case(**kw)
+    assert batch["tokens"].shape[0] >= 2 and (batch["segment_ids"] == 2).any()  # images share sequences
+    out = jax.jit(lambda p, b, t, y: m.apply(p, b["tokens"], b["segment_ids"], b["positions"], t, y,
+                                             example_shape=b["example_shape"], method="packed"))(
+        params, batch, _per_slot(batch, t), _per_slot(batch, y))
+    assert out.dtype == jnp.float32 and out.shape == (*batch["segment_ids"].shape, 2 * 2 * 6)
+    np.testing.assert_array_equal(np.asarray(out)[batch["segment_ids"] == 0], 0.0)
+    got = packing.unpack({**batch, "tokens": np.asarray(out), "video_shape": batch["video_shape"] * [1, 1, 1, 2]})
+    for i, im in enumerate(images):
+        want = np.asarray(m.apply(params, im[None], t[i:i + 1], y[i:i + 1]))[0]
+        assert np.abs(want).max() > 0.1
+        tol = 1e-4 if kw else 1e-5
+        np.testing.assert_allclose(got[i][0], want, rtol=tol, atol=tol)
+
+
+def test_packed_text_and_bad_input():
+    from genjax.data import packing
+
+    m = _text_dit(in_channels=3)
+    rng = np.random.default_rng(0)
+    images = [rng.normal(size=(h, w, 3)).astype(np.float32) for h, w in PACK_SHAPES[:3]]
+    t = np.array([5.0, 400.0, 900.0], np.float32)
+    text = rng.normal(size=(3, 4, 6)).astype(np.float32)
+    mask = np.array([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]], bool)
+    batch = packing.pack([im[None] for im in images], seq_len=32, patch_size=(1, 2, 2), max_per_seq=3)
+    params = _random_params(m, images[0][None], t[:1], text=text[:1], text_mask=mask[:1])
+    out = m.apply(params, batch["tokens"], batch["segment_ids"], batch["positions"], _per_slot(batch, t),
+                  text=_per_slot(batch, text), text_mask=_per_slot(batch, mask, True), method="packed")
+    got = packing.unpack({**batch, "tokens": np.asarray(out), "video_shape": batch["video_shape"] * [1, 1, 1, 2]})
+    for i, im in enumerate(images):
+        want = np.asarray(m.apply(params, im[None], t[i:i + 1], text=text[i:i + 1], text_mask=mask[i:i + 1]))[0]
+        np.testing.assert_allclose(got[i][0], want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="tokens.shape"):
+        m.apply(params, batch["tokens"][..., :5], batch["segment_ids"], batch["positions"], _per_slot(batch, t),
+                text=_per_slot(batch, text), text_mask=_per_slot(batch, mask, True), method="packed")
+    with pytest.raises(UserError, match="t.shape"):
+        m.apply(params, batch["tokens"], batch["segment_ids"], batch["positions"], t,
+                text=_per_slot(batch, text), text_mask=_per_slot(batch, mask, True), method="packed")
+    with pytest.raises(UserError, match="example_shape"):
+        m.clone(pos_embed_base_size=4).apply(
+            params, batch["tokens"], batch["segment_ids"], batch["positions"], _per_slot(batch, t),
+            text=_per_slot(batch, text), text_mask=_per_slot(batch, mask, True), method="packed")
