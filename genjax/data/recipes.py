@@ -235,7 +235,7 @@ def _rate(drop_rate):
     return tuple(drop_rate) if isinstance(drop_rate, (list, tuple)) else drop_rate
 
 
-def packed_latent_data(config, posterior: Callable, *, patch_size: tuple[int, int, int], inputs: Callable,
+def packed_latent_data(config, posterior: Callable | None, *, patch_size: tuple[int, int, int], inputs: Callable,
                        fit: Callable | None = None):
     """`make_data(workdir, shard_index=None, shard_count=None)` of NaViT-packed batches of
     mixed-size examples (Dehghani et al. 2023), for a latent diffusion task on a frozen autoencoder.
@@ -245,7 +245,7 @@ def packed_latent_data(config, posterior: Callable, *, patch_size: tuple[int, in
     `transforms.FitArea` to the token budget; None: as it is), scaled to [-1, 1], turned into fields by
     `inputs` (e.g. the caption's "ids" and "mask"), and encoded alone by `posterior(x (1, ...))
     -> (mean, std)` (jit it: one compilation per example size) into `latents = concat([mean, std],
-    channel axis)`; `genjax.data.packing.packed_batches` then packs the latents' tubelets of
+    channel axis)` (posterior None: pixel space, the latents are the pixels); `genjax.data.packing.packed_batches` then packs the latents' tubelets of
     `patch_size` into data.batch_size sequences (over all processes) of data.packing.seq_len
     tokens with at most data.packing.max_per_seq examples each (planned over a look-ahead of
     data.packing.lookahead examples, default 128), after NaViT token dropping at
@@ -268,8 +268,12 @@ def packed_latent_data(config, posterior: Callable, *, patch_size: tuple[int, in
 
         def encode(example):
             out = inputs(example)
-            mean, std = posterior(np.asarray(out.pop(key))[None])
-            latents = np.concatenate([np.asarray(mean)[0], np.asarray(std)[0]], axis=-1)
+            x = np.asarray(out.pop(key), np.float32)
+            if posterior is None:  # pixel space: the tokens are the pixels
+                latents = x
+            else:
+                mean, std = posterior(x[None])
+                latents = np.concatenate([np.asarray(mean)[0], np.asarray(std)[0]], axis=-1)
             return {"latents": latents, **{k: np.asarray(v).astype(np.int32) for k, v in out.items()}}
 
         ds = pipeline.example_dataset(src, seed=config.seed, shard_index=shard_index, shard_count=shard_count,

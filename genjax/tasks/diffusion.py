@@ -200,13 +200,57 @@ def latent_fns(config, vae_module, vae_params, vae_path: str, key: str, inputs=N
     if not cached:
         return encode, decode, recipes.pixel_data(config, inputs)
 
+    meta = {"vae": os.path.abspath(vae_path), **(meta or {})}
+    return encode, decode, recipes.latent_cache_data(config, posterior_fn(vae_module, vae_params), meta=meta,
+                                                     inputs=inputs)
+
+
+def posterior_fn(vae_module, vae_params) -> Callable:
+    """A frozen autoencoder's jitted posterior `x float [-1, 1] (B, ...) -> (mean, std)` (its
+    `encode`'s DiagonalGaussian), for latent caches and packed pipelines; one compile per shape."""
     @jax.jit
     def posterior(x):
         q = vae_module.apply({"params": vae_params}, x, method=vae_module.encode)
         return q.mean, q.std
+    return posterior
 
-    meta = {"vae": os.path.abspath(vae_path), **(meta or {})}
-    return encode, decode, recipes.latent_cache_data(config, posterior, meta=meta, inputs=inputs)
+
+def packed_loss(config, schedule, denoise: Callable, conditions: Callable, *, latent=None) -> Callable:
+    """`loss_fn(params, batch, rng)` of NaViT-packed training (data.packing; the batches of
+    `recipes.packed_latent_data`): `losses.diffusion_loss` on the packed tokens with one time per
+    example (padding out of the loss) and each example's own flow shift (`loss_options` of its
+    token count, `schedules.flow_shift_for`).
+
+    denoise: `(params, batch, x_t (S, L, P), t (S, M), rng, **cond) -> (S, L, P) float32`, the
+      model's packed form. conditions: `(params, batch) -> dict` of per-slot conditions `(S, M, ...)`
+      given to denoise as keywords (labels, text). latent: None (the tokens are x0, pixels) or
+      `(C, scale, shift)`: each token holds its patch's `[mean C | std C]` of a frozen
+      autoencoder's posterior, and x0 = `(mean + std * eps - shift) * scale` (LDM) with the step's rng.
+    Metrics: the loss's, plus "examples", "tokens" (non-padding) per batch and "padding" (fraction),
+    from which the trainer logs examples and tokens per second."""
+    from genjax.diffusion import losses
+
+    def loss_fn(params, batch, rng):
+        latent_rng, model_rng, loss_rng = jax.random.split(rng, 3)
+        seg, x0 = batch["segment_ids"], batch["tokens"]
+        s, l, _ = x0.shape
+        m = batch["example_index"].shape[1]
+        if latent is not None:
+            c, scale, shift = latent
+            halves = x0.reshape(s, l, -1, 2 * c)  # (patch values, [mean C | std C])
+            mean, std = halves[..., :c], halves[..., c:]
+            x0 = ((mean + std * jax.random.normal(latent_rng, mean.shape) - shift) * scale).reshape(s, l, -1)
+
+        def denoise_fn(x_t, t, **cond):
+            return denoise(params, batch, x_t, t, model_rng, **cond)
+
+        num_tokens = jnp.maximum(jnp.prod(batch["example_shape"], axis=-1), 1).astype(jnp.float32)  # (S, M)
+        loss, metrics = losses.diffusion_loss(denoise_fn, x0, loss_rng, schedule=schedule, cond=conditions(params, batch),
+                                              segment_ids=seg, max_per_seq=m, **loss_options(config, num_tokens))
+        real = jnp.sum(seg > 0).astype(jnp.float32)
+        return loss, {**metrics, "examples": jnp.sum(batch["example_index"] >= 0).astype(jnp.float32),
+                      "tokens": real, "padding": 1 - real / (s * l)}
+    return loss_fn
 
 
 def image_task(config, module, init_params, denoise, *, x_shape, make_data, encode=None, decode=None,

@@ -11,6 +11,14 @@ with the step's rng:
     WORKDIR/latents/{split}.array_record (`latent_cache.ensure`) and the batch carries them.
 Both give the same latents for the same examples and rng (tests/train/test_tasks.py).
 Samples are decoded by the VAE. See `tasks.diffusion.image_task` for loss_fn and sample_fn.
+
+data.packing = {seq_len, max_per_seq, ...}: NaViT patch n' pack (Dehghani et al. 2023). Each image
+keeps its aspect ratio, resized down (never up) to fit seq_len patches (`transforms.FitArea`; an
+image folder or TFDS dataset of native sizes), is encoded alone by the frozen VAE in the input
+pipeline (pixel space: its pixels), and its patches are packed with others into data.batch_size
+sequences of seq_len tokens (`recipes.packed_latent_data`): one compiled step for every size.
+The loss is `tasks.diffusion.packed_loss` through `DiT.packed` (one time per image, each with its
+own flow shift). Samples are drawn at data.image_size.
 """
 
 from __future__ import annotations
@@ -30,8 +38,8 @@ EVAL_KEYS = diffusion.EVAL_KEYS
 
 
 def validate(config) -> None:
-    """Raises UserError: a task.vae that is not a trained VAE workdir or a converted VAE folder, or
-    an unknown data.latents."""
+    """Raises UserError: a task.vae that is not a trained VAE workdir or a converted VAE folder, an
+    unknown data.latents; with data.packing (at build): model.learn_sigma or data.latents "cache"."""
     vae = config.get("task", {}).get("vae", "")
     if vae:
         check(is_model_dir(vae), "task.vae", vae, "must be a trained VAE workdir (genjax "
@@ -47,6 +55,7 @@ def build(config, *, mesh=None) -> Task:
 
     size = config.data.image_size
     vae_path = config.get("task", {}).get("vae", "")
+    vae_module = vae_params = None  # pixel space
     if vae_path:
         vae_module, vae_params = load_frozen(vae_path, mesh=mesh, family_name="vae")
         f = vae_module.downsample_factor
@@ -69,9 +78,41 @@ def build(config, *, mesh=None) -> Task:
                             rngs={"dropout": rng}).astype(jnp.float32)
 
     kw = dict(x_shape=x_shape, num_classes=int(module.num_classes))
-    if not vae_path:
-        return diffusion.image_task(config, module, init_params, denoise, make_data=recipes.pixel_data(config), **kw)
-
-    encode, decode, make_data = diffusion.latent_fns(config, vae_module, vae_params, vae_path, "image")
-    return diffusion.image_task(config, module, init_params, denoise, make_data=make_data, encode=encode,
+    encode = decode = None
+    make_data = recipes.pixel_data(config)
+    if vae_path:
+        encode, decode, make_data = diffusion.latent_fns(config, vae_module, vae_params, vae_path, "image")
+    task = diffusion.image_task(config, module, init_params, denoise, make_data=make_data, encode=encode,
                                 decode=decode, **kw)
+    if config.data.get("packing") is None:
+        return task
+    loss_fn, make_data = _packed(config, module, vae_module, vae_params)
+    return task._replace(loss_fn=loss_fn, make_data=make_data, encode=None)
+
+
+def _packed(config, module, vae_module, vae_params):
+    """`(loss_fn, make_data)` of packed training (data.packing; module docstring); vae_module None
+    in pixel space."""
+    from genjax.data import recipes, transforms
+
+    d, p = config.data, module.patch_size
+    check(not module.learn_sigma, "model.learn_sigma", True, "must be false with data.packing (no packed VLB)")
+    check(d.get("latents", "on_the_fly") == "on_the_fly", "data.latents", d.get("latents"),
+          "must be 'on_the_fly' with data.packing (each image is encoded in the input pipeline)")
+    f = vae_module.downsample_factor if vae_module is not None else 1
+    fit = transforms.FitArea(max_area=d.packing.seq_len * (f * p) ** 2, multiple=f * p, keys=("image",))
+    posterior = None if vae_module is None else diffusion.posterior_fn(vae_module, vae_params)
+    make_data = recipes.packed_latent_data(config, posterior, patch_size=(1, p, p), inputs=recipes.image_inputs, fit=fit)
+    conditional = bool(module.num_classes)
+
+    def conditions(params, batch):
+        return {"y": jnp.maximum(batch["label"], 0)} if conditional else None
+
+    def denoise(params, batch, x_t, t, rng, **cond):
+        return module.apply({"params": params}, x_t, batch["segment_ids"], batch["positions"], t, cond.get("y"),
+                            example_shape=batch["example_shape"], train=True, rngs={"dropout": rng},
+                            method=module.packed).astype(jnp.float32)
+
+    latent = None if vae_module is None else (vae_module.latent_channels, vae_module.scaling_factor,
+                                              vae_module.shift_factor)
+    return diffusion.packed_loss(config, diffusion.make_schedule(config), denoise, conditions, latent=latent), make_data

@@ -243,7 +243,6 @@ def _packed(config, module, vae_module, vae_params, tokenize, encode_text, sched
     of its token count). Raises UserError (before compiling) for a size the VAE or the DiT patch
     does not divide, an example longer than seq_len, data.latents "cache" or frame conditioning."""
     from genjax.data import recipes, transforms
-    from genjax.diffusion import losses
 
     d, c = config.data, vae_module.latent_channels
     fs, ft = vae_module.downsample_factor, vae_module.temporal_downsample_factor
@@ -270,38 +269,23 @@ def _packed(config, module, vae_module, vae_params, tokenize, encode_text, sched
         check(tokens <= d.packing.seq_len, "data.sizes", (t, h, w),
               f"has {tokens} tokens, more than data.packing.seq_len={d.packing.seq_len}")
 
-    @jax.jit
-    def posterior(x):
-        q = vae_module.apply({"params": vae_params}, x, method=vae_module.encode)
-        return q.mean, q.std
+    make_data = recipes.packed_latent_data(config, diffusion.posterior_fn(vae_module, vae_params),
+                                           patch_size=module.patch_size, inputs=tokenize, fit=fit)
 
-    make_data = recipes.packed_latent_data(config, posterior, patch_size=module.patch_size, inputs=tokenize, fit=fit)
-    scale, shift = vae_module.scaling_factor, vae_module.shift_factor
-
-    def loss_fn(params, batch, rng):
-        vae_rng, model_rng, loss_rng = jax.random.split(rng, 3)
-        seg, tokens = batch["segment_ids"], batch["tokens"]
-        s, l, _ = tokens.shape
-        m = batch["ids"].shape[1]
-        halves = tokens.reshape(s, l, pt * ph * pw, 2 * c)  # (pt, ph, pw, [mean C | std C])
-        mean, std = halves[..., :c], halves[..., c:]
-        x0 = ((mean + std * jax.random.normal(vae_rng, mean.shape) - shift) * scale).reshape(s, l, -1)
+    def conditions(params, batch):
+        s, m = batch["example_index"].shape
         empty = (batch["example_index"] < 0)[..., None]  # (S, M, 1): give empty slots one valid text token
         first = jnp.arange(batch["mask"].shape[-1]) == 0
         text_mask = jnp.where(empty, first, batch["mask"] > 0)
         ids = jnp.maximum(batch["ids"], 0)
         text = encode_text(params, ids.reshape(s * m, -1), text_mask.reshape(s * m, -1)).reshape(s, m, *ids.shape[2:], -1)
+        return {"text": text, "text_mask": text_mask}
 
-        def denoise_fn(x_t, t, **cond):
-            return module.apply({"params": params["dit"]}, x_t, seg, batch["positions"], t, **cond,
-                                example_shape=batch["example_shape"], train=True, rngs={"dropout": model_rng},
-                                method=module.packed).astype(jnp.float32)
+    def denoise(params, batch, x_t, t, rng, **cond):
+        return module.apply({"params": params["dit"]}, x_t, batch["segment_ids"], batch["positions"], t, **cond,
+                            example_shape=batch["example_shape"], train=True, rngs={"dropout": rng},
+                            method=module.packed).astype(jnp.float32)
 
-        num_tokens = jnp.maximum(jnp.prod(batch["example_shape"], axis=-1), 1).astype(jnp.float32)  # (S, M)
-        loss, metrics = losses.diffusion_loss(denoise_fn, x0, loss_rng, schedule=schedule,
-                                              cond={"text": text, "text_mask": text_mask}, segment_ids=seg,
-                                              max_per_seq=m, **diffusion.loss_options(config, num_tokens))
-        real = jnp.sum(seg > 0).astype(jnp.float32)  # the trainer logs examples / tokens per second
-        return loss, {**metrics, "examples": jnp.sum(batch["example_index"] >= 0).astype(jnp.float32),
-                      "tokens": real, "padding": 1 - real / (s * l)}
+    loss_fn = diffusion.packed_loss(config, schedule, denoise, conditions,
+                                    latent=(c, vae_module.scaling_factor, vae_module.shift_factor))
     return loss_fn, make_data
