@@ -1,7 +1,8 @@
 """Reading reference checkpoints (diffusers / transformers safetensors) without torch.
 
 `load_state_dict(src)` returns a flat `{key: np.ndarray}` from a diffusers model folder
-(`diffusion_pytorch_model.safetensors` + `config.json`), a single `.safetensors` file, or an
+(`diffusion_pytorch_model.safetensors` + `config.json`) or transformers folder (`model.safetensors`,
+or shards listed in `model.safetensors.index.json`), a single `.safetensors` file, or an
 in-memory dict (numpy arrays or torch tensors, for tests). The per-family key mapping lives in
 each model file's `load_diffusers`; the helpers here check that every key is consumed once and
 that shapes agree, so a state dict from another model family fails with a clear error;
@@ -36,16 +37,17 @@ def load_state_dict(src: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[st
     """Load a reference state dict and its model config.
 
     Args:
-      src: a folder holding `diffusion_pytorch_model.safetensors` (or `model.safetensors`) and
-        optionally `config.json`; a `.safetensors` file (its folder's `config.json` is used if
-        present); or a mapping of key -> array/tensor.
+      src: a folder holding `diffusion_pytorch_model.safetensors` (or `model.safetensors`), or
+        the shards its `<name>.safetensors.index.json` lists, and optionally `config.json`; a
+        `.safetensors` file (its folder's `config.json` is used if present); or a mapping of
+        key -> array/tensor.
 
     Returns:
       (state_dict, config): float arrays as numpy (bf16/fp16 weights are upcast to float32), and
       the config dict ({} if there is none).
 
     Raises:
-      UserError: the path does not exist or holds no safetensors file.
+      UserError: the path does not exist or holds no safetensors file; an index names a missing shard.
     """
     if isinstance(src, Mapping):
         return {k: _to_numpy(v) for k, v in src.items()}, {}
@@ -54,22 +56,34 @@ def load_state_dict(src: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[st
     path = os.fspath(src)
     if os.path.isdir(path):
         folder = path
-        files = [os.path.join(path, f) for f in WEIGHT_FILES if os.path.isfile(os.path.join(path, f))]
+        files = [os.path.join(path, f) for f in WEIGHT_FILES if os.path.isfile(os.path.join(path, f))][:1]
+        indexes = [os.path.join(path, f + ".index.json") for f in WEIGHT_FILES]
+        indexes = [f for f in indexes if os.path.isfile(f)]
+        if not files and indexes:  # sharded: {"weight_map": {key: shard file}}
+            shards = sorted(set(json.load(open(indexes[0])).get("weight_map", {}).values()))
+            for shard in shards:
+                check(os.path.isfile(os.path.join(path, shard)), "src", path,
+                      f"{os.path.basename(indexes[0])} names shard {shard!r}, which the folder lacks")
+            files = [os.path.join(path, shard) for shard in shards]
         if not files:
-            raise UserError(f"src={path!r}: folder holds none of {', '.join(WEIGHT_FILES)}")
-        weights = files[0]
+            raise UserError(f"src={path!r}: folder holds none of {', '.join(WEIGHT_FILES)} (nor their "
+                            ".index.json shards)")
+        weights = files
     elif os.path.isfile(path):
         if not path.endswith(".safetensors"):
             raise UserError(f"src={path!r}: must be a .safetensors file or a diffusers model folder")
-        folder, weights = os.path.dirname(path), path
+        folder, weights = os.path.dirname(path), [path]
     else:
         raise UserError(f"src={path!r}: no such file or folder")
-    try:
-        state = load_file(weights)
-    except Exception as e:  # a file that is not safetensors
-        raise UserError(f"src={weights!r}: not a readable safetensors file ({e})") from None
-    state = {k: (v.astype(np.float32) if v.dtype.kind == "f" or v.dtype.name == "bfloat16" else v)
-             for k, v in state.items()}
+    state = {}
+    for file in weights:  # upcast one shard at a time: the peak is one shard's native copy
+        try:
+            shard = load_file(file)
+        except Exception as e:  # a file that is not safetensors
+            raise UserError(f"src={file!r}: not a readable safetensors file ({e})") from None
+        state.update({k: (v.astype(np.float32) if v.dtype.kind == "f" or v.dtype.name == "bfloat16" else v)
+                      for k, v in shard.items()})
+        del shard
     cfg_path = os.path.join(folder, "config.json")
     config = json.load(open(cfg_path)) if os.path.isfile(cfg_path) else {}
     return state, config
