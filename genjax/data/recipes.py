@@ -213,21 +213,24 @@ def latent_cache_data(config, posterior: Callable, *, meta: Mapping[str, Any], i
                 mean, std = posterior(batch.pop(key))
                 yield {"mean": np.asarray(mean), "std": np.asarray(std), **batch}
 
-        full = {**meta, "dataset": config.data.dataset, "split": config.data.split,
-                "image_size": config.data.image_size}
-        if key == "video":
-            full.update(num_frames=config.data.num_frames, num_examples=config.data.get("num_examples"),
-                        num_digits=config.data.get("num_digits", 1), seed=config.seed,
-                        frame_stride=config.data.get("frame_stride", 1), clips=len(src))
-        # Non-default preprocessing is part of what the cache was computed from (a flip is drawn
-        # once per example when the cache is filled, as the feature-caching DiT ports fast-DiT /
-        # LightningDiT do).
-        full.update({k: config.data[k] for k, default in (("crop", "resize"), ("random_flip", False))
-                     if config.data.get(k, default) != default})
-        cache = latent_cache.ensure(os.path.join(workdir, "latents"), config.data.split, meta=full,
-                                    compute=compute)
+        cache = latent_cache.ensure(os.path.join(workdir, "latents"), config.data.split,
+                                    meta=_cache_meta(config, meta, src), compute=compute)
         return dataset(config, cache, (), shard_index=shard_index, shard_count=shard_count)
     return make_data
+
+
+def _cache_meta(config, meta: Mapping[str, Any], src) -> dict[str, Any]:
+    """What a latent cache of config.data was computed from: the caller's `meta` (the VAE, ...), the
+    dataset, split and sizes, and non-default preprocessing (a flip is drawn once per example when
+    the cache is filled, as the feature-caching DiT ports fast-DiT / LightningDiT do)."""
+    d = config.data
+    full = {**meta, "dataset": d.dataset, "split": d.split, "image_size": d.image_size}
+    if media_key(config) == "video":
+        full.update(num_frames=d.num_frames, num_examples=d.get("num_examples"), num_digits=d.get("num_digits", 1),
+                    seed=config.seed, frame_stride=d.get("frame_stride", 1), clips=len(src))
+    full.update({k: d[k] for k, default in (("crop", "resize"), ("random_flip", False), ("sizes", None))
+                 if d.get(k, default) != default})
+    return full
 
 
 def _rate(drop_rate):
@@ -236,7 +239,7 @@ def _rate(drop_rate):
 
 
 def packed_latent_data(config, posterior: Callable | None, *, patch_size: tuple[int, int, int], inputs: Callable,
-                       fit: Callable | None = None):
+                       fit: Callable | None = None, meta: Mapping[str, Any] | None = None):
     """`make_data(workdir, shard_index=None, shard_count=None)` of NaViT-packed batches of
     mixed-size examples (Dehghani et al. 2023), for a latent diffusion task on a frozen autoencoder.
 
@@ -254,11 +257,17 @@ def packed_latent_data(config, posterior: Callable | None, *, patch_size: tuple[
     (`tokens (S, L, pt*ph*pw*2C)` in (pt, ph, pw, [mean C | std C]) order, segment_ids,
     positions, example_shape, video_shape, example_index) plus `inputs`' other fields per slot,
     `(S, M, ...)`, -1 at empty slots. Deterministic and checkpointable like `make_dataset`.
+
+    data.latents = "cache" (with a posterior): every example's `latents` and fields are computed once
+    into the ragged latent cache WORKDIR/latents/{split} (`latent_cache.ensure(ragged=True)`, each
+    example at its own size; recomputed when `meta`, what it depends on besides the data section,
+    e.g. the VAE, changes); the packer then reads the cache, so a step costs no VAE forward.
     """
-    from genjax.data import packing, pipeline, transforms
+    from genjax.data import latent_cache, packing, pipeline, transforms
+
+    cached = posterior is not None and config.data.get("latents", "on_the_fly") == "cache"
 
     def make_data(workdir, shard_index=None, shard_count=None):
-        del workdir
         shard_index, shard_count = pipeline.resolve_shard(shard_index, shard_count)
         check(config.data.batch_size % shard_count == 0, "data.batch_size", config.data.batch_size,
               f"must be divisible by the number of processes ({shard_count}): sequences per batch")
@@ -276,11 +285,22 @@ def packed_latent_data(config, posterior: Callable | None, *, patch_size: tuple[
                 latents = np.concatenate([np.asarray(mean)[0], np.asarray(std)[0]], axis=-1)
             return {"latents": latents, **{k: np.asarray(v).astype(np.int32) for k, v in out.items()}}
 
-        ds = pipeline.example_dataset(src, seed=config.seed, shard_index=shard_index, shard_count=shard_count,
-                                      transforms=(*([fit] if fit else []), transforms.ToFloat(keys=(key,)), encode),
-                                      skip_unreadable=is_folder(config))
+        steps = (*([fit] if fit else []), transforms.ToFloat(keys=(key,)), encode)
         p = config.data.packing
         lookahead = p.get("lookahead", 128)
+        if cached:
+            def compute():
+                ds = pipeline.example_dataset(src, shuffle=False, num_epochs=1, shard_index=0, shard_count=1,
+                                              transforms=steps, skip_unreadable=is_folder(config))
+                for example in ds.to_iter_dataset(read_options(config, lookahead)):
+                    yield {k: np.asarray(v)[None] for k, v in example.items()}
+
+            full = {**_cache_meta(config, meta or {}, src), "fit": repr(fit), "packed": True}
+            src = latent_cache.ensure(os.path.join(workdir, "latents"), config.data.split, meta=full,
+                                      compute=compute, ragged=True)
+            steps = ()
+        ds = pipeline.example_dataset(src, seed=config.seed, shard_index=shard_index, shard_count=shard_count,
+                                      transforms=steps, skip_unreadable=is_folder(config) and not cached)
         ds = ds.to_iter_dataset(read_options(config, lookahead))
         return iter(packing.packed_batches(ds, seq_len=p.seq_len, patch_size=patch_size, lookahead=lookahead,
                                            max_per_seq=p.max_per_seq, key="latents", example_fields=fields,

@@ -15,7 +15,7 @@ Samples are decoded by the VAE. See `tasks.diffusion.image_task` for loss_fn and
 data.packing = {seq_len, max_per_seq, ...}: NaViT patch n' pack (Dehghani et al. 2023). Each image
 keeps its aspect ratio, resized down (never up) to fit seq_len patches (`transforms.FitArea`; an
 image folder or TFDS dataset of native sizes), is encoded alone by the frozen VAE in the input
-pipeline (pixel space: its pixels), and its patches are packed with others into data.batch_size
+pipeline (pixel space: its pixels; data.latents "cache": once, into a ragged latent cache), and its patches are packed with others into data.batch_size
 sequences of seq_len tokens (`recipes.packed_latent_data`): one compiled step for every size.
 The loss is `tasks.diffusion.packed_loss` through `DiT.packed` (one time per image, each with its
 own flow shift). Samples are drawn at data.image_size.
@@ -23,6 +23,7 @@ own flow shift). Samples are drawn at data.image_size.
 
 from __future__ import annotations
 
+import os
 
 import jax.numpy as jnp
 
@@ -39,7 +40,7 @@ EVAL_KEYS = diffusion.EVAL_KEYS
 
 def validate(config) -> None:
     """Raises UserError: a task.vae that is not a trained VAE workdir or a converted VAE folder, an
-    unknown data.latents; with data.packing (at build): model.learn_sigma or data.latents "cache"."""
+    unknown data.latents; with data.packing (at build): model.learn_sigma."""
     vae = config.get("task", {}).get("vae", "")
     if vae:
         check(is_model_dir(vae), "task.vae", vae, "must be a trained VAE workdir (genjax "
@@ -97,12 +98,12 @@ def _packed(config, module, vae_module, vae_params):
 
     d, p = config.data, module.patch_size
     check(not module.learn_sigma, "model.learn_sigma", True, "must be false with data.packing (no packed VLB)")
-    check(d.get("latents", "on_the_fly") == "on_the_fly", "data.latents", d.get("latents"),
-          "must be 'on_the_fly' with data.packing (each image is encoded in the input pipeline)")
     f = vae_module.downsample_factor if vae_module is not None else 1
     fit = transforms.FitArea(max_area=d.packing.seq_len * (f * p) ** 2, multiple=f * p, keys=("image",))
     posterior = None if vae_module is None else diffusion.posterior_fn(vae_module, vae_params)
-    make_data = recipes.packed_latent_data(config, posterior, patch_size=(1, p, p), inputs=recipes.image_inputs, fit=fit)
+    meta = None if vae_module is None else {"vae": os.path.abspath(config.task.vae)}
+    make_data = recipes.packed_latent_data(config, posterior, patch_size=(1, p, p), inputs=recipes.image_inputs,
+                                           fit=fit, meta=meta)
     conditional = bool(module.num_classes)
 
     def conditions(params, batch):

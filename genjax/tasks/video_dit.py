@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -236,19 +237,19 @@ def build(config, *, mesh=None) -> Task:
 def _packed(config, module, vae_module, vae_params, tokenize, encode_text, schedule):
     """`(loss_fn, make_data)` of packed training (data.packing): every example (of data.sizes, or a
     folder's clip at its native aspect resized to fit seq_len tokens, `transforms.FitArea`) is
-    encoded alone by the frozen VAE in the input pipeline (`recipes.packed_latent_data`), its
+    encoded alone by the frozen VAE in the input pipeline (`recipes.packed_latent_data`), or read from
+    its latent cache, its
     latent tubelets packed into data.batch_size sequences of data.packing.seq_len tokens; the
     loss is `losses.diffusion_loss` on the packed tokens (one time per example, padding out)
     through `VideoDiT.packed`, with each example's own flow shift (`tasks.diffusion.loss_options`
-    of its token count). Raises UserError (before compiling) for a size the VAE or the DiT patch
-    does not divide, an example longer than seq_len, data.latents "cache" or frame conditioning."""
+    of its token count). With data.latents "cache" the latents and caption tokens come from a
+    ragged latent cache, computed once. Raises UserError (before compiling) for a size the VAE or
+    the DiT patch does not divide, an example longer than seq_len, or frame conditioning."""
     from genjax.data import recipes, transforms
 
     d, c = config.data, vae_module.latent_channels
     fs, ft = vae_module.downsample_factor, vae_module.temporal_downsample_factor
     check(not module.learn_sigma, "model.learn_sigma", True, "must be false with data.packing")
-    check(d.get("latents", "on_the_fly") == "on_the_fly", "data.latents", d.get("latents"),
-          "must be 'on_the_fly' with data.packing (each example is encoded in the input pipeline)")
     check(dict(config.diffusion.get("frame_mask_probs", {"none": 1.0})) == {"none": 1.0},
           "diffusion.frame_mask_probs", dict(config.diffusion.get("frame_mask_probs", {})),
           "must be {'none': 1.0} with data.packing")
@@ -269,8 +270,9 @@ def _packed(config, module, vae_module, vae_params, tokenize, encode_text, sched
         check(tokens <= d.packing.seq_len, "data.sizes", (t, h, w),
               f"has {tokens} tokens, more than data.packing.seq_len={d.packing.seq_len}")
 
+    meta = {"vae": os.path.abspath(config.task.vae), "text_length": int(config.task.text_length)}
     make_data = recipes.packed_latent_data(config, diffusion.posterior_fn(vae_module, vae_params),
-                                           patch_size=module.patch_size, inputs=tokenize, fit=fit)
+                                           patch_size=module.patch_size, inputs=tokenize, fit=fit, meta=meta)
 
     def conditions(params, batch):
         s, m = batch["example_index"].shape

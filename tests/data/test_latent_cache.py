@@ -33,6 +33,31 @@ def test_round_trip_is_exact_and_in_order(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
+def test_ragged_round_trip_is_exact_for_examples_of_any_size(tmp_path):
+    """NaViT caches: every example at its own (T, H, W); the shapes travel with the records."""
+    rng = np.random.default_rng(1)
+    shapes = [(1, 4, 6, 8), (3, 2, 2, 8), (2, 6, 4, 8), (1, 4, 6, 8)]
+    examples = [{"latents": rng.normal(size=s).astype(np.float32), "ids": rng.integers(0, 9, (1 + i,)).astype(np.int32)}
+                for i, s in enumerate(shapes)]
+    spec = latent_cache.write(str(tmp_path), "train", ({k: v[None] for k, v in e.items()} for e in examples),
+                              meta={}, ragged=True)
+    assert spec["ragged"] and spec["fields"]["latents"]["shape"] == [None, None, None, 8]
+    source = latent_cache.LatentCacheSource(str(tmp_path), "train")
+    for want, got in zip(examples, (source[i] for i in range(len(source)))):
+        for k in want:
+            assert got[k].dtype == want[k].dtype
+            np.testing.assert_array_equal(got[k], want[k])
+    with pytest.raises(UserError, match="ranks and dtypes"):
+        latent_cache.write(str(tmp_path), "bad", iter([{"x": np.zeros((1, 2, 3))}, {"x": np.zeros((1, 2))}]),
+                           meta={}, ragged=True)
+    # a fixed-shape cache of the same meta is rewritten as ragged, not misread
+    latent_cache.write(str(tmp_path), "mixed", batches(), meta={})
+    calls = []
+    latent_cache.ensure(str(tmp_path), "mixed", meta={}, ragged=True,
+                        compute=lambda: calls.append(1) or ({k: v[None] for k, v in e.items()} for e in examples))
+    assert calls and latent_cache.read_spec(str(tmp_path), "mixed")["ragged"]
+
+
 def test_pipeline_batches_the_cache_like_any_source(tmp_path):
     latent_cache.write(str(tmp_path), "train", batches(), meta={})
     source = latent_cache.LatentCacheSource(str(tmp_path), "train")
