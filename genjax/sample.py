@@ -221,8 +221,6 @@ def main(args) -> int:
               "class-conditional image model: use --class-label N")
         check(args.frames in (None, 1) and args.init_frame is None, "--frames/--init-frame",
               args.frames if args.init_frame is None else args.init_frame, "are for video models")
-        check(args.height == args.width, "--height/--width", f"{args.height}/{args.width}",
-              "must be equal (image models sample square images)")
     config, task, params = restore(path, vae=args.vae, image_size=None if video else args.height)
     kw = dict(sampler=args.sampler, num_steps=args.steps, cfg_scale=args.cfg_scale)
     if video:
@@ -239,7 +237,8 @@ def main(args) -> int:
             check(not args.class_label, "--class-label", args.class_label, "this model is unconditional")
             given = [0]
         captions = [y for y in given for _ in range(args.num)]
-        samples = task.sample_fn(params, jax.random.PRNGKey(args.seed), captions, **kw)
+        samples = task.sample_fn(params, jax.random.PRNGKey(args.seed), captions, height=args.height,
+                                 width=args.width, **kw)
     for out in media.write_outputs(args.out, np.asarray(samples), captions):
         print(out)
     return 0

@@ -129,6 +129,12 @@ def test_trained_dit_workdir(tmp_path):
     with np.load(out) as f:
         assert f["images"].dtype == np.uint8 and f["images"].shape[0] == 4 and f["images"].shape[-1] == 1
         assert f["class_labels"].tolist() == [3, 3, 7, 7]
+    # any multiple of the patch (smoke: 4) samples, non-square too; --height was ignored before
+    wide = tmp_path / "wide.npz"
+    assert cli.main(["sample", "--workdir", workdir, "--class-label", "3", "--height", "16", "--width", "36",
+                     "--steps", "2", "--out", str(wide)]) == 0
+    with np.load(wide) as f:
+        assert f["images"].shape[1:] == (16, 36, 1)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -136,7 +142,7 @@ def test_trained_dit_workdir(tmp_path):
     (["--vae", "VAE", "--class-label", "1000"], "--class-label=[1000]: must be ints in [0, 1000)"),
     (["--vae", "VAE", "--prompt", "digit 3"], "--prompt=['digit 3']: is for text-to-video models"),
     (["--vae", "VAE", "--height", "18", "--width", "18"], "--height=18: must be a multiple of 4"),
-    (["--vae", "VAE", "--height", "16", "--width", "32"], "--height/--width='16/32': must be equal"),
+    (["--vae", "VAE", "--height", "16", "--width", "30"], "width=30: must be a multiple of 4"),
     (["--vae", "UNET"], "unet': must be a `genjax convert --model vae` folder"),
 ])
 def test_bad_input_one_line_errors(converted, tmp_path, capsys, extra, message):

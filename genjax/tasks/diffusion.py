@@ -254,7 +254,7 @@ def packed_loss(config, schedule, denoise: Callable, conditions: Callable, *, la
 
 
 def image_task(config, module, init_params, denoise, *, x_shape, make_data, encode=None, decode=None,
-               conditional=True, num_classes: int = 0) -> Task:
+               conditional=True, num_classes: int = 0, latent_factor: int = 1, size_multiple: int = 0) -> Task:
     """Diffusion training and sampling around `denoise(params, x_t, t, y, rng | None) -> output`.
 
     loss_fn: `losses.diffusion_loss` (Ho et al. 2020 L_simple; + Improved-DDPM VLB with
@@ -262,18 +262,21 @@ def image_task(config, module, init_params, denoise, *, x_shape, make_data, enco
     latents, with labels `batch["label"]` (B,) int32 when conditional.
 
     sample_fn(params, rng, cond=None, *, sampler=None, num_steps=None, cfg_scale=None,
-    init_frames=None) -> uint8 (N, H, W, C): cond = class labels (N,) int (default 0, 1, ...,
+    init_frames=None, height=None, width=None) -> uint8 (N, H, W, C): H, W default data.image_size;
+    other sizes must be multiples of `size_multiple` pixels (0: none allowed), latents of
+    (H, W) / `latent_factor`, each size with its own flow shift; cond = class labels (N,) int (default 0, 1, ...,
     num_classes - 1, 0, ... with N = eval.num_samples), with classifier-free guidance (null class
     = num_classes); latents are decoded by `decode`. Guidance applies to the first
     eval.guide_channels prediction channels (default 0 = all C; DiT's release guides 3 of the 4
     latent channels), the rest come from the conditional half, as DiT's `forward_with_cfg`. With
     learn_sigma, the DDPM sampler draws with the learned variance (`variance_type=
     "learned_range"`, Nichol & Dhariwal 2021 eq. 15; DiT's sampler); DDIM and the ODE samplers
-    ignore the variance channels. The loop is compiled once per (N, sampler, num_steps); any
+    ignore the variance channels. The loop is compiled once per (N, size, sampler, num_steps); any
     cfg_scale reuses it.
 
     Raises (sample_fn, before compiling):
-      UserError: labels outside [0, num_classes), init_frames given, or see `sampling_options`.
+      UserError: labels outside [0, num_classes), init_frames given, a height / width the model
+        does not take, or see `sampling_options`.
     """
     import numpy as np
 
@@ -287,7 +290,6 @@ def image_task(config, module, init_params, denoise, *, x_shape, make_data, enco
     patch = getattr(module, "patch_size", 1)  # the DiT's tokens; a U-Net's "tokens" are its pixels
     num_tokens = math.prod(x_shape[:-1]) // patch ** (len(x_shape) - 1)
     loss_kw = loss_options(config, num_tokens)
-    flow_shift = sample_shift(config, num_tokens)
 
     def loss_fn(params, batch, rng):
         model_rng, loss_rng = jax.random.split(rng)
@@ -300,13 +302,14 @@ def image_task(config, module, init_params, denoise, *, x_shape, make_data, enco
         return losses.diffusion_loss(denoise_fn, x0, loss_rng, schedule=schedule, cond=cond,
                                      learn_sigma=learn_sigma, **loss_kw)
 
-    @functools.partial(jax.jit, static_argnames=("sampler", "num_steps"))
-    def run(params, rng, labels, cfg_scale, *, sampler, num_steps):
+    @functools.partial(jax.jit, static_argnames=("sampler", "num_steps", "shape"))
+    def run(params, rng, labels, cfg_scale, *, sampler, num_steps, shape):
         def denoise_fn(x_t, t, y=None):
             return denoise(params, x_t, t, y, None)
 
         learned = learn_sigma and sampler == "ddpm"
-        return generate(denoise_fn, (labels.shape[0], *x_shape), rng, schedule=schedule,
+        flow_shift = sample_shift(config, math.prod(shape[:-1]) // patch ** (len(shape) - 1))
+        return generate(denoise_fn, (labels.shape[0], *shape), rng, schedule=schedule,
                         cond={"y": labels} if conditional else None,
                         null_cond={"y": num_classes} if conditional else None, cfg_scale=cfg_scale,
                         sampler=sampler, num_steps=num_steps, keep=2 * channels if learned else channels,
@@ -314,15 +317,22 @@ def image_task(config, module, init_params, denoise, *, x_shape, make_data, enco
                         variance_type="learned_range" if learned else "fixed_small", decode=decode,
                         flow_shift=flow_shift)
 
-    def sample_fn(params, rng, cond=None, *, sampler=None, num_steps=None, cfg_scale=None, init_frames=None):
+    def sample_fn(params, rng, cond=None, *, sampler=None, num_steps=None, cfg_scale=None, init_frames=None,
+                  height=None, width=None):
         sampler, num_steps, cfg_scale = sampling_options(config, sampler, num_steps, cfg_scale)
         check(init_frames is None, "init_frames", "given", "is for video models")
+        size = config.data.image_size
+        for field, side in (("height", height), ("width", width)):
+            ok = side is None or side == size or (size_multiple and side >= 1 and side % size_multiple == 0)
+            check(ok, field, side, f"must be a multiple of {size_multiple} (the model's downsampling x patch)"
+                  if size_multiple else f"must be the training size {size} (this model samples at one size)")
+        shape = ((height or size) // latent_factor, (width or size) // latent_factor, channels)
         labels = np.arange(e.num_samples) % max(num_classes, 1) if cond is None else np.asarray(cond)
         check(labels.ndim == 1 and labels.size >= 1, "class_labels", labels.tolist(), "must give at least one label")
         if conditional:
             check(np.issubdtype(labels.dtype, np.integer) and bool(np.all((labels >= 0) & (labels < num_classes))),
                   "class_labels", labels.tolist(), f"must be ints in [0, {num_classes})")
         return run(params, rng, jnp.asarray(labels, jnp.int32), jnp.float32(cfg_scale),
-                   sampler=sampler, num_steps=num_steps)
+                   sampler=sampler, num_steps=num_steps, shape=shape)
 
     return Task(module, init_params, loss_fn, sample_fn, make_data, encode=encode)

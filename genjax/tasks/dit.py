@@ -78,7 +78,8 @@ def build(config, *, mesh=None) -> Task:
         return module.apply({"params": params}, x_t, t, y, train=True,
                             rngs={"dropout": rng}).astype(jnp.float32)
 
-    kw = dict(x_shape=x_shape, num_classes=int(module.num_classes))
+    f = vae_module.downsample_factor if vae_module is not None else 1  # any multiple of f x patch samples
+    kw = dict(x_shape=x_shape, num_classes=int(module.num_classes), latent_factor=f, size_multiple=f * module.patch_size)
     encode = decode = None
     make_data = recipes.pixel_data(config)
     if vae_path:

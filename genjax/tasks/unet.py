@@ -50,4 +50,4 @@ def build(config, *, mesh=None) -> Task:
 
     return diffusion.image_task(config, module, init_params, denoise, x_shape=(size, size, channels),
                                 make_data=recipes.pixel_data(config), conditional=conditional,
-                                num_classes=num_classes)
+                                num_classes=num_classes, size_multiple=2 ** (len(module.block_out_channels) - 1))
