@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import operator
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,9 @@ def _builder(name: str, data_dir: str | None):
                         "video_folder:PATH, image_folder:PATH or a TFDS dataset name, optionally "
                         "tfds:NAME (see `tfds.list_builders()`)") from None
     except ModuleNotFoundError as e:  # e.g. tfds.features.Video (ucf101, moving_mnist) imports TensorFlow
-        raise UserError(f"dataset={name!r}: TFDS needs the module {e.name!r} to describe this dataset's "
+        found = re.search(r"No module named '([^']+)'", str(e))  # TFDS re-raises it without .name
+        module = found.group(1) if found else e.name
+        raise UserError(f"dataset={name!r}: TFDS needs the module {module!r} to describe this dataset's "
                         f"features (pip install tensorflow-cpu)") from None
 
 
