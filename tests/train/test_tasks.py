@@ -402,3 +402,21 @@ def test_video_folder_config_trains_on_real_mp4_clips(tmp_path):
     grids = {tuple(int(v) for v in g) for _ in range(40) for g in next(data)["example_shape"].reshape(-1, 3) if g[0]}
     assert grids == {(3, 8, 20), (3, 11, 14)}, grids
     train(config, str(tmp_path / "packed"))
+
+
+@pytest.mark.slow
+def test_video_vae_trains_on_a_tfds_video_dataset(tmp_path):
+    """video_vae on TFDS's bair_robot_pushing_small (mock data: 30 x 64 x 64 x 3 videos), random
+    clip starts, through the trainer's normal path (about a minute on 2 CPU cores, mostly compiling;
+    tests/data/test_video_sources.py checks the batches quickly)."""
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
+        config = config_of("video_vae_moving_mnist", "smoke=True", "--config.data.dataset=bair_robot_pushing_small",
+                           "--config.data.channels=3", "--config.model.in_channels=3", "--config.model.out_channels=3",
+                           "--config.num_steps=2", "--config.data.batch_size=2", "--config.ckpt.save_interval_steps=2",
+                           *NO_SAMPLES)
+        with config.unlocked():
+            config.data.clip_start = "random"
+        assert recipes.is_video(config) and recipes.source(config, "train")[0]["video"].shape == (5, 32, 32, 3)
+        train(config, str(tmp_path))
