@@ -16,7 +16,9 @@ skipped and named at start (`genjax.data.folders.VideoFolderSource`).
 
 Data: clips of `num_frames` (default 17 = 1 + 4 * 4, the VAE's temporal factor) consecutive frames
 (every `frame_stride`-th), the shorter side resized to `image_size` (default 64) and center-cropped,
-RGB in [-1, 1]; every non-overlapping clip of every video. Models: the video VAE of
+RGB in [-1, 1]; every non-overlapping clip of every video. `clip_start=random` draws each clip's
+start uniformly within its video every epoch (reproducible by seed); `fps=8` samples every video
+at about 8 frames per second (stride round(its fps / 8)) instead of `frame_stride`. Models: the video VAE of
 `configs/video_vae_moving_mnist.py` ("tiny": f = 4 in space and time, 4 latent channels) on 3
 channels; the DiT of `configs/video_dit_moving_mnist.py` (depth 4, width 128, (1, 2, 2) tubelets:
 5 x 8 x 8 = 320 tokens per clip) with a byte-level text tower of 77 tokens, trained with
@@ -46,7 +48,8 @@ STAGES = ("vae", "dit")
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = parse_arg(arg, stage="vae", path="", vae="", captions="", prompt="a video", smoke=False, steps=0,
-                  image_size=64, num_frames=17, frame_stride=1, objective="flow", packed=False)
+                  image_size=64, num_frames=17, frame_stride=1, objective="flow", packed=False,
+                  clip_start="fixed", fps=0.0)
     check(a.stage in STAGES, "stage", a.stage, f"must be one of {STAGES}")
     check(a.path != "", "path", a.path, "must be the folder of video files (path=/data/clips)")
     check(a.stage == "vae" or a.vae != "", "vae", a.vae, "must be the stage=vae workdir for stage=dit")
@@ -58,7 +61,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     size, frames, batch = (32, 5, 2) if a.smoke else (a.image_size, a.num_frames, 32 if a.stage == "vae" else 16)
     c.data = ml_collections.ConfigDict(dict(
         dataset=f"video_folder:{a.path}", split="train", batch_size=batch, image_size=size, num_frames=frames,
-        frame_stride=a.frame_stride, captions=a.captions, channels=3))
+        frame_stride=a.frame_stride, captions=a.captions, channels=3, clip_start=a.clip_start))
+    if a.fps:  # frames per second instead of frame_stride (recipes.validate refuses both)
+        c.data.fps = float(a.fps)
     if a.stage == "vae":  # RGB clips: the VAE's channels follow the data
         c.model.update({k: 3 for k in ("in_channels", "out_channels") if k in c.model})
     if a.stage == "dit":

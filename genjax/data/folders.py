@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from genjax.data import transforms
 from genjax.errors import UserError, check
 from genjax.io import media, readers
 
@@ -62,37 +63,6 @@ def _report_skipped(owner: str, root: str, skipped: list[str], total: int) -> No
         names = ", ".join(os.path.relpath(p, root) for p in skipped[:5])
         more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
         print(f"{owner}: skipped {len(skipped)} of {total} files under {root} as unreadable: {names}{more}")
-
-
-def _resize_and_crop(frames: np.ndarray, size: int, crop: str | None, rng: np.random.Generator | None = None) -> np.ndarray:
-    """Resize frames so the shorter side is `size` (Pillow bicubic, antialiased when shrinking),
-    then cut a `size` x `size` square.
-
-    Args:
-      frames: uint8 `(T, H, W, 3)`.
-      size: target shorter side in pixels.
-      crop: "center", "random" (offsets drawn from `rng`) or None (keep the resized frame).
-      rng: numpy Generator, required for crop="random".
-
-    Returns:
-      uint8 `(T, size, size, 3)`, or `(T, H', W', 3)` with min(H', W') = size when crop is None.
-    """
-    from PIL import Image
-
-    h, w = frames.shape[1:3]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    if (nh, nw) != (h, w):
-        frames = np.stack(
-            [np.asarray(Image.fromarray(f).resize((nw, nh), Image.Resampling.BICUBIC)) for f in frames]
-        )
-    if crop is None:
-        return frames
-    if crop == "center":
-        y, x = (nh - size) // 2, (nw - size) // 2
-    else:
-        y, x = int(rng.integers(0, nh - size + 1)), int(rng.integers(0, nw - size + 1))
-    return frames[:, y : y + size, x : x + size]
 
 
 CAPTION_FILES = ("captions.jsonl", "captions.csv")
@@ -152,9 +122,14 @@ class VideoFolderSource:
     A video with n frames gives the non-overlapping clips starting at 0, span, 2 * span, ...
     (span = (clip_length - 1) * frame_stride + 1) that fit in n frames, so the clip index
     (video, start frame) is a deterministic function of the folder's contents. `clips_per_video=k`
-    keeps k of a video's clips, evenly spaced (rounded `linspace` over its clips).
+    keeps k of a video's clips, evenly spaced (rounded `linspace` over its clips). With `fps`, the
+    stride is per video, `transforms.fps_stride(its frame rate, fps)` (`readers.frame_rate`).
 
-    `__getitem__(i)` decodes only that clip's frames (ffmpeg seeks to the clip; GIF iterates),
+    `read(i, rng)` is clip i with `clip_start="random"`: its start drawn by `rng` uniformly over
+    every start that fits in its video (`transforms.clip_start`; the pipeline passes a per-read
+    generator of its seed and the stream position, so each epoch draws again, reproducibly); the
+    number of clips is unchanged. `__getitem__(i)` is `read(i, None)`, the clip at its indexed start.
+    A read decodes only that clip's frames (ffmpeg seeks to the clip; GIF iterates),
     optionally resizes the shorter side to `size` and crops a `size` x `size` square, and returns
     `{"video": uint8 (clip_length, H, W, 3), "caption": str, "path": str}`; the caption is the
     video's line in the sidecar captions file, or its file stem when there is none. The random crop
@@ -166,6 +141,8 @@ class VideoFolderSource:
       clip_length: frames per clip, >= 1 (default `DEFAULT_CLIP_LENGTH` = 16, Moving MNIST's
         clip length, so `genjax data show video_folder:PATH` works without options).
       frame_stride: step between the clip's frames in the source video, >= 1.
+      fps: target frames per second (> 0) instead of `frame_stride`, which must then stay 1.
+      clip_start: "fixed" (the indexed starts) or "random" (drawn at each `read`).
       size: shorter side after resizing, or None to keep the native size (no crop either).
       crop: "center", "random" or None (resize only; clips of different aspect ratios then
         differ in shape). Used only when `size` is given.
@@ -195,6 +172,8 @@ class VideoFolderSource:
         *,
         clip_length: int = DEFAULT_CLIP_LENGTH,
         frame_stride: int = 1,
+        fps: float | None = None,
+        clip_start: str = "fixed",
         size: int | None = None,
         crop: str | None = "center",
         clips_per_video: str | int = "all",
@@ -204,6 +183,10 @@ class VideoFolderSource:
     ):
         check(isinstance(clip_length, (int, np.integer)) and clip_length >= 1, "clip_length", clip_length, "must be an int >= 1")
         check(isinstance(frame_stride, (int, np.integer)) and frame_stride >= 1, "frame_stride", frame_stride, "must be an int >= 1")
+        check(fps is None or (isinstance(fps, (int, float)) and fps > 0), "fps", fps, "must be None or a number > 0")
+        check(fps is None or frame_stride == 1, "fps", fps, f"and frame_stride={frame_stride} are exclusive: "
+              "the stride follows from each video's frame rate")
+        check(clip_start in transforms.CLIP_STARTS, "clip_start", clip_start, f"must be one of {transforms.CLIP_STARTS}")
         _check_size(size)
         check(crop in ("center", "random", None), "crop", crop, "must be 'center', 'random' or None")
         check(
@@ -222,35 +205,42 @@ class VideoFolderSource:
         self.path = _check_folder(path)
         self.clip_length, self.frame_stride = int(clip_length), int(frame_stride)
         self.size, self.crop, self.clips_per_video, self.seed = size, crop, clips_per_video, int(seed)
+        self.fps, self.clip_start = fps, clip_start
         self.span = (self.clip_length - 1) * self.frame_stride + 1
 
         files = _scan(self.path, extensions)
         check(bool(files), "path", self.path, f"holds no video files ({', '.join(extensions)})")
         self.videos: list[tuple[str, int]] = []
         self.skipped_files: list[str] = []
+        self.strides: list[int] = []  # per video: frame_stride, or from its frame rate with fps
         for f in files:
             try:
+                stride = self.frame_stride if fps is None else transforms.fps_stride(readers.frame_rate(f), fps)
                 self.videos.append((f, readers.count_frames(f)))
+                self.strides.append(stride)
             except Exception as err:  # a corrupt file must not stop the scan  # noqa: BLE001
                 _skip("VideoFolderSource", f, err, self.skipped_files)
         self.num_skipped = len(self.skipped_files)
         _report_skipped("VideoFolderSource", self.path, self.skipped_files, len(files))
         check(bool(self.videos), "path", self.path, f"none of its {len(files)} video files could be read")
-        longest, longest_path = max((n, p) for p, n in self.videos)
+        spans = [(self.clip_length - 1) * stride + 1 for stride in self.strides]
+        room, longest, longest_path, stride = max((n - span, n, p, st) for (p, n), span, st in
+                                                  zip(self.videos, spans, self.strides))
+        rate = f"frame_stride={frame_stride}" if fps is None else f"fps={fps} (frame stride {stride})"
         check(
-            self.span <= longest,
+            room >= 0,
             "clip_length",
             clip_length,
-            f"a clip spans {self.span} frames at frame_stride={frame_stride}, longer than every video "
-            f"(longest: {longest} frames, {longest_path}); ask for fewer (e.g. --set clip_length={(longest - 1) // self.frame_stride + 1})",
+            f"a clip spans {(self.clip_length - 1) * stride + 1} frames at {rate}, longer than every video "
+            f"(longest: {longest} frames, {longest_path}); ask for fewer (e.g. --set clip_length={(longest - 1) // stride + 1})",
         )
 
         self.captions_file = captions or next((os.path.join(self.path, name) for name in CAPTION_FILES
                                                if os.path.isfile(os.path.join(self.path, name))), None)
         self.captions = _read_captions(self.captions_file, self.path, [p for p, _ in self.videos])
         video_ids, starts = [], []
-        for vid, (_, n) in enumerate(self.videos):
-            clip_starts = np.arange(0, n - self.span + 1, self.span)
+        for vid, ((_, n), span) in enumerate(zip(self.videos, spans)):
+            clip_starts = np.arange(0, n - span + 1, span)
             if clips_per_video != "all" and len(clip_starts) > clips_per_video:
                 keep = np.round(np.linspace(0, len(clip_starts) - 1, int(clips_per_video))).astype(int)
                 clip_starts = clip_starts[keep]
@@ -267,27 +257,35 @@ class VideoFolderSource:
         return self.videos[self._video_ids[index]][0], int(self._starts[index])
 
     def __getitem__(self, index: int) -> dict:
+        return self.read(index, None)
+
+    def read(self, index: int, rng: np.random.Generator | None) -> dict:
+        """Clip `index`, its start drawn by `rng` when clip_start is "random" (see the class)."""
         index = operator.index(index)
         if not 0 <= index < len(self):
             raise IndexError(f"clip index {index} out of range [0, {len(self)})")
         path, start = self.clip(index)
+        vid = self._video_ids[index]
+        stride = self.strides[vid]
+        span = (self.clip_length - 1) * stride + 1
+        start = transforms.clip_start(self.videos[vid][1], span, start, rng if self.clip_start == "random" else None)
         try:
-            video = readers.read_video(path, start=start, num_frames=self.clip_length, frame_stride=self.frame_stride)
+            video = readers.read_video(path, start=start, num_frames=self.clip_length, frame_stride=stride)
         except Exception as err:  # noqa: BLE001
             raise UserError(
-                f"path={path!r}: could not decode clip {index} (frames {start}..{start + self.span - 1}): "
+                f"path={path!r}: could not decode clip {index} (frames {start}..{start + span - 1}): "
                 f"{_summary(err)}"
             ) from err
         if self.size is not None:
             rng = np.random.default_rng([self.seed, index]) if self.crop == "random" else None
-            video = _resize_and_crop(video, self.size, self.crop, rng)
+            video = transforms.resize_and_crop(video, self.size, self.crop, rng)
         caption = self.captions.get(path, os.path.splitext(os.path.basename(path))[0])
         return {"video": video, "caption": caption, "path": path}
 
     def __repr__(self) -> str:
         return (
             f"VideoFolderSource(path={self.path!r}, clip_length={self.clip_length}, "
-            f"frame_stride={self.frame_stride}, size={self.size}, crop={self.crop!r}, "
+            f"frame_stride={self.frame_stride}, fps={self.fps}, clip_start={self.clip_start!r}, size={self.size}, crop={self.crop!r}, "
             f"clips_per_video={self.clips_per_video!r}, seed={self.seed}, videos={len(self.videos)}, "
             f"clips={len(self)}, skipped={self.num_skipped}, captions={self.captions_file!r})"
         )
@@ -369,7 +367,7 @@ class ImageFolderSource:
         except Exception as err:  # noqa: BLE001
             raise UserError(f"path={path!r}: could not decode image {index}: {_summary(err)}") from err
         if self.size is not None:
-            image = _resize_and_crop(image[None], self.size, "center")[0]
+            image = transforms.resize_and_crop(image[None], self.size, "center")[0]
         return {"image": image, "label": label, "caption": self.classes[label]}
 
     def __repr__(self) -> str:

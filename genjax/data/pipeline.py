@@ -105,8 +105,12 @@ class SkipUnreadable:
         return len(self.source)
 
     def __getitem__(self, index: int):
+        return self.read(index, None)
+
+    def read(self, index: int, rng: np.random.Generator | None = None):
+        """`source.read(index, rng)` (a source drawing per read) or `source[index]`, None when unreadable."""
         try:
-            return self.source[index]
+            return self.source.read(index, rng) if rng is not None else self.source[index]
         except UserError as e:
             if index not in self.skipped:
                 self.skipped.append(index)
@@ -126,15 +130,22 @@ def example_dataset(source: Sequence[dict[str, Any]], *, seed: int = 0, shuffle:
     `MapDataset` of single examples: the input of a packer (`genjax.data.packing.packed_batches`),
     whose examples differ in size. With `skip_unreadable` the source is wrapped in
     `SkipUnreadable` and its None examples filtered out before the transforms (iterate it as an
-    IterDataset). Raises `UserError` for bad shard arguments or num_epochs."""
+    IterDataset). A source with a `read(index, rng)` method (a video source drawing each clip's
+    start, e.g. `folders.VideoFolderSource(clip_start="random")`) is read through it, with a
+    generator seeded by `seed`, the shard and the position in the stream: a new draw every epoch,
+    the same draws for the same seed. Raises `UserError` for bad shard arguments or num_epochs."""
     shard_index, shard_count = resolve_shard(shard_index, shard_count)
     check(num_epochs is None or num_epochs >= 1, "num_epochs", num_epochs, "must be None or >= 1")
     per_shard = len(source) // shard_count
-    ds = grain.MapDataset.source(SkipUnreadable(source) if skip_unreadable else source)
+    reads = hasattr(source, "read")
+    wrapped = SkipUnreadable(source) if skip_unreadable else source
+    ds = grain.MapDataset.range(len(source)) if reads else grain.MapDataset.source(wrapped)
     ds = ds[shard_index:per_shard * shard_count:shard_count]
     if shuffle:
         ds = ds.shuffle(seed=_seed(seed, shard_index))
     ds = ds.repeat(num_epochs)
+    if reads:
+        ds = ds.random_map(wrapped.read, seed=_seed(seed, shard_index, 0))
     if skip_unreadable:
         ds = ds.filter(lambda example: example is not None)
     for position, transform in enumerate(transforms):

@@ -8,7 +8,8 @@ flat dicts of numpy arrays and Python str, uint8 channels-last pixels:
   MNIST) or `{"video", "label", "caption"}` (TFDS video datasets with class labels).
 
 `make_source(name, ...)` builds one by name: "moving_mnist", "mnist_embedded",
-"video_folder:PATH", "image_folder:PATH" (see `genjax.data.folders`) or any TFDS name.
+"video_folder:PATH", "image_folder:PATH" (see `genjax.data.folders`) or any TFDS name, plain or
+as "tfds:NAME" (`genjax.data.tfds_source`).
 Every user error raises `genjax.errors.UserError` before any data is read.
 """
 
@@ -260,79 +261,6 @@ def _check_caption_template(template: str, num_digits: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# TFDS by name, through array_record `tfds.data_source` (no TensorFlow needed).
-
-_PIXEL_KEY_PREFERENCE = ("video", "image")
-
-
-class TfdsSource:
-    """Any TFDS dataset prepared in array_record format, read with `tfds.data_source`.
-
-    Examples are re-keyed into the genjax convention: the dataset's pixel feature (the feature
-    named "video" or "image" if there is one, else the first uint8 feature of rank 3 or 4) comes
-    out as `"image"` uint8 (H, W, C) or `"video"` uint8 (T, H, W, C); a `ClassLabel` feature
-    named "label" comes out as `"label"` int32 () with `"caption"` its class name (underscores
-    replaced by spaces); without one, the caption is the dataset name. Other features are dropped.
-
-    `download=True` lets TFDS download and prepare the data (`tfds.data_source` semantics);
-    the default reads only what is already in `data_dir` (TFDS's default folder when None).
-
-    Raises `UserError` for: an unknown dataset name; a `data_dir` that is not a folder; a
-    dataset with no uint8 image / video feature; data that TFDS cannot open (not prepared,
-    unknown split).
-    """
-
-    def __init__(self, name: str, *, split: str = "train", data_dir: str | None = None,
-                 download: bool = False):
-        check(data_dir is None or os.path.isdir(data_dir), "data_dir", data_dir,
-              "must be an existing folder holding prepared TFDS datasets")
-        import tensorflow_datasets as tfds  # heavy; only when a TFDS source is asked for
-
-        try:
-            builder = tfds.builder(name, data_dir=data_dir)
-        except tfds.core.registered.DatasetNotFoundError:
-            raise UserError(f"dataset={name!r}: must be moving_mnist, mnist_embedded, "
-                            "video_folder:PATH, image_folder:PATH or a TFDS dataset name "
-                            "(see `tfds.list_builders()`)") from None
-        features = builder.info.features
-        shapes, dtypes = features.shape, features.np_dtype
-        pixel_keys = [k for k in shapes if np.dtype(dtypes[k]) == np.uint8
-                      and isinstance(shapes[k], tuple) and len(shapes[k]) in (3, 4)]
-        check(bool(pixel_keys), "dataset", name, "has no uint8 image (H, W, C) or video (T, H, W, C) feature")
-        preferred = [k for k in _PIXEL_KEY_PREFERENCE if k in pixel_keys]
-        self.pixel_key = (preferred or pixel_keys)[0]
-        self.out_key = "video" if len(shapes[self.pixel_key]) == 4 else "image"
-        label = features["label"] if "label" in shapes else None
-        names = getattr(label, "names", None)
-        self.class_names = [n.replace("_", " ") for n in names] if names else None
-        try:
-            self.data = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
-        except (ValueError, KeyError, FileNotFoundError, AssertionError, NotImplementedError) as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"dataset={name!r} split={split!r}: TFDS cannot open it ({first_line}); "
-                            "prepare it with `tfds build --file_format=array_record` or pass "
-                            "download=True") from None
-        self.name, self.split = name, split
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        example = self.data[i]
-        out: dict[str, Any] = {self.out_key: np.asarray(example[self.pixel_key], np.uint8)}
-        if self.class_names is not None:
-            label = np.int32(example["label"])
-            out["label"] = label
-            out["caption"] = self.class_names[label]
-        else:
-            out["caption"] = self.name
-        return out
-
-    def __repr__(self) -> str:
-        return f"TfdsSource({self.name!r}, split={self.split!r}, len={len(self)})"
-
-
-# ---------------------------------------------------------------------------------------------
 # By name.
 
 
@@ -349,9 +277,11 @@ def make_source(name: str, *, split: str = "train", data_dir: str | None = None,
 
     Names: "moving_mnist" (`MovingMnistSource`), "mnist_embedded" (`MnistEmbeddedSource`),
     "video_folder:PATH" / "image_folder:PATH" (`genjax.data.folders.VideoFolderSource` /
-    `ImageFolderSource`; a folder is one split, so `split` must stay "train"), anything else a
-    TFDS dataset name (`TfdsSource`). `options` are the keyword-only arguments of that class
-    (e.g. `num_frames=20` for moving_mnist, `clip_length=8` for video_folder, default 16).
+    `ImageFolderSource`; a folder is one split, so `split` must stay "train"), "tfds:NAME" always
+    the TFDS dataset NAME (`genjax.data.tfds_source.TfdsSource`; e.g. "tfds:moving_mnist", TFDS's
+    own Moving MNIST, where plain "moving_mnist" is genjax's procedural one), and anything else a
+    TFDS dataset name too. `options` are the keyword-only arguments of that class (e.g.
+    `num_frames=20` for moving_mnist, `clip_length=8` for video_folder, default 16, or for TFDS).
 
     Raises `UserError` for an unknown name or option key, `data_dir` given for a non-TFDS
     source, a split other than "train" for a folder, and whatever the source itself rejects.
@@ -374,5 +304,10 @@ def make_source(name: str, *, split: str = "train", data_dir: str | None = None,
         cls = folders.VideoFolderSource if kind == "video_folder" else folders.ImageFolderSource
         _check_options(cls, name, options)
         return cls(path, **options)
+    from genjax.data.tfds_source import TfdsSource
+
+    if kind == "tfds":
+        check(path != "", "dataset", name, "must be tfds:NAME")
+        name = path
     _check_options(TfdsSource, name, options)
     return TfdsSource(name, split=split, data_dir=data_dir, **options)

@@ -134,6 +134,51 @@ def grayscale_to_rgb(x: np.ndarray) -> np.ndarray:
     return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
 
 
+def resize_and_crop(frames: np.ndarray, size: int, crop: str | None,
+                    rng: np.random.Generator | None = None) -> np.ndarray:
+    """Resize frames so the shorter side is `size` (Pillow bicubic, antialiased when shrinking),
+    then cut a `size` x `size` square: the folder and TFDS video sources' `size` / `crop`.
+
+    Args:
+      frames: uint8 `(T, H, W, C)`, C = 1 or 3 (an image: `image[None]`).
+      size: target shorter side in pixels.
+      crop: "center", "random" (offsets drawn from `rng`) or None (keep the resized frame).
+      rng: numpy Generator, required for crop="random".
+
+    Returns:
+      uint8 `(T, size, size, C)`, or `(T, H', W', C)` with min(H', W') = size when crop is None.
+    """
+    h, w = frames.shape[1:3]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if (nh, nw) != (h, w):
+        frames = np.stack([np.asarray(Image.fromarray(f.squeeze(-1) if f.shape[-1] == 1 else f)
+                                      .resize((nw, nh), Image.Resampling.BICUBIC)).reshape(nh, nw, -1)
+                           for f in frames])
+    if crop is None:
+        return frames
+    if crop == "center":
+        y, x = (nh - size) // 2, (nw - size) // 2
+    else:
+        y, x = int(rng.integers(0, nh - size + 1)), int(rng.integers(0, nw - size + 1))
+    return frames[:, y : y + size, x : x + size]
+
+
+CLIP_STARTS = ("fixed", "random")  # data.clip_start / the video sources' clip_start
+
+
+def fps_stride(native_fps: float, fps: float) -> int:
+    """The frame stride that samples a video of `native_fps` at about `fps` frames per second:
+    `max(1, round(native_fps / fps))` (a video slower than `fps` keeps every frame)."""
+    return max(1, round(float(native_fps) / float(fps)))
+
+
+def clip_start(num_frames: int, span: int, default: int, rng: np.random.Generator | None) -> int:
+    """The first frame of a clip spanning `span` of `num_frames` frames: `default` without `rng`
+    (clip_start "fixed"), else uniform over the `num_frames - span + 1` starts that fit ("random")."""
+    return default if rng is None else int(rng.integers(num_frames - span + 1))
+
+
 def temporal_crop(video: np.ndarray, num_frames: int, *, stride: int = 1, start: int = 0) -> np.ndarray:
     """Frames `start, start + stride, ..., start + (num_frames - 1) * stride` of (T, ...).
 

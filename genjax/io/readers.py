@@ -44,6 +44,28 @@ def count_frames(path) -> int:
     return int(nframes)
 
 
+def frame_rate(path) -> float:
+    """A video file's nominal frames per second: ffmpeg's stream rate (imageio-ffmpeg's header
+    probe, no decode), or for a GIF 1000 / its mean frame duration in ms (10 fps when the GIF
+    records none).
+
+    Raises:
+      UserError: unknown extension, missing file, or a file that reports no frame rate.
+      RuntimeError / OSError: the decoder cannot read the file.
+    """
+    path, ext = _check_readable(path, VIDEO_EXTENSIONS)
+    if ext == ".gif":
+        from PIL import Image, ImageSequence
+
+        with Image.open(path) as im:
+            ms = [frame.info.get("duration", 0) for frame in ImageSequence.Iterator(im)]
+        mean = sum(ms) / max(len(ms), 1)
+        return 1000.0 / mean if mean > 0 else 10.0
+    fps = _ffmpeg_fps(path)
+    check(fps > 0, "path", path, "reports no frame rate (needed by fps)")
+    return fps
+
+
 def _ffmpeg_fps(path: str) -> float:
     import imageio_ffmpeg
 

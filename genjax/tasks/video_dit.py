@@ -10,9 +10,10 @@ S / fs, S / fs, latent_channels).
   data.latents = "on_the_fly" (default): the clips are encoded inside the jitted train step;
   data.latents = "cache": the posterior mean and std (and the caption tokens) are computed once
     into WORKDIR/latents/ (`recipes.latent_cache_data`), so a step costs only the DiT.
-  data.packing = {seq_len, max_per_seq} (with data.sizes, mixed clip sizes): NaViT packing, each
-    clip encoded alone in the input pipeline and its latent tubelets packed into data.batch_size
-    sequences (`_packed`; the loss runs through `VideoDiT.packed`, one time per example).
+  data.packing = {seq_len, max_per_seq} (with data.sizes, native sizes, or a data.mix of videos
+    and 1-frame images): NaViT packing, each clip encoded alone in the input pipeline and its
+    latent tubelets packed into data.batch_size sequences (`_packed`; the loss runs through
+    `VideoDiT.packed`, one time per example).
 Text: captions byte-tokenized (`tokenizer.ByteTokenizer`, task.text_length tokens) and encoded by
 `clip_towers.TextTransformer` (task.text: width, num_layers, num_heads, mlp_dim), trained jointly, or,
 with task.text_encoder = a CLIP workdir, by that CLIP's frozen text tower; the DiT cross-attends
@@ -40,7 +41,7 @@ init_frames=None, num_frames=None, height=None, width=None) -> uint8 videos (N, 
 The loop is compiled once per (N, shape, sampler, num_steps, init_frames or not).
 
 Raises:
-  UserError: data.dataset not moving_mnist; data.num_frames / image_size not fitting the VAE;
+  UserError: data.dataset not a video dataset (`recipes.is_video`); data.num_frames / image_size not fitting the VAE;
     task.text_length < 2 or above a frozen CLIP's context_length; the latent grid not divisible by
     model.patch_size; in sample_fn (before compiling) bad prompts (not UTF-8, longer than
     task.text_length - 2 bytes), sizes or init_frames.
@@ -121,7 +122,8 @@ def build(config, *, mesh=None) -> Task:
     from genjax.tasks import clip as clip_task, diffusion
 
     d, t, e = config.data, config.task, config.eval
-    check(recipes.is_video(config), "data.dataset", d.dataset, "video_dit trains on moving_mnist or video_folder:PATH")
+    check(recipes.is_video(config), "data.dataset", d.dataset,
+          "video_dit trains on videos: moving_mnist, video_folder:PATH, a TFDS video dataset or a data.mix")
     vae_module, vae_params = load_frozen(t.vae, mesh=mesh, family_name="video_vae")
     if t.get("latent_scale", 0.0):
         vae_module = vae_module.clone(scaling_factor=float(t.latent_scale))
@@ -237,15 +239,14 @@ def build(config, *, mesh=None) -> Task:
 def _packed(config, module, vae_module, vae_params, tokenize, encode_text, schedule):
     """`(loss_fn, make_data)` of packed training (data.packing): every example (of data.sizes, or a
     folder's clip at its native aspect resized to fit seq_len tokens, `transforms.FitArea`) is
-    encoded alone by the frozen VAE in the input pipeline (`recipes.packed_latent_data`), or read from
-    its latent cache, its
-    latent tubelets packed into data.batch_size sequences of data.packing.seq_len tokens; the
+    encoded alone by the frozen VAE in the input pipeline (`recipes.packed_latent_data`; or read
+    from its latent cache), its latent tubelets packed into data.batch_size sequences of data.packing.seq_len tokens; the
     loss is `losses.diffusion_loss` on the packed tokens (one time per example, padding out)
     through `VideoDiT.packed`, with each example's own flow shift (`tasks.diffusion.loss_options`
     of its token count). With data.latents "cache" the latents and caption tokens come from a
     ragged latent cache, computed once. Raises UserError (before compiling) for a size the VAE or
     the DiT patch does not divide, an example longer than seq_len, or frame conditioning."""
-    from genjax.data import recipes, transforms
+    from genjax.data import mixing, recipes, transforms
 
     d, c = config.data, vae_module.latent_channels
     fs, ft = vae_module.downsample_factor, vae_module.temporal_downsample_factor
@@ -256,12 +257,16 @@ def _packed(config, module, vae_module, vae_params, tokenize, encode_text, sched
     pt, ph, pw = module.patch_size
     fit = None
     sizes = [tuple(z) for z in (d.get("sizes") or [(d.num_frames, d.image_size, d.image_size)])]
-    if recipes.is_folder(config):  # native sizes: resize each clip to the token budget, aspect kept
+    if d.dataset != "moving_mnist":  # native sizes (folders, TFDS, a mix): each fitted to the token budget
         nt = (1 + (d.num_frames - 1) // ft) // pt
         multiple = math.lcm(fs * ph, fs * pw)
         fit = transforms.FitArea(max_area=d.packing.seq_len * fs * ph * fs * pw // max(nt, 1), multiple=multiple,
                                  keys=("video",))
         sizes = [(d.num_frames, multiple, multiple)]  # the frame count and the smallest size
+        if d.dataset == recipes.MIX and not all(recipes.is_video(c) for c in mixing.configs(config)):
+            check(pt == 1, "model.patch_size", tuple(module.patch_size),
+                  "must be 1 in time with images in data.mix (they are 1-frame videos)")
+            sizes.append((1, multiple, multiple))
     for t, h, w in sizes:
         ok = (t - 1) % ft == 0 and (1 + (t - 1) // ft) % pt == 0 and h % (fs * ph) == 0 and w % (fs * pw) == 0
         check(ok, "data.sizes", (t, h, w), f"each (T, H, W) needs T = 1 + k * {ft} with 1 + k a multiple of {pt}, "

@@ -1,5 +1,5 @@
 """Task "video_vae": the causal video KL autoencoder (`genjax.models.video_vae.
-VideoAutoencoderKL`; task.kl_weight, task.rec) on Moving MNIST clips (B, T, S, S, C),
+VideoAutoencoderKL`; task.kl_weight, task.rec) on video clips (B, T, S, S, C) (`recipes.is_video`),
 T = data.num_frames = 1 + k * the temporal factor. See `tasks.autoencoder`."""
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ def build(config, *, mesh=None) -> Task:
     from genjax.tasks import autoencoder
 
     d = config.data
-    check(recipes.is_video(config), "data.dataset", d.dataset, "video_vae trains on moving_mnist or video_folder:PATH")
+    check(recipes.is_video(config), "data.dataset", d.dataset,
+          "video_vae trains on videos: moving_mnist, video_folder:PATH or a TFDS video dataset")
     module = make_module(config)
     fs, ft = module.downsample_factor, module.temporal_downsample_factor
     check(d.image_size % fs == 0, "data.image_size", d.image_size, f"must be divisible by {fs}")

@@ -42,6 +42,49 @@ TYPOS = [
      r"diffusion: unknown key in the config \(allowed: .*"),
 ]
 
+# (row name, base config, statement, expected message): the video data options (issue 15 item 1)
+_MIX = "c.data.mix = [('moving_mnist', 0.8), ('mnist_embedded', 0.2)]"
+VIDEO_DATA = [
+    ("data.clip_start unknown", "video_vae_moving_mnist", "c.data.clip_start = 'middle'",
+     r"data\.clip_start='middle': must be one of \('fixed', 'random'\)"),
+    ("data.clip_start random on moving_mnist", "video_vae_moving_mnist", "c.data.clip_start = 'random'",
+     r"data\.clip_start='random': applies to video_folder:PATH and TFDS video datasets, not 'moving_mnist'"),
+    ("data.fps zero", "video_vae_moving_mnist", "c.data.fps = 0.0",
+     r"data\.fps=0\.0: must be a number of frames per second > 0"),
+    ("data.fps without frame rates", "video_vae_moving_mnist", "c.data.fps = 8.0",
+     r"data\.fps=8\.0: needs video files with a frame rate \(video_folder:PATH\); 'moving_mnist' records none"),
+    ("data.fps with frame_stride", "video_vae_moving_mnist",
+     "c.data.dataset = 'video_folder:/nowhere'; c.data.fps = 8.0; c.data.frame_stride = 2",
+     r"data\.fps=8\.0: and data\.frame_stride=2 are exclusive"),
+    ("data.mix unpacked", "video_vae_moving_mnist", "c.data.dataset = 'mix'; " + _MIX,
+     r"data\.mix=\[\('moving_mnist', 0\.8\), \('mnist_embedded', 0\.2\)\]: requires data\.packing"),
+    ("data.mix zero weight", "video_vae_moving_mnist", "c.data.dataset = 'mix'; c.data.mix = [('moving_mnist', 0.0)]",
+     r"data\.mix=.*: must be a non-empty list of \(dataset, weight > 0\) pairs"),
+    ("data.mix beside another dataset", "video_vae_moving_mnist", _MIX,
+     r"data\.dataset='moving_mnist': must be 'mix' when data\.mix names the datasets"),
+]
+
+
+def _tfds_video_channels():
+    import ml_collections
+    import tensorflow_datasets as tfds
+
+    from genjax.data import recipes
+
+    config = ml_collections.ConfigDict({"seed": 0, "data": dict(
+        dataset="tfds:bair_robot_pushing_small", split="train", image_size=32, num_frames=5, channels=1)})
+    with tfds.testing.mock_data(num_examples=2, policy=tfds.testing.MockPolicy.USE_CODE):
+        recipes.source(config, "train")
+
+
+def _make_source(name, **options):
+    def run():
+        from genjax.data.sources import make_source
+
+        make_source(name, **options)
+    return run
+
+
 # (row name, override, expected message) on configs/dit_mnist.py:smoke=True
 RANGES = [
     ("ema_decay above 1", "--config.optim.ema_decay=2", r"optim\.ema_decay=2\.0: must be in \[0, 1\]"),
@@ -124,6 +167,10 @@ def cases(workspace: Path) -> list[Case]:
         path = _derived_config(workspace, i, base, statement)
         rows.append(Case(name, ["train", "--config", str(path), "--workdir", workdir], 2,
                          r"^genjax train: error: " + message))
+    for i, (name, base, statement, message) in enumerate(VIDEO_DATA):
+        path = _derived_config(workspace, len(TYPOS) + i, base, statement)
+        rows.append(Case(name, ["train", "--config", str(path), "--workdir", workdir], 2,
+                         r"^genjax train: error: " + message))
     for name, override, message in RANGES:
         rows.append(Case(name, ["train", "--config", f"{DIT}:smoke=True", "--workdir", workdir, override],
                          2, r"^genjax train: error: " + message))
@@ -135,6 +182,11 @@ def cases(workspace: Path) -> list[Case]:
     rows += [
         Case("config file missing", ["train", "--config", str(workspace / "nope.py"), "--workdir", workdir], 2,
              r"^genjax train: error: --config='.*nope\.py': no such config file"),
+        Case("tfds: without a name", _make_source("tfds:"), 2, r"^dataset='tfds:': must be tfds:NAME"),
+        Case("tfds: an unknown name", _make_source("tfds:no_such_dataset_xyz"), 2,
+             r"^dataset='no_such_dataset_xyz': must be moving_mnist, .*tfds:NAME"),
+        Case("tfds video channels differ from data.channels", _tfds_video_channels, 2,
+             r"^data\.channels=1: 'tfds:bair_robot_pushing_small' has 3-channel videos; set data\.channels=3"),
         Case("dit label = num_classes", _dit_apply(np.array([0, 3])), 2, r"^y=3: class labels must be in \[0, 3\)"),
         Case("dit label negative", _dit_apply(np.array([-1, 0])), 2, r"^y=-1: class labels must be in \[0, 3\)"),
         Case("dit float labels", _dit_apply(np.array([0.0, 1.7], np.float32)), 2,

@@ -462,3 +462,21 @@ def test_packed_dit_trains_on_images_of_mixed_sizes_resumes_exactly_and_samples(
     shutil.rmtree(resumed)
     out = restored_samples(straight, [1, 7])
     assert out.shape == (2, 28, 28, 3) and out.dtype == np.uint8
+
+
+@pytest.mark.slow
+def test_video_vae_trains_on_a_tfds_video_dataset(tmp_path):
+    """video_vae on TFDS's bair_robot_pushing_small (mock data: 30 x 64 x 64 x 3 videos), random
+    clip starts, through the trainer's normal path (about a minute on 2 CPU cores, mostly compiling;
+    tests/data/test_video_sources.py checks the batches quickly)."""
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
+        config = config_of("video_vae_moving_mnist", "smoke=True", "--config.data.dataset=bair_robot_pushing_small",
+                           "--config.data.channels=3", "--config.model.in_channels=3", "--config.model.out_channels=3",
+                           "--config.num_steps=2", "--config.data.batch_size=2", "--config.ckpt.save_interval_steps=2",
+                           *NO_SAMPLES)
+        with config.unlocked():
+            config.data.clip_start = "random"
+        assert recipes.is_video(config) and recipes.source(config, "train")[0]["video"].shape == (5, 32, 32, 3)
+        train(config, str(tmp_path))
