@@ -169,6 +169,26 @@ def test_video_dit_trains_on_a_frozen_video_vae_and_samples_from_prompts(video_v
     np.testing.assert_allclose(out[:, :1], np.asarray(media.to_uint8(recon)), atol=1)
 
 
+def test_video_dit_trains_with_a_frozen_t5_text_encoder(video_vae_dir, tmp_path):
+    """task.text_encoder = a transformers T5 folder (tiny, random): 2 steps, the T5 params frozen
+    (not trained, not in the checkpoint), restore and sample a prompt of its tokenizer's words; the
+    encoder's numbers themselves are checked in tests/train/test_text_encoders.py."""
+    from genjax.tasks import text_encoders
+    from tests.train.test_text_encoders import tiny_t5_folder
+
+    tiny_t5_folder(tmp_path / "t5")
+    config = config_of("video_dit_moving_mnist", f"smoke=True,vae={video_vae_dir[0]},steps=2", *NO_SAMPLES,
+                       f"--config.task.text_encoder={tmp_path / 't5'}")
+    train(config, str(tmp_path / "run"))
+    config, task, params = tasks.restore(str(tmp_path / "run"))
+    assert set(params) == {"dit"} and set(task.frozen) == {text_encoders.FROZEN}
+    assert task.module.context_dim == 32  # the T5's d_model
+    out = np.asarray(task.sample_fn(params, jax.random.PRNGKey(1), ["the cat sat on the mat"]))
+    assert out.shape == (1, 5, 32, 32, 1) and out.dtype == np.uint8 and out.std() > 0
+    with pytest.raises(UserError, match=r"^prompts\[0\]='.*': is 19 tokens; the model reads at most 16 tokens"):
+        task.sample_fn(params, jax.random.PRNGKey(1), ["the cat sat on the mat " * 2 + "a dog ran on a mat"])
+
+
 def test_video_dit_cached_latents_equal_on_the_fly_latents(video_vae_dir, tmp_path):
     """data.latents=cache (the demo's DiT stage): the cache holds the VAE posterior and the caption
     tokens of every clip, in order, and the train step's latents from it equal encoding on the fly."""
