@@ -108,7 +108,12 @@ class ByteTokenizer:
     @staticmethod
     def limit(max_length: int) -> str:
         """What `max_length` holds, in words (for messages about cut texts)."""
-        return f"{max_length - 2} bytes of UTF-8 (text_length {max_length} minus bos and eos)"
+        return f"{max_length - 2} bytes (text_length {max_length} minus bos and eos)"
+
+    @staticmethod
+    def size(text: str) -> str:
+        """The length of `text` in the unit of `limit`, in words."""
+        return f"{len(text.encode('utf-8', 'replace'))} bytes"
 
     def decode(self, ids: np.ndarray, mask: np.ndarray | None = None) -> list[str]:
         """`ids (B, L)` int (and optional mask) -> texts; special and padding ids are dropped."""
@@ -195,6 +200,10 @@ class HFTokenizer:
     def limit(max_length: int) -> str:
         """What `max_length` holds, in words (for messages about cut texts)."""
         return f"{max_length} tokens (text_length, special tokens included)"
+
+    def size(self, text: str) -> str:
+        """The length of `text` in the unit of `limit`, in words."""
+        return f"{self.num_tokens(text)} tokens"
 
     def check_fits(self, texts: Sequence[str], max_length: int, field: str = "prompts") -> None:
         """Refuse texts that `encode` would cut: a prompt cut short silently changes the sample.

@@ -38,8 +38,8 @@ def tokenize_fn(tok, length: int, key: str | None):
         caption = str(example["caption"])
         if not reported and not tok.fits(caption, length):
             reported.append(caption)
-            print(f"genjax: note: captions longer than {tok.limit(length)} are cut, e.g. {caption!r}; "
-                  "later cuts are not reported", file=sys.stderr)
+            print(f"genjax: note: captions longer than {tok.limit(length)} are cut, e.g. {caption!r} "
+                  f"({tok.size(caption)}); later cuts are not reported", file=sys.stderr)
         ids, mask = tok.encode([caption], length)
         return {**({key: example[key]} if key else {}), "ids": ids[0], "mask": mask[0]}
     return tokenize
