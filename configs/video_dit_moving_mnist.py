@@ -16,8 +16,16 @@ Smoke (seconds on a CPU; tests/train/test_tasks.py):
 `vae` (-> task.vae) is a trained `video_vae` workdir, frozen (its EMA params); each clip is
 encoded inside the train step and z ~ q(z | x) is scaled by task.latent_scale (0 = the VAE's
 scaling_factor, 1.0 for the "tiny" video VAE; set it to about 1 / latent_std from the VAE's
-metrics.jsonl, LDM appendix D.1). task.text_encoder = a CLIP workdir swaps the joint text tower
-for that CLIP's frozen one. `steps` overrides num_steps.
+metrics.jsonl, LDM appendix D.1). `steps` overrides num_steps.
+
+task.text_encoder (`genjax.tasks.text_encoders`; the kind is read from the folder): "" (default) a
+byte tokenizer and the joint text tower below; a genjax CLIP workdir: its frozen text tower; a
+transformers T5 / mT5 / umT5 encoder folder (config.json model_type t5 / mt5 / umt5, safetensors,
+tokenizer.json) or a transformers CLIP folder (model_type clip / clip_text_model, tokenizer.json):
+that frozen encoder and its tokenizer, e.g. `--config.task.text_encoder=/models/umt5-xxl
+--config.task.text_length=512 --config.task.text_dtype=bfloat16` (task.text_dtype, optional:
+"float32" default or "bfloat16", the frozen encoder's dtype; T5 params are sharded over the
+mesh's fsdp / tensor axes). task.text_length is the token length of every kind.
 
 `packed=True` trains on clips of mixed sizes and durations at once, NaViT-packed (Dehghani et
 al. 2023; the Sora report's native-size training): data.sizes draws each clip's (frames, height,

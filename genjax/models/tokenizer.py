@@ -105,6 +105,16 @@ class ByteTokenizer:
                   f"is {n} bytes of UTF-8; the model reads at most {max_length - 2} (text_length "
                   f"{max_length} minus bos and eos): shorten it")
 
+    @staticmethod
+    def limit(max_length: int) -> str:
+        """What `max_length` holds, in words (for messages about cut texts)."""
+        return f"{max_length - 2} bytes (text_length {max_length} minus bos and eos)"
+
+    @staticmethod
+    def size(text: str) -> str:
+        """The length of `text` in the unit of `limit`, in words."""
+        return f"{len(text.encode('utf-8', 'replace'))} bytes"
+
     def decode(self, ids: np.ndarray, mask: np.ndarray | None = None) -> list[str]:
         """`ids (B, L)` int (and optional mask) -> texts; special and padding ids are dropped."""
         ids = np.asarray(ids)
@@ -122,7 +132,8 @@ class HFTokenizer:
     file's post-processor; truncation to `max_length` is the library's, which keeps them (so a
     truncated CLIP text still ends with `<|endoftext|>`). Padding uses `pad_id`.
 
-    Build with `HFTokenizer.from_file(path)`. The `tokenizers` library (a dependency of
+    `fits` / `check_fits` count tokens as `ByteTokenizer`'s count bytes. Build with
+    `HFTokenizer.from_file(path)`. The `tokenizers` library (a dependency of
     transformers) is imported only here.
     """
 
@@ -174,6 +185,38 @@ class HFTokenizer:
         ids = np.array([e.ids for e in encodings], np.int32)
         mask = np.array([e.attention_mask for e in encodings], bool)
         return ids, mask
+
+    def num_tokens(self, text: str) -> int:
+        """Tokens of `text` with the special tokens, untruncated."""
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        return len(self.tokenizer.encode(text).ids)
+
+    def fits(self, text: str, max_length: int) -> bool:
+        """Whether `encode([text], max_length)` keeps all of `text` (special tokens included)."""
+        return self.num_tokens(text) <= max_length
+
+    @staticmethod
+    def limit(max_length: int) -> str:
+        """What `max_length` holds, in words (for messages about cut texts)."""
+        return f"{max_length} tokens (text_length, special tokens included)"
+
+    def size(self, text: str) -> str:
+        """The length of `text` in the unit of `limit`, in words."""
+        return f"{self.num_tokens(text)} tokens"
+
+    def check_fits(self, texts: Sequence[str], max_length: int, field: str = "prompts") -> None:
+        """Refuse texts that `encode` would cut: a prompt cut short silently changes the sample.
+
+        Raises:
+          UserError: `texts` not a non-empty list of valid UTF-8 str, or `field[i]` longer than
+            max_length tokens (the message names the index, its token count and the limit).
+        """
+        _check_texts(texts, max_length, self.tokenizer.num_special_tokens_to_add(False) + 1, field)
+        for i, text in enumerate(texts):
+            n = self.num_tokens(text)
+            check(n <= max_length, f"{field}[{i}]", _short(text),
+                  f"is {n} tokens; the model reads at most {self.limit(max_length)}: shorten it")
 
     def decode(self, ids: np.ndarray, mask: np.ndarray | None = None) -> list[str]:
         """`ids (B, L)` (and optional mask) -> texts, special tokens skipped."""

@@ -58,6 +58,10 @@ class Task(NamedTuple):
         (dicts of numpy arrays with a leading batch axis); `workdir` holds any cache it builds.
       evaluate: `params -> {name: float}` metrics logged at sample time, or None.
       encode: a latent diffusion task's `(batch, rng) -> latents` (the diffusion model's x0), else None.
+      frozen: a dict of frozen params (already placed on the mesh, e.g. a frozen text encoder's,
+        `tasks.text_encoders`) that loss_fn sees merged into its params (`{**params, **frozen}`):
+        the trainer passes them to the compiled step as an argument, so they keep their sharding
+        (jit embeds a closed-over array in the program, replicated), and never trains or saves them.
     """
 
     module: nn.Module
@@ -67,6 +71,7 @@ class Task(NamedTuple):
     make_data: Callable[..., Any]
     evaluate: Callable[[Any], dict[str, float]] | None = None
     encode: Callable[[Mapping[str, jax.Array], jax.Array], jax.Array] | None = None
+    frozen: Mapping[str, Any] | None = None
 
 
 def family(name: str):

@@ -27,9 +27,10 @@ def make_module(config):
 
 
 def tokenize_fn(tok, length: int, key: str | None):
-    """An example -> `{key: pixels, "ids", "mask"}` (the caption byte-tokenized to `length`).
+    """An example -> `{key: pixels, "ids", "mask"}` (the caption tokenized by `tok`, a
+    `tokenizer.ByteTokenizer` or `HFTokenizer`, to `length`).
 
-    A caption longer than `length` - 2 bytes is cut (training goes on), never silently: the first
+    A caption longer than `length` allows (`tok.limit`) is cut (training goes on), never silently: the first
     cut is reported once per process, one line on stderr naming the caption and the limit."""
     reported = []
 
@@ -37,9 +38,8 @@ def tokenize_fn(tok, length: int, key: str | None):
         caption = str(example["caption"])
         if not reported and not tok.fits(caption, length):
             reported.append(caption)
-            print(f"genjax: note: captions longer than {length - 2} bytes (text_length {length} minus bos "
-                  f"and eos) are cut, e.g. {caption!r} ({len(caption.encode('utf-8', 'replace'))} bytes); "
-                  "later cuts are not reported", file=sys.stderr)
+            print(f"genjax: note: captions longer than {tok.limit(length)} are cut, e.g. {caption!r} "
+                  f"({tok.size(caption)}); later cuts are not reported", file=sys.stderr)
         ids, mask = tok.encode([caption], length)
         return {**({key: example[key]} if key else {}), "ids": ids[0], "mask": mask[0]}
     return tokenize

@@ -14,10 +14,19 @@ S / fs, S / fs, latent_channels).
     and 1-frame images): NaViT packing, each clip encoded alone in the input pipeline and its
     latent tubelets packed into data.batch_size sequences (`_packed`; the loss runs through
     `VideoDiT.packed`, one time per example).
-Text: captions byte-tokenized (`tokenizer.ByteTokenizer`, task.text_length tokens) and encoded by
-`clip_towers.TextTransformer` (task.text: width, num_layers, num_heads, mlp_dim), trained jointly, or,
-with task.text_encoder = a CLIP workdir, by that CLIP's frozen text tower; the DiT cross-attends
-to its hidden states `(B, L, Dt)` under text_mask (PixArt-alpha / Stable Diffusion use a frozen
+Text (`tasks.text_encoders`): captions tokenized to task.text_length tokens and encoded by the
+text encoder task.text_encoder names:
+  "" (default, the offline demo): byte tokenizer (`tokenizer.ByteTokenizer`) and a
+    `clip_towers.TextTransformer` (task.text: width, num_layers, num_heads, mlp_dim) trained jointly;
+  a genjax CLIP workdir (`genjax train`, model.name=clip): byte tokenizer, its frozen text tower;
+  a transformers T5 / mT5 / umT5 encoder folder (config.json model_type t5 / mt5 / umt5,
+    safetensors, tokenizer.json; e.g. google/t5-v1_1-xxl, Wan's umt5-xxl): its tokenizer.json and
+    the frozen `t5.T5Encoder`, params sharded over fsdp / tensor by their logical axes;
+  a transformers CLIP folder (model_type clip or clip_text_model, tokenizer.json): its tokenizer
+    and frozen text tower.
+A frozen encoder runs in task.text_dtype ("float32" default, "bfloat16") inside the train step,
+without gradients; its params are `Task.frozen`, not trained nor saved. The DiT cross-attends to
+its last hidden states `(B, L, Dt)` under text_mask (PixArt-alpha / Wan condition on a frozen
 encoder's last hidden states). Params: `{"dit": ..., "text": ...}` (no "text" with a frozen encoder).
 
 loss_fn: `losses.diffusion_loss` (diffusion.schedule / prediction_type / weighting; model.learn_sigma
@@ -30,8 +39,9 @@ same model does image-to-video and extension.
 
 sample_fn(params, rng, cond=None, *, sampler=None, num_steps=None, cfg_scale=None,
 init_frames=None, num_frames=None, height=None, width=None) -> uint8 videos (N, T, H, W, C):
-  cond: prompts, a list of N non-empty str of valid UTF-8, each at most task.text_length - 2 bytes
-    (longer ones are refused, not cut) (default eval.prompts, or "digit 0" ... "digit 9", cycled
+  cond: prompts, a list of N non-empty str of valid UTF-8, each fitting task.text_length (at most
+    text_length - 2 bytes for the byte tokenizer, text_length tokens for a tokenizer.json; longer
+    ones are refused, not cut) (default eval.prompts, or "digit 0" ... "digit 9", cycled
     to eval.num_samples); classifier-free guidance against the null text (force_drop_ids = 1).
   sampler, num_steps, cfg_scale: default config.eval's (`tasks.diffusion.sampling_options`).
   init_frames: optional uint8 (N, K, H, W, C) first frames, K = 1 + j * ft < T: encoded by the VAE
@@ -41,8 +51,9 @@ init_frames=None, num_frames=None, height=None, width=None) -> uint8 videos (N, 
 The loop is compiled once per (N, shape, sampler, num_steps, init_frames or not).
 
 Raises:
-  UserError: data.dataset not a video dataset (`recipes.is_video`); data.num_frames / image_size not fitting the VAE;
-    task.text_length < 2 or above a frozen CLIP's context_length; the latent grid not divisible by
+  UserError: data.dataset not a video dataset (`recipes.is_video`); data.num_frames / image_size
+    not fitting the VAE; task.text_encoder of no accepted kind (`text_encoders.kind_of`, in
+    validate); task.text_length < 2 or above a frozen CLIP's context_length; the latent grid not divisible by
     model.patch_size; in sample_fn (before compiling) bad prompts (not UTF-8, longer than
     task.text_length - 2 bytes), sizes or init_frames.
 """
@@ -58,10 +69,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from genjax.errors import check
-from genjax.tasks import DTYPES, Task, diffusion, is_model_dir, load_frozen, make_model, model_kwargs
+from genjax.tasks import DTYPES, Task, diffusion, is_model_dir, load_frozen, make_model
 
 # The config fields this family reads beyond the common ones (tasks.check_keys).
-TASK_KEYS = ("vae", "text_encoder", "text", "text_length", "latent_scale")
+TASK_KEYS = ("vae", "text_encoder", "text", "text_length", "text_dtype", "latent_scale")
 DATA_KEYS = ("latents",)
 DIFFUSION_KEYS = (*diffusion.DIFFUSION_KEYS, "frame_mask_probs")
 EVAL_KEYS = ("prompts",)  # default prompts of samples (default DEFAULT_PROMPTS)
@@ -69,16 +80,16 @@ DEFAULT_PROMPTS = tuple(f"digit {i}" for i in range(10))
 
 
 def validate(config) -> None:
-    """Raises UserError: task.vae not a trained video VAE workdir, task.text_encoder neither empty
-    nor a trained CLIP workdir, a bad diffusion.frame_mask_probs, an unknown data.latents."""
+    """Raises UserError: task.vae not a trained video VAE workdir, task.text_encoder of no accepted
+    kind, task.text_length < 2 or task.text_dtype unknown (`text_encoders.validate`), a bad
+    diffusion.frame_mask_probs, an unknown data.latents."""
     from genjax.diffusion import frame_conditioning
+    from genjax.tasks import text_encoders
 
     t = config.get("task", {})
     check(is_model_dir(t.get("vae", "")), "task.vae", t.get("vae", ""),
           "must be a trained video VAE workdir (genjax train, model.name=video_vae)")
-    text_encoder = t.get("text_encoder", "")
-    check(not text_encoder or is_model_dir(text_encoder), "task.text_encoder", text_encoder,
-          "must be empty (a text tower trained jointly) or a trained CLIP workdir")
+    text_encoders.validate(t)
     probs = dict(config.diffusion.get("frame_mask_probs", {"none": 1.0}))
     check(set(probs) <= set(frame_conditioning.MASK_KINDS) and all(p >= 0 for p in probs.values())
           and abs(sum(probs.values()) - 1) < 1e-6, "diffusion.frame_mask_probs", probs,
@@ -99,27 +110,11 @@ def latent_scale_of(config, num: int = 512) -> float:
     return float(1.0 / z.std())
 
 
-def _text_tower(t, tok, mesh, dtype):
-    """`(module, frozen params or None, width, length)` of the text encoder."""
-    from genjax.models import clip_towers
-
-    length = int(t.text_length)
-    check(length >= 2, "task.text_length", length, "must be >= 2 (bos and eos)")
-    if t.get("text_encoder", ""):
-        clip_module, clip_params = load_frozen(t.text_encoder, mesh=mesh, family_name="clip")
-        check(length <= clip_module.context_length, "task.text_length", length,
-              f"must be <= the CLIP's context_length {clip_module.context_length}")
-        return clip_module, clip_params, clip_module.text_width, length
-    text = clip_towers.TextTransformer(**model_kwargs(clip_towers.TextTransformer, t.text, vocab_size=tok.vocab_size,
-                                               context_length=length, dtype=dtype))
-    return text, None, text.width, length
-
-
 def build(config, *, mesh=None) -> Task:
     from genjax.data import recipes
     from genjax.diffusion import frame_conditioning, losses
-    from genjax.models import tokenizer, video_dit
-    from genjax.tasks import clip as clip_task, diffusion
+    from genjax.models import video_dit
+    from genjax.tasks import clip as clip_task, diffusion, text_encoders
 
     d, t, e = config.data, config.task, config.eval
     check(recipes.is_video(config), "data.dataset", d.dataset,
@@ -132,9 +127,9 @@ def build(config, *, mesh=None) -> Task:
     check((d.num_frames - 1) % ft == 0, "data.num_frames", d.num_frames, f"must be 1 + k * {ft} (the VAE's)")
     x_shape = (1 + (d.num_frames - 1) // ft, d.image_size // fs, d.image_size // fs, vae_module.latent_channels)
 
-    tok = tokenizer.ByteTokenizer()
-    text_module, text_params, text_width, length = _text_tower(t, tok, mesh, DTYPES[config.model.get("dtype", "float32")])
-    module = make_model(video_dit, video_dit.VideoDiT, config.model, in_channels=x_shape[-1], context_dim=text_width,
+    text = text_encoders.build(t, mesh=mesh, dtype=DTYPES[config.model.get("dtype", "float32")])
+    tok, length, encode_text = text.tokenizer, text.length, text.encode
+    module = make_model(video_dit, video_dit.VideoDiT, config.model, in_channels=x_shape[-1], context_dim=text.width,
                         num_classes=0)
     check(all(s % p == 0 for s, p in zip(x_shape[:3], module.patch_size)), "model.patch_size",
           tuple(module.patch_size), f"must divide the latent grid {x_shape[:3]}")
@@ -145,25 +140,16 @@ def build(config, *, mesh=None) -> Task:
 
     def init_params(key):
         dit_key, text_key = jax.random.split(key)
-        text = jnp.zeros((1, length, text_width), jnp.float32)
+        hidden = jnp.zeros((1, length, text.width), jnp.float32)
         params = {"dit": module.init(dit_key, jnp.zeros((1, *x_shape), jnp.float32), jnp.zeros((1,), jnp.int32),
-                                     text=text, text_mask=jnp.ones((1, length), bool))["params"]}
-        if text_params is None:
-            ids = jnp.zeros((1, length), jnp.int32)
-            params["text"] = text_module.init(text_key, ids, jnp.ones((1, length), bool))["params"]
+                                     text=hidden, text_mask=jnp.ones((1, length), bool))["params"]}
+        if text.init is not None:  # the joint text tower; a frozen encoder's params are text.frozen
+            params["text"] = text.init(text_key)
         return params
-
-    def encode_text(params, ids, mask):
-        """ids, mask (B, L) -> hidden states (B, L, Dt) float32."""
-        if text_params is not None:
-            hidden = text_module.apply({"params": text_params}, ids, mask, method=lambda m, i, k: m.text(i, k)[0])
-        else:
-            hidden = text_module.apply({"params": params["text"]}, ids, mask)[0]
-        return hidden.astype(jnp.float32)
 
     tokenize = clip_task.tokenize_fn(tok, length, "video")
     encode, decode, make_data = diffusion.latent_fns(config, vae_module, vae_params, t.vae, "video", inputs=tokenize,
-                                                     meta={"text_length": length})
+                                                     meta={"text_length": length, **text.meta})
 
     def loss_fn(params, batch, rng):
         vae_rng, model_rng, loss_rng, mask_rng = jax.random.split(rng, 4)
@@ -227,16 +213,17 @@ def build(config, *, mesh=None) -> Task:
                   and init_frames.shape[2:] == (h, w, d.channels) and (k - 1) % ft == 0 and k < frames,
                   "init_frames", f"{init_frames.dtype}{tuple(init_frames.shape)}",
                   f"must be uint8 (N={len(prompts)}, 1 + j * {ft} < {frames}, {h}, {w}, {d.channels})")
-        ids, mask = tok.encode(list(prompts), length)
-        return run(params, rng, jnp.asarray(ids), jnp.asarray(mask), jnp.float32(cfg_scale), init_frames,
+        ids, mask = text.tokenize(prompts)
+        return run({**params, **text.frozen}, rng, jnp.asarray(ids), jnp.asarray(mask), jnp.float32(cfg_scale), init_frames,
                    shape=shape, sampler=sampler, num_steps=num_steps)
 
     if d.get("packing") is not None:  # NaViT: mixed sizes in fixed (S, L) batches, one compiled step
-        loss_fn, make_data = _packed(config, module, vae_module, vae_params, tokenize, encode_text, schedule)
-    return Task(module, init_params, loss_fn, sample_fn, make_data, encode=encode)
+        loss_fn, make_data = _packed(config, module, vae_module, vae_params, tokenize, encode_text, schedule,
+                                     {"text_length": length, **text.meta})
+    return Task(module, init_params, loss_fn, sample_fn, make_data, encode=encode, frozen=text.frozen)
 
 
-def _packed(config, module, vae_module, vae_params, tokenize, encode_text, schedule):
+def _packed(config, module, vae_module, vae_params, tokenize, encode_text, schedule, text_meta):
     """`(loss_fn, make_data)` of packed training (data.packing): every example (of data.sizes, or a
     folder's clip at its native aspect resized to fit seq_len tokens, `transforms.FitArea`) is
     encoded alone by the frozen VAE in the input pipeline (`recipes.packed_latent_data`; or read
@@ -275,7 +262,7 @@ def _packed(config, module, vae_module, vae_params, tokenize, encode_text, sched
         check(tokens <= d.packing.seq_len, "data.sizes", (t, h, w),
               f"has {tokens} tokens, more than data.packing.seq_len={d.packing.seq_len}")
 
-    meta = {"vae": os.path.abspath(config.task.vae), "text_length": int(config.task.text_length)}
+    meta = {"vae": os.path.abspath(config.task.vae), **text_meta}  # what a latent cache depends on
     make_data = recipes.packed_latent_data(config, diffusion.posterior_fn(vae_module, vae_params),
                                            patch_size=module.patch_size, inputs=tokenize, fit=fit, meta=meta)
 

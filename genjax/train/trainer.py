@@ -51,7 +51,7 @@ def check_grad_accum(global_batch_size: int, grad_accum_steps: int, mesh: Mesh) 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: Mesh,
                     state_shardings: state_lib.TrainState, ema_decay: float, ema_warmup: bool,
                     grad_accum_steps: int = 1, lr_schedule: optax.Schedule | None = None,
-                    rules=RULES, context_parallel: str = context_lib.DEFAULT_STRATEGY):
+                    rules=RULES, context_parallel: str = context_lib.DEFAULT_STRATEGY, frozen=None):
     """Build `train_step(state, batch, rng) -> (state, metrics)`, jitted over `mesh`.
 
     Args:
@@ -69,6 +69,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
         (`lr_schedule(updates applied so far)`, the count optax keeps).
       context_parallel: "ring" or "ulysses", the sequence-parallel self-attention when the mesh's
         `context` axis is > 1 (config `mesh.context_parallel`, `genjax.parallel.context`).
+      frozen: `Task.frozen`, a dict of placed arrays loss_fn sees in its params (`{**params,
+        **frozen}`), not differentiated: an argument of the compiled step with its own sharding
+        (bound by train_step and by `lower(...).compile()`), never a constant in the program.
 
     The returned function traces under `jax.set_mesh(mesh)`, `nn.logical_axis_rules(rules)` and
     `context.strategy(context_parallel)`, so the models' activation constraints
@@ -79,12 +82,13 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
     loss_fn's metrics, grad_norm, param_norm, ema_decay, finite, nonfinite_steps,
     nonfinite_streak (see `state_lib.apply_gradients`).
     """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    frozen = dict(frozen or {})
+    grad_fn = jax.value_and_grad(lambda p, b, r, f: loss_fn({**p, **f} if f else p, b, r), has_aux=True)
     micro_sharding = NamedSharding(mesh, P(None, mesh_lib.BATCH_AXES))
 
-    def step(state, batch, rng):
+    def step(state, batch, rng, frozen):
         if grad_accum_steps == 1:
-            (loss, aux), grads = grad_fn(state.params, batch, rng)
+            (loss, aux), grads = grad_fn(state.params, batch, rng, frozen)
         else:
             def split(x):
                 x = x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:])
@@ -92,12 +96,12 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
 
             def body(acc, inputs):
                 i, micro_batch = inputs
-                out = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, i))
+                out = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, i), frozen)
                 return jax.tree.map(jnp.add, acc, out), None
 
             micro_batches = jax.tree.map(split, batch)
             zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-                grad_fn, state.params, jax.tree.map(lambda x: x[0], micro_batches), rng))
+                grad_fn, state.params, jax.tree.map(lambda x: x[0], micro_batches), rng, frozen))
             total, _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), micro_batches))
             (loss, aux), grads = jax.tree.map(lambda x: x / grad_accum_steps, total)
         if lr_schedule is not None:
@@ -107,19 +111,38 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
         return state, {"loss": loss, **aux, **metrics}
 
     replicated = NamedSharding(mesh, P())
-    jitted = jax.jit(step, in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh), replicated),
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+    jitted = jax.jit(step, in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh), replicated,
+                                         frozen_shardings),
                      out_shardings=(state_shardings, replicated), donate_argnums=0)
 
     def train_step(state, batch, rng):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules), context_lib.strategy(context_parallel):
-            return jitted(state, batch, rng)
+            return jitted(state, batch, rng, frozen)
 
     def lower(state, batch, rng):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules), context_lib.strategy(context_parallel):
-            return jitted.lower(state, batch, rng)
+            return _Bound(jitted.lower(state, batch, rng, frozen), frozen)
 
     train_step.lower = lower
     return train_step
+
+
+class _Bound:
+    """A lowered (or compiled) train step with its frozen argument bound: `compile()` and calls
+    take `(state, batch, rng)` as `train_step` does; anything else is the wrapped object's."""
+
+    def __init__(self, inner, frozen):
+        self.inner, self.frozen = inner, frozen
+
+    def compile(self, *args, **kw):
+        return _Bound(self.inner.compile(*args, **kw), self.frozen)
+
+    def __call__(self, state, batch, rng):
+        return self.inner(state, batch, rng, self.frozen)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 # --------------------------------------------------------------------------- config, data, logs
@@ -343,7 +366,7 @@ def _train(config, workdir: str, devices) -> dict[str, Any]:
     train_step = make_train_step(
         loss_fn, tx, mesh=mesh, state_shardings=shardings, ema_decay=config.optim.ema_decay,
         ema_warmup=config.optim.ema_warmup, grad_accum_steps=config.optim.grad_accum_steps,
-        lr_schedule=lr_schedule, context_parallel=context_parallel)
+        lr_schedule=lr_schedule, context_parallel=context_parallel, frozen=task.frozen)
 
     # 4. Logs.
     first_step = resume_step or 0

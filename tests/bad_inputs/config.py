@@ -159,10 +159,43 @@ def _alpha_sigma(t):
     return run
 
 
+# (row name, config.json of the folder given as task.text_encoder or None for no config.json,
+# expected message) on configs/video_dit_moving_mnist.py:smoke=True with a stand-in task.vae folder
+TEXT_ENCODERS = [
+    ("text encoder neither kind", {"model_type": "bert"},
+     r"task\.text_encoder='.*bert': config\.json has model_type='bert'; must be empty \(a text tower trained "
+     r"jointly, byte tokenizer\), a genjax CLIP workdir, or a transformers folder"),
+    ("text encoder T5 without tokenizer.json", {"model_type": "t5", "d_model": 32},
+     r"task\.text_encoder='.*t5': is a transformers 't5' folder without tokenizer\.json"),
+    ("text encoder a VAE run", {"model": {"name": "video_vae"}},
+     r"task\.text_encoder='.*vae_run': is a genjax workdir of model\.name='video_vae'; must be empty"),
+    ("text encoder folder without config.json", None, r"task\.text_encoder='.*empty': holds no config\.json"),
+]
+
+
+def _text_encoder_rows(workspace: Path, workdir: str) -> list[Case]:
+    """video_dit with task.text_encoder of no accepted kind: refused in validate, nothing loaded."""
+    import json
+
+    vae = workspace / "video_vae_stand_in"
+    vae.mkdir(exist_ok=True)
+    (vae / "config.json").write_text(json.dumps({"model": {"name": "video_vae"}}))
+    rows = []
+    for (name, cfg, message), folder in zip(TEXT_ENCODERS, ("bert", "t5", "vae_run", "empty")):
+        (workspace / folder).mkdir(exist_ok=True)
+        if cfg is not None:
+            (workspace / folder / "config.json").write_text(json.dumps(cfg))
+        rows.append(Case(name, ["train", "--config", str(ROOT / "configs" / "video_dit_moving_mnist.py") +
+                                f":smoke=True,vae={vae}", "--workdir", workdir,
+                                f"--config.task.text_encoder={workspace / folder}"], 2,
+                         r"^genjax train: error: " + message))
+    return rows
+
+
 def cases(workspace: Path) -> list[Case]:
     workspace.mkdir(parents=True, exist_ok=True)
     workdir = str(workspace / "w")
-    rows = []
+    rows = _text_encoder_rows(workspace, workdir)
     for i, (name, base, statement, message) in enumerate(TYPOS):
         path = _derived_config(workspace, i, base, statement)
         rows.append(Case(name, ["train", "--config", str(path), "--workdir", workdir], 2,

@@ -169,6 +169,42 @@ def test_video_dit_trains_on_a_frozen_video_vae_and_samples_from_prompts(video_v
     np.testing.assert_allclose(out[:, :1], np.asarray(media.to_uint8(recon)), atol=1)
 
 
+def test_video_dit_builds_with_a_frozen_t5_text_encoder(video_vae_dir, tmp_path):
+    """Fast form of the test below (nothing compiled): task.text_encoder = a transformers T5 folder
+    gives a DiT cross-attending to d_model-wide states, no "text" params, the T5 in Task.frozen,
+    captions tokenized by its tokenizer.json, and long prompts refused before compiling."""
+    from genjax.tasks import text_encoders
+    from tests.train.test_text_encoders import tiny_t5_folder
+
+    tiny_t5_folder(tmp_path / "t5")
+    task = tasks.build(config_of("video_dit_moving_mnist", f"smoke=True,vae={video_vae_dir[0]}",
+                                 f"--config.task.text_encoder={tmp_path / 't5'}"))
+    assert task.module.context_dim == 32 and set(task.frozen) == {text_encoders.FROZEN}
+    assert set(jax.eval_shape(task.init_params, jax.random.PRNGKey(0))) == {"dit"}
+    with pytest.raises(UserError, match=r"^prompts\[0\]='.*': is 19 tokens; the model reads at most 16 tokens"):
+        task.sample_fn(None, jax.random.PRNGKey(1), ["the cat sat on the mat " * 2 + "a dog ran on a mat"])
+
+
+@pytest.mark.slow
+def test_video_dit_trains_with_a_frozen_t5_text_encoder(video_vae_dir, tmp_path):
+    """task.text_encoder = a transformers T5 folder (tiny, random): 2 steps, the T5 params frozen
+    (not trained, not in the checkpoint), restore and sample a prompt of its tokenizer's words; the
+    encoder's numbers themselves are checked in tests/train/test_text_encoders.py. ~15 s on a free
+    2-core CPU (the 2 steps' and the sampler's compiles)."""
+    from genjax.tasks import text_encoders
+    from tests.train.test_text_encoders import tiny_t5_folder
+
+    tiny_t5_folder(tmp_path / "t5")
+    config = config_of("video_dit_moving_mnist", f"smoke=True,vae={video_vae_dir[0]},steps=2", *NO_SAMPLES,
+                       f"--config.task.text_encoder={tmp_path / 't5'}")
+    train(config, str(tmp_path / "run"))
+    config, task, params = tasks.restore(str(tmp_path / "run"))
+    assert set(params) == {"dit"} and set(task.frozen) == {text_encoders.FROZEN}
+    assert task.module.context_dim == 32  # the T5's d_model
+    out = np.asarray(task.sample_fn(params, jax.random.PRNGKey(1), ["the cat sat on the mat"]))
+    assert out.shape == (1, 5, 32, 32, 1) and out.dtype == np.uint8 and out.std() > 0
+
+
 def test_video_dit_cached_latents_equal_on_the_fly_latents(video_vae_dir, tmp_path):
     """data.latents=cache (the demo's DiT stage): the cache holds the VAE posterior and the caption
     tokens of every clip, in order, and the train step's latents from it equal encoding on the fly."""
