@@ -33,11 +33,29 @@ import jax.numpy as jnp
 import numpy as np
 
 from genjax.errors import UserError, check
-from genjax.io.weights import StateDictReader, check_overrides, check_params_match, load_state_dict
+from genjax.io.weights import (
+    StateDictReader,
+    check_overrides,
+    check_params_match,
+    load_state_dict,
+)
 from genjax.models.adaln import adaln_norm
 from genjax.models.attention import Attention
-from genjax.models.layers import REMAT_POLICIES, LayerNorm, Mlp, TimestepEmbedder, logical, stack_blocks
-from genjax.models.spacetime import TubeletEmbed, check_video, grid_positions, rope_angles, unpatchify_3d
+from genjax.models.layers import (
+    REMAT_POLICIES,
+    LayerNorm,
+    Mlp,
+    TimestepEmbedder,
+    logical,
+    stack_blocks,
+)
+from genjax.models.spacetime import (
+    TubeletEmbed,
+    check_video,
+    grid_positions,
+    rope_angles,
+    unpatchify_3d,
+)
 from genjax.parallel.axes import BATCH, EMBED, LENGTH, MLP
 
 Dtype = Any
