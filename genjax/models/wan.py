@@ -33,29 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from genjax.errors import UserError, check
-from genjax.io.weights import (
-    StateDictReader,
-    check_overrides,
-    check_params_match,
-    load_state_dict,
-)
+from genjax.io.weights import StateDictReader, check_overrides, check_params_match, load_state_dict
 from genjax.models.adaln import adaln_norm
 from genjax.models.attention import Attention
-from genjax.models.layers import (
-    REMAT_POLICIES,
-    LayerNorm,
-    Mlp,
-    TimestepEmbedder,
-    logical,
-    stack_blocks,
-)
-from genjax.models.spacetime import (
-    TubeletEmbed,
-    check_video,
-    grid_positions,
-    rope_angles,
-    unpatchify_3d,
-)
+from genjax.models.layers import REMAT_POLICIES, LayerNorm, Mlp, TimestepEmbedder, logical, stack_blocks
+from genjax.models.spacetime import TubeletEmbed, check_video, grid_positions, rope_angles, unpatchify_3d
 from genjax.parallel.axes import BATCH, EMBED, LENGTH, MLP
 
 Dtype = Any
@@ -63,13 +45,7 @@ Array = jax.Array
 Grid = tuple[int, int, int]
 
 QK_NORM = "rms_norm_across_heads"
-
-
-def _table_init(scale: float):
-    """normal(0, 1) / sqrt(D), as diffusers' `torch.randn(1, n, D) / D**0.5` scale_shift_table."""
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.normal(key, shape, dtype) * scale
-    return init
+# scale_shift_tables init normal(0, 1 / sqrt(D)), as diffusers' `torch.randn(1, n, D) / D**0.5`.
 
 
 class WanBlock(nn.Module):
@@ -100,7 +76,7 @@ class WanBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn_kw = dict(head_dim=self.head_dim, qk_norm=QK_NORM, qk_norm_eps=self.eps,
                        attention_impl=self.attention_impl, **kw)
-        table = self.param("scale_shift_table", logical(_table_init(d ** -0.5), (None, EMBED)), (6, d),
+        table = self.param("scale_shift_table", logical(nn.initializers.normal(d ** -0.5), (None, EMBED)), (6, d),
                            self.param_dtype)
         mods = jnp.asarray(table, jnp.float32)[None] + t_mod  # (B, 6, D) float32
         shift, scale, gate, c_shift, c_scale, c_gate = (mods[:, i:i + 1] for i in range(6))  # (B, 1, D)
@@ -206,7 +182,7 @@ class WanTransformer(nn.Module):
                         eps=self.eps, attention_impl=self.attention_impl, **kw)
         h = stack_blocks(WanBlock, block_kw, self.num_layers, "blocks", h, context, encoder_attention_mask, t_mod,
                          rope, scan=self.scan, remat=self.remat)  # (B, L, D)
-        table = self.param("scale_shift_table", logical(_table_init(d ** -0.5), (None, EMBED)), (2, d),
+        table = self.param("scale_shift_table", logical(nn.initializers.normal(d ** -0.5), (None, EMBED)), (2, d),
                            self.param_dtype)
         mods = jnp.asarray(table, jnp.float32)[None] + temb[:, None]  # (B, 2, D)
         h = adaln_norm(h, mods[:, :1], mods[:, 1:], eps=self.eps, dtype=self.dtype, name="norm_out")
