@@ -34,7 +34,7 @@ import numpy as np
 
 from genjax.errors import check
 from genjax.models.blockwise_attention import blockwise_attention
-from genjax.models.layers import logical, xavier_uniform, zeros
+from genjax.models.layers import HeadsRMSNorm, logical, xavier_uniform, zeros
 from genjax.models.spacetime import apply_rope
 from genjax.parallel import context as context_lib
 from genjax.parallel.axes import EMBED, HEADS, KV
@@ -43,6 +43,7 @@ Dtype = Any
 Array = jax.Array
 
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "pallas")
+QK_NORMS = (None, "rms_norm_across_heads")
 AUTO_DENSE_MAX = 1024 * 1024  # auto on CPU: dense up to 1k x 1k (blockwise: 0.63x its step at 1k)
 
 
@@ -333,6 +334,9 @@ class Attention(nn.Module):
         zeroes `cross_attn.proj`; Open-Sora STDiT).
       attention_impl: `dot_product_attention`'s implementation ("auto", "xla", "blockwise",
         "cudnn", "pallas").
+      qk_norm: None, or "rms_norm_across_heads": `HeadsRMSNorm` submodules `norm_q` / `norm_k`
+        (eps `qk_norm_eps`) on the projected queries and keys, before RoPE (Wan 2.1, diffusers
+        `WanAttention.norm_q` / `norm_k`; tested against it in tests/models/test_wan.py).
 
     Source: Vaswani et al. 2017; diffusers `Attention` / DiT's timm `Attention` (same math, tested
       against diffusers in tests/models/test_attention.py).
@@ -345,6 +349,8 @@ class Attention(nn.Module):
     out_bias: bool = True
     zero_init_out: bool = False
     attention_impl: str = "auto"
+    qk_norm: str | None = None
+    qk_norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -372,8 +378,9 @@ class Attention(nn.Module):
 
         Raises:
           UserError: head_dim missing and D not divisible by num_heads; mask shapes wrong;
-            unknown or unsupported attention_impl.
+            unknown or unsupported attention_impl; unknown qk_norm.
         """
+        check(self.qk_norm in QK_NORMS, "qk_norm", self.qk_norm, f"must be one of {QK_NORMS}")
         d = x.shape[-1]
         check(self.head_dim is not None or d % self.num_heads == 0, "num_heads", self.num_heads,
               f"must divide the width D={d} (or give head_dim)")
@@ -394,6 +401,9 @@ class Attention(nn.Module):
                               dtype=self.dtype, param_dtype=self.param_dtype, name=name)(inp)
 
         q, k, v = proj("to_q", x), proj("to_k", kv_in), proj("to_v", kv_in)
+        if self.qk_norm is not None:
+            kw = dict(epsilon=self.qk_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+            q, k = HeadsRMSNorm(**kw, name="norm_q")(q), HeadsRMSNorm(**kw, name="norm_k")(k)
         if rope is not None:
             check(context is None, "rope", "given", "is for self-attention")
             q, k = apply_rope(q, rope), apply_rope(k, rope)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genjax.errors import check
-from genjax.parallel.axes import BATCH, CONV_IN, CONV_OUT, EMBED, LAYERS, LENGTH, MLP, NORM
+from genjax.parallel.axes import BATCH, CONV_IN, CONV_OUT, EMBED, HEADS, KV, LAYERS, LENGTH, MLP, NORM
 
 Dtype = Any
 Array = jax.Array
@@ -234,6 +234,23 @@ class LayerNorm(nn.Module):
                          scale_init=logical(nn.initializers.ones, (NORM,)),
                          bias_init=zeros((NORM,)), name="norm")(x.astype(jnp.float32))
         return y.astype(self.dtype)
+
+
+class HeadsRMSNorm(nn.Module):
+    """RMS norm over all heads together (Wan's `qk_norm="rms_norm_across_heads"`, torch `RMSNorm` over
+    the N*K projected width): `(B, L, N, K)` -> same shape, mean square in float32, output in `dtype`.
+    Param `scale (N, K)`, init ones, axes `(heads, kv)`."""
+
+    epsilon: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", logical(nn.initializers.ones, (HEADS, KV)), x.shape[-2:], self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=(-2, -1), keepdims=True) + self.epsilon)
+        return (y * jnp.asarray(scale, jnp.float32)).astype(self.dtype)
 
 
 class Mlp(nn.Module):
