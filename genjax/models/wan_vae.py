@@ -9,16 +9,10 @@ Layout (channels-last): videos `(B, T, H, W, C)` float in [-1, 1], T = 1 + k * f
 `(B, 1 + k, H / fs, W / fs, z_dim)`, fs = 2 ** (len(dim_mult) - 1), ft = 2 ** sum(temporal_downsample)
 (8 and 4 for Wan 2.1). Diffusion models see `(z - latents_mean) / latents_std` per channel.
 
-The network (all convs causal in time, zero padded: the `causal_conv.CausalConv3d` of the video
-VAE with the past frames supplied here, so a chunk can carry them over from the previous one):
-  RMSNorm          x / ||x||_2 over channels * sqrt(C) * gamma, per pixel (no mixing in T, H, W)
-  ResidualBlock    shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))))))  (3x3x3 convs)
-  AttentionBlock   one-head self-attention over the H * W pixels of each frame
-  Resample         "downsample2d|3d": per-frame 3x3 stride-2 conv (bottom / right pad); 3d adds
-                   `time_conv` (3x1x1, stride 2, no padding) on frames 1.. (frame 0 passes):
-                   1 + 2k -> 1 + k frames. "upsample2d|3d": 3d first applies `time_conv`
-                   (3x1x1 -> 2C channels = two frames each) to frames 1.. (frame 0 passes):
-                   1 + k -> 1 + 2k frames; then nearest x2 in H, W and a 3x3 conv to C / 2.
+The network: causal 3x3x3 convs (zero padded in time: `causal_conv.CausalConv3d` with the past
+frames supplied here, so that a chunk can take them from the previous one), RMS norms and
+attention per pixel / per frame (nothing else mixes frames), and `Resample` blocks whose
+`time_conv` halves (encoder) or doubles (decoder) the frames after frame 0: 1 + 2k <-> 1 + k.
 
 Chunked inference. diffusers encodes frame 0, then chunks of 4 frames, and decodes one latent
 frame at a time, keeping each causal conv's last 2 input frames (`feat_cache`). Here the same
@@ -64,27 +58,32 @@ def _first_chunk(mod: nn.Module, name: str) -> bool:
     return not (_caching(mod) and mod.has_variable(CACHE, name))
 
 
-def _past(mod: nn.Module, name: str, x: jax.Array, n: int) -> jax.Array:
-    """The n frames before `x (B, T, H, W, C)`: zeros at the start of a video, else the last n of
-    the previous chunk (cache variable `name`), which becomes the last n of concat(past, x)."""
-    zeros = jnp.zeros((x.shape[0], n) + x.shape[2:], x.dtype)
+def _past(mod: nn.Module, name: str, x: jax.Array, start: jax.Array) -> jax.Array:
+    """The frames before `x (B, T, H, W, C)`: `start` at the start of a video, else those the
+    previous chunk left in cache variable `name`, which becomes the last as many of concat(past, x)."""
     if not _caching(mod):
-        return zeros
-    var = mod.variable(CACHE, name, lambda: zeros)
+        return start
+    var = mod.variable(CACHE, name, lambda: start)
     past = var.value
-    var.value = jnp.concatenate([past, x], axis=1)[:, -n:]
+    var.value = jnp.concatenate([past, x], axis=1)[:, -past.shape[1]:]
     return past
 
 
 def _conv(mod: nn.Module, x: jax.Array, features: int, name: str, kernel=_K3, strides=(1, 1, 1),
-          spatial_padding=None) -> jax.Array:
-    """diffusers `WanCausalConv3d` (zero causal padding, or the cached past frames) inside an
-    `@nn.compact` method of `mod`; params `name/kernel (kt, kh, kw, C_in, features)`, `name/bias`."""
+          spatial_padding=None, start: jax.Array | None = None) -> jax.Array:
+    """diffusers `WanCausalConv3d` inside an `@nn.compact` method of `mod`: a VALID conv over
+    concat(past, x), past = `start` (default kt - 1 zero frames) or the cached frames; no output
+    frames when that is shorter than kt. Params `name/kernel (kt, kh, kw, C_in, features)`, `name/bias`."""
     x = x.astype(mod.dtype)
     if kernel[0] > 1:
-        x = jnp.concatenate([_past(mod, name + "_past", x, kernel[0] - 1), x], axis=1)
-    return CausalConv3d(features, kernel, strides, spatial_padding, temporal_padding="none",
-                        dtype=mod.dtype, param_dtype=mod.param_dtype, name=name)(x)
+        zeros = jnp.zeros((x.shape[0], kernel[0] - 1) + x.shape[2:], x.dtype)
+        x = jnp.concatenate([_past(mod, name + "_past", x, zeros if start is None else start), x], axis=1)
+    short = x.shape[1] < kernel[0]  # a time conv on a first chunk of one frame (or init with T = 1)
+    if short:  # padded only so that the params exist; the output has 0 frames
+        x = jnp.pad(x, ((0, 0), (0, kernel[0] - x.shape[1])) + ((0, 0),) * 3)
+    y = CausalConv3d(features, kernel, strides, spatial_padding, temporal_padding="none",
+                     dtype=mod.dtype, param_dtype=mod.param_dtype, name=name)(x)
+    return y[:, :0] if short else y
 
 
 # --------------------------------------------------------------------------- blocks
@@ -169,28 +168,20 @@ class Resample(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, _, h, w, c = x.shape
         x = x.astype(self.dtype)
-        first = _first_chunk(self, "time_conv_past")
-        if self.mode == "upsample3d":  # frame 0 passes; each later frame becomes two
-            head, x = (x[:, :1], x[:, 1:]) if first else (x[:, :0], x)
-            if x.shape[1]:
-                y = _conv(self, x, 2 * c, "time_conv", (3, 1, 1))  # (B, t, H, W, 2C)
-            else:  # a first chunk of one frame: only start the cache (zeros)
-                _past(self, "time_conv_past", x, 2)
-                y = jnp.zeros((b, 0, h, w, 2 * c), self.dtype)
+        first = _first_chunk(self, "time_conv_past")  # frame 0 skips time_conv (whole video / chunk 0)
+        split = (lambda x: (x[:, :1], x[:, 1:])) if first else (lambda x: (x[:, :0], x))
+        if self.mode == "upsample3d":  # each frame after frame 0 becomes two
+            head, rest = split(x)
+            y = _conv(self, rest, 2 * c, "time_conv", (3, 1, 1))  # (B, t, H, W, 2C)
             y = y.reshape(b, -1, h, w, 2, c).transpose(0, 1, 4, 2, 3, 5).reshape(b, -1, h, w, c)
             x = jnp.concatenate([head, y], axis=1)
         if self.mode.startswith("upsample"):
             x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
             return _conv(self, x, self.out_dim, "resample_1", (1, 3, 3))
         x = _conv(self, x, c, "resample_1", (1, 3, 3), (1, 2, 2), ((0, 1), (0, 1)))
-        if self.mode == "downsample3d":  # frame 0 passes; later pairs -> one frame (VALID, stride 2)
-            past = _past(self, "time_conv_past", x, 1)
-            ext = x if first else jnp.concatenate([past, x], axis=1)
-            y = x[:, :0]
-            if ext.shape[1] >= 3:
-                y = CausalConv3d(c, (3, 1, 1), (2, 1, 1), temporal_padding="none", dtype=self.dtype,
-                                 param_dtype=self.param_dtype, name="time_conv")(ext)
-            x = jnp.concatenate([x[:, :1], y], axis=1) if first else y
+        if self.mode == "downsample3d":  # frames (2j-2, 2j-1, 2j) -> frame j: past = frame 0
+            head, rest = split(x)
+            x = jnp.concatenate([head, _conv(self, rest, c, "time_conv", (3, 1, 1), (2, 1, 1), start=head)], axis=1)
         return x
 
 
@@ -224,18 +215,10 @@ class Encoder(nn.Module):
         return _conv(self, nn.silu(RMSNorm(name="norm_out", **kw)(x)), self.out_channels, "conv_out")
 
 
-class Decoder(nn.Module):
+class Decoder(Encoder):
     """diffusers `WanDecoder3d` (Wan 2.1: each up block after the first takes the halved
     channels of the previous upsampler): `(B, t, h, w, z_dim) -> (B, 1 + (t-1)*ft, h*fs, w*fs,
     out_channels)`; up block i upsamples in time when `temporal_downsample[::-1][i]`."""
-    out_channels: int
-    base_dim: int = 96
-    dim_mult: Sequence[int] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
-    temporal_downsample: Sequence[bool] = (False, True, True)
-    attention_impl: str = "auto"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
@@ -345,13 +328,11 @@ class WanVAE(nn.Module):
     decode_latents = vae.decode_latents
 
 
-def _moments(m: WanVAE, x: jax.Array) -> jax.Array:
-    """encoder + quant_conv: `(B, T, H, W, C)` (any T a chunk may have) -> float32 moments."""
+def _moments(m: WanVAE, x: jax.Array) -> jax.Array:  # of a video or a chunk (any T)
     return m.quant_conv(m.encoder(x)).astype(jnp.float32)
 
 
-def _frames(m: WanVAE, z: jax.Array) -> jax.Array:
-    """post_quant_conv + decoder, unclamped."""
+def _frames(m: WanVAE, z: jax.Array) -> jax.Array:  # unclamped
     return m.decoder(m.post_quant_conv(z.astype(m.dtype)))
 
 
@@ -380,15 +361,12 @@ def _chunked(module: WanVAE, params: Any, x: jax.Array, size: int, fn) -> jax.Ar
 
 def encode_chunked(module: WanVAE, params: Any, x: jax.Array, frames_per_chunk: int | None = None
                    ) -> DiagonalGaussian:
-    """`module.encode(x)` computed as diffusers `AutoencoderKLWan._encode` does: frame 0, then
-    chunks of `frames_per_chunk` frames (default ft = 4), each causal conv's past frames carried
-    over in the "cache" collection; activation memory is that of one chunk.
-
-    Args: module, params (`nn.unbox`ed "params"); x `(B, 1 + k*ft, H, W, in_channels)` in [-1, 1];
-      frames_per_chunk a positive multiple of ft. Jit-compatible (module, frames_per_chunk static).
-    Returns: the posterior of `encode` (equal to 1e-5, tests/models/test_wan_vae.py).
-    Raises: UserError for a bad x (as `encode`) or frames_per_chunk.
-    """
+    """`module.encode(x)` as diffusers `AutoencoderKLWan._encode` computes it: frame 0, then chunks
+    of `frames_per_chunk` frames (a multiple of ft, default ft = 4), each causal conv's past frames
+    carried in the "cache" collection; activations of one chunk at a time. `params`: the unboxed
+    "params"; x `(B, 1 + k*ft, H, W, in_channels)` in [-1, 1]. Jit-compatible (module and
+    frames_per_chunk static). Returns `encode`'s posterior (equal to 1e-5, test_wan_vae.py).
+    Raises UserError for a bad x (as `encode`) or frames_per_chunk."""
     ft = module.temporal_downsample_factor
     size = frames_per_chunk or ft
     check(size > 0 and size % ft == 0, "frames_per_chunk", frames_per_chunk,
@@ -398,13 +376,10 @@ def encode_chunked(module: WanVAE, params: Any, x: jax.Array, frames_per_chunk: 
 
 
 def decode_chunked(module: WanVAE, params: Any, z: jax.Array, latents_per_chunk: int = 1) -> jax.Array:
-    """`module.decode(z)` computed as diffusers `AutoencoderKLWan._decode` does: latent frame 0,
-    then chunks of `latents_per_chunk` latent frames (default 1, as diffusers), carrying the cache.
-
-    Args: z `(B, t, h, w, z_dim)`; latents_per_chunk >= 1. Jit-compatible (module and
-      latents_per_chunk static). Returns `(B, 1 + (t-1)*ft, h*fs, w*fs, out_channels)` in [-1, 1].
-    Raises: UserError for a bad z or latents_per_chunk.
-    """
+    """`module.decode(z (B, t, h, w, z_dim))` as diffusers `AutoencoderKLWan._decode` computes it:
+    latent frame 0, then chunks of `latents_per_chunk` (default 1) latent frames, carrying the
+    cache. Jit-compatible (module, latents_per_chunk static). Returns `(B, 1 + (t-1)*ft, h*fs,
+    w*fs, out_channels)` in [-1, 1]. Raises UserError for a bad z or latents_per_chunk."""
     check(latents_per_chunk >= 1, "latents_per_chunk", latents_per_chunk, "must be >= 1")
     check(z.ndim == 5 and z.shape[-1] == module.z_dim, "z.shape", tuple(z.shape),
           f"must be (B, t, h, w, {module.z_dim}) (z_dim)")
@@ -466,8 +441,7 @@ def load_diffusers(src: Any, **overrides: Any) -> tuple[WanVAE, dict[str, Any]]:
     state, config = load_state_dict(src)
     check_overrides(WanVAE, overrides)
     for key, ok in _UNSUPPORTED.items():
-        check(config.get(key, ok) == ok, f"config {key}",
-              config.get(key), f"only {ok!r} is supported (the Wan 2.1 VAE)")
+        check(config.get(key, ok) == ok, f"config {key}", config.get(key), f"only {ok!r} is supported (Wan 2.1)")
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in _CONFIG_KEYS}
     if "temperal_downsample" in config:
         kw["temporal_downsample"] = tuple(bool(t) for t in config["temperal_downsample"])
