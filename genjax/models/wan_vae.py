@@ -368,7 +368,7 @@ def encode_chunked(module: WanVAE, params: Any, x: jax.Array, frames_per_chunk: 
     frames_per_chunk static). Returns `encode`'s posterior (equal to 1e-5, test_wan_vae.py).
     Raises UserError for a bad x (as `encode`) or frames_per_chunk."""
     ft = module.temporal_downsample_factor
-    size = frames_per_chunk or ft
+    size = ft if frames_per_chunk is None else frames_per_chunk
     check(size > 0 and size % ft == 0, "frames_per_chunk", frames_per_chunk,
           f"must be a positive multiple of the temporal downsampling factor {ft}")
     check_video(x, module.in_channels, module.downsample_factor, ft)
