@@ -55,7 +55,9 @@ class CausalConv3d(nn.Module):
     The input is padded with `kt - 1` frames at the start (copies of the first frame for
     `temporal_padding="replicate"`, MAGVIT-v2 / CogVideoX; zeros for "zeros") and none at the end,
     then a VALID temporal conv is applied: output frame j (stride st) sees input frames
-    st*j - kt + 1 .. st*j, so it never depends on later frames. Spatial padding is symmetric
+    st*j - kt + 1 .. st*j, so it never depends on later frames. "none" skips the padding: the
+    caller prepends the kt - 1 past frames itself (a cache carried across chunks, `wan_vae.py`),
+    and T_out = (T - kt) // st + 1. Spatial padding is symmetric
     (k // 2) by default, or explicit `((top, bottom), (left, right))`.
 
     Params: `kernel (kt, kh, kw, C_in, C_out)` with logical axes
@@ -78,8 +80,8 @@ class CausalConv3d(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         check(x.ndim == 5, "x.shape", tuple(x.shape), "must be (B, T, H, W, C)")
-        check(self.temporal_padding in TEMPORAL_PADDINGS, "temporal_padding",
-              self.temporal_padding, f"must be one of {TEMPORAL_PADDINGS}")
+        check(self.temporal_padding in TEMPORAL_PADDINGS + ("none",), "temporal_padding",
+              self.temporal_padding, f"must be one of {TEMPORAL_PADDINGS + ('none',)}")
         kt, kh, kw = self.kernel_size
         kernel = self.param("kernel", nn.with_logical_partitioning(
             nn.linear.default_kernel_init, (None, None, None, CONV_IN, CONV_OUT)),
@@ -87,7 +89,7 @@ class CausalConv3d(nn.Module):
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (CONV_OUT,)),
                           (self.features,), self.param_dtype)
         x = x.astype(self.dtype)
-        if kt > 1:
+        if kt > 1 and self.temporal_padding != "none":
             first = x[:, :1] if self.temporal_padding == "replicate" else jnp.zeros_like(x[:, :1])
             x = jnp.concatenate([jnp.repeat(first, kt - 1, axis=1), x], axis=1)
         spatial = self.spatial_padding
