@@ -1,7 +1,8 @@
 """Checkpoints: orbax `CheckpointManager` over `WORKDIR/checkpoints/`, with data-iterator state.
 
 Each checkpoint `checkpoints/<step>/` holds three orbax items:
-  state   the `TrainState` (params, opt_state, ema_params, step, rng, counters), `StandardSave`;
+  state   the `TrainState` (params, opt_state, ema_params, step, rng, counters, model_state),
+          `StandardSave`;
   data    the grain iterator position per process (`grain.checkpoint.CheckpointSave`);
   config  the run's config as JSON (`JsonSave`).
 Saves are asynchronous; orbax writes into a temporary directory and renames it when every item is
@@ -238,8 +239,10 @@ def read_config(workdir: str):
 
 def restore_ema(workdir: str, *, mesh: jax.sharding.Mesh | None = None, fallback: bool = True) -> Any:
     """The EMA params of the newest complete checkpoint in `workdir`, replicated over `mesh`
-    (default: the first device), whatever mesh they were trained on. Only the `ema_params`
-    subtree is read (orbax partial restore from the checkpoint's own metadata): no model or task
+    (default: the first device), whatever mesh they were trained on, merged with the state's
+    non-gradient `model_state` collections when it has any (`{**ema_params, **model_state}`, the
+    tree a task's sample_fn / evaluate take, e.g. a VQ-VAE's "vq_stats"). Only those
+    subtrees are read (orbax partial restore from the checkpoint's own metadata): no model or task
     is built, so a task can load a frozen model of another task without recursion. An unreadable
     checkpoint (truncated file, stray folder) is skipped for the newest intact one when
     `fallback` (saying so on stderr), as `newest_intact` does.
@@ -264,12 +267,14 @@ def restore_ema(workdir: str, *, mesh: jax.sharding.Mesh | None = None, fallback
         path = epath.Path(manager.directory) / str(step) / "state"
         metadata = ocp.PyTreeCheckpointHandler().metadata(path)  # raises if unreadable
         with ocp.PyTreeCheckpointer() as ckptr:
-            tree = getattr(metadata, "item_metadata", metadata)["ema_params"]
-            abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), tree)
+            saved = getattr(metadata, "item_metadata", metadata)
+            names = [n for n in ("ema_params", "model_state") if n in saved and jax.tree.leaves(saved[n])]
+            abstract = {n: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
+                                        saved[n]) for n in names}
             restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=replicated), abstract)
-            return ckptr.restore(path, args=ocp.args.PyTreeRestore(
-                item={"ema_params": abstract}, restore_args={"ema_params": restore_args},
-                partial_restore=True))["ema_params"]
+            tree = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+                item=abstract, restore_args=restore_args, partial_restore=True))
+            return {**tree["ema_params"], **tree.get("model_state", {})}
 
     try:
         _, params, _ = newest_intact(manager, read, fallback=fallback, doing="using")

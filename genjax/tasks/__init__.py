@@ -62,6 +62,11 @@ class Task(NamedTuple):
         `tasks.text_encoders`) that loss_fn sees merged into its params (`{**params, **frozen}`):
         the trainer passes them to the compiled step as an argument, so they keep their sharding
         (jit embeds a closed-over array in the program, replicated), and never trains or saves them.
+      init_state: `key -> model state`, a dict of non-gradient Flax collections carried from step
+        to step (`TrainState.model_state`, e.g. a VQ-VAE's EMA codebook), or None. loss_fn,
+        sample_fn and evaluate see it merged into their params (`{**params, **model_state}`);
+        loss_fn returns the updated state as `metrics[train.state.MODEL_STATE]`. Checkpointed with
+        the train state; `restore` returns it merged into the EMA params.
     """
 
     module: nn.Module
@@ -72,6 +77,7 @@ class Task(NamedTuple):
     evaluate: Callable[[Any], dict[str, float]] | None = None
     encode: Callable[[Mapping[str, jax.Array], jax.Array], jax.Array] | None = None
     frozen: Mapping[str, Any] | None = None
+    init_state: Callable[[jax.Array], Any] | None = None
 
 
 def family(name: str):
@@ -268,7 +274,7 @@ def load_frozen(path: str, *, family_name: str, mesh: Mesh | None = None):
 
 def restore(workdir: str, *, mesh: Mesh | None = None):
     """`(config, task, ema_params)` of the model trained in `workdir` (its config.json and the EMA
-    params of its newest checkpoint, replicated over `mesh`, default the first device). An
+    params, with any model state merged in, of its newest checkpoint, replicated over `mesh`, default the first device). An
     unreadable newest checkpoint is skipped for the newest intact one, with a note on stderr,
     unless the run's `ckpt.fallback` is False (`checkpoint.restore_ema`).
 

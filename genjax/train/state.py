@@ -9,6 +9,13 @@ module's `dtype` (bf16 on accelerators).
 `apply_gradients` is the one place an update happens: optax AdamW (with global-norm clipping and a
 warm-up + constant / cosine learning-rate schedule), then the EMA of the parameters, with any
 non-finite gradient turning the whole update into a no-op.
+
+Model state: a task may carry non-gradient arrays from step to step (a VQ-VAE's EMA codebook and
+usage counts): `TrainState.model_state`, a dict of Flax collections (`{}` for most tasks). The
+functions of the task see it merged into their params (`{**params, **model_state}`, as
+`Task.frozen`), and its loss_fn returns the updated state as `metrics[MODEL_STATE]`
+(`loss_and_grads`); it is checkpointed with the rest of the state and kept, like params, when a
+step's gradient is not finite.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ from genjax.errors import check
 from genjax.parallel.axes import RULES
 
 PyTree = Any
+
+# The key of a loss_fn's metrics under which a stateful task returns its updated model state.
+MODEL_STATE = "model_state"
 
 # The fields of config.optim: make_optimizer's, plus the trainer's grad_accum_steps, ema_decay,
 # ema_warmup and max_nonfinite_steps.
@@ -47,6 +57,8 @@ class TrainState:
       rng: uint32 (2,) raw root PRNG key (`jax.random.PRNGKey(seed)`), never split in place.
       nonfinite_count: int32 scalar, total steps skipped because the gradient was NaN / Inf.
       nonfinite_streak: int32 scalar, consecutive skipped steps up to now (0 after a good step).
+      model_state: dict of non-gradient Flax collections the task updates in its loss_fn (e.g.
+        `{"vq_stats": ...}`), `{}` for a task without (see the module docstring).
     """
 
     step: jax.Array
@@ -56,6 +68,7 @@ class TrainState:
     rng: jax.Array
     nonfinite_count: jax.Array
     nonfinite_streak: jax.Array
+    model_state: PyTree = flax.struct.field(default_factory=dict)
 
 
 def learning_rate_schedule(optim_config: Mapping[str, Any], total_steps: int) -> optax.Schedule:
@@ -157,21 +170,24 @@ def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
 
 
 def _boxed_init(init_params: Callable[[jax.Array], PyTree], tx: optax.GradientTransformation,
-                seed: int) -> tuple[Callable[[jax.Array], TrainState], jax.Array]:
+                seed: int, init_state: Callable[[jax.Array], PyTree] | None
+                ) -> tuple[Callable[[jax.Array], TrainState], jax.Array]:
     root = jax.random.PRNGKey(seed)
 
     def init(key):
         params = init_params(key)
         zero = jnp.zeros((), jnp.int32)
         return TrainState(step=zero, params=params, opt_state=tx.init(params), ema_params=params,
-                          rng=root, nonfinite_count=zero, nonfinite_streak=zero)
+                          rng=root, nonfinite_count=zero, nonfinite_streak=zero,
+                          model_state={} if init_state is None else init_state(key))
 
     return init, jax.random.split(root)[1]
 
 
 def create_train_state(init_params: Callable[[jax.Array], PyTree],
                        tx: optax.GradientTransformation, *, seed: int, mesh: Mesh,
-                       rules=RULES) -> tuple[TrainState, TrainState]:
+                       rules=RULES, init_state: Callable[[jax.Array], PyTree] | None = None
+                       ) -> tuple[TrainState, TrainState]:
     """Initialise a `TrainState` directly into its shardings on `mesh`.
 
     Args:
@@ -181,12 +197,14 @@ def create_train_state(init_params: Callable[[jax.Array], PyTree],
       seed: root seed; the root key is `PRNGKey(seed)`, params are drawn with
         `split(root)[1]`, distinct from the step keys `fold_in(root, step)`.
       mesh: the training mesh; logical names map to it through `rules`.
+      init_state: `key -> model state` (`Task.init_state`, called with the params' key), or None
+        for `model_state={}`.
 
     Returns:
       (state, shardings): the state (params, moments and EMA sharded per the logical axis names,
       scalars replicated) and the same tree of `NamedSharding`s for jit in/out shardings.
     """
-    init, param_key = _boxed_init(init_params, tx, seed)
+    init, param_key = _boxed_init(init_params, tx, seed, init_state)
     shardings = _shardings(jax.eval_shape(init, param_key), mesh, rules)
     state = jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(param_key)
     return state, shardings
@@ -194,11 +212,12 @@ def create_train_state(init_params: Callable[[jax.Array], PyTree],
 
 def abstract_train_state(init_params: Callable[[jax.Array], PyTree],
                          tx: optax.GradientTransformation, *, seed: int, mesh: Mesh,
-                         rules=RULES) -> tuple[TrainState, TrainState]:
+                         rules=RULES, init_state: Callable[[jax.Array], PyTree] | None = None
+                         ) -> tuple[TrainState, TrainState]:
     """Like `create_train_state` without computing anything: returns (abstract state, shardings),
     the abstract state a tree of `jax.ShapeDtypeStruct` carrying the shardings on `mesh` (the
     target for `checkpoint.restore`)."""
-    init, param_key = _boxed_init(init_params, tx, seed)
+    init, param_key = _boxed_init(init_params, tx, seed, init_state)
     boxed = jax.eval_shape(init, param_key)
     shardings = _shardings(boxed, mesh, rules)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -211,13 +230,64 @@ def _shardings(boxed_abstract_state: TrainState, mesh: Mesh, rules) -> TrainStat
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+def loss_and_grads(loss_fn: Callable, params: PyTree, model_state: PyTree, batch: Mapping[str, jax.Array],
+                   rng: jax.Array, *, frozen: Mapping[str, Any] | None = None, grad_accum_steps: int = 1,
+                   micro_sharding=None) -> tuple[jax.Array, dict[str, jax.Array], PyTree, PyTree]:
+    """The loss, metrics, gradient and updated model state of one train step (traced inside it).
+
+    `loss_fn(merged, batch, rng) -> (loss, metrics)` sees `merged = {**params, **frozen,
+    **model_state}` and is differentiated only in `params`; a stateful task puts its updated model
+    state in `metrics[MODEL_STATE]` (absent: the state is unchanged). With `grad_accum_steps` A > 1
+    the batch (B, ...) is split into A micro-batches of B / A rows (micro-batch i takes rows i,
+    i + A, ...; constrained to `micro_sharding`) run in a `lax.scan` with key `fold_in(rng, i)`:
+    loss, metrics and gradients are averaged, and the model state is threaded through the
+    micro-batches in order (micro-batch i sees the state micro-batch i - 1 left). A = 1 uses
+    `rng` itself.
+
+    Returns:
+      (loss, metrics without MODEL_STATE, grads like params, new model state).
+    """
+    frozen = dict(frozen or {})
+
+    def loss(p, b, r, s):
+        out, metrics = loss_fn({**p, **frozen, **s}, b, r)
+        metrics = dict(metrics)
+        return out, (metrics, metrics.pop(MODEL_STATE, s))
+
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
+    if grad_accum_steps == 1:
+        (value, (metrics, model_state)), grads = grad_fn(params, batch, rng, model_state)
+        return value, metrics, grads, model_state
+    a = grad_accum_steps
+
+    def split(x):
+        x = x.reshape(x.shape[0] // a, a, *x.shape[1:]).swapaxes(0, 1)
+        return x if micro_sharding is None else jax.lax.with_sharding_constraint(x, micro_sharding)
+
+    def body(carry, inputs):
+        acc, s = carry
+        i, micro_batch = inputs
+        (value, (metrics, s)), grads = grad_fn(params, micro_batch, jax.random.fold_in(rng, i), s)
+        return (jax.tree.map(jnp.add, acc, (value, metrics, grads)), s), None
+
+    micro_batches = jax.tree.map(split, batch)
+    shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro_batches), rng, model_state)
+    (value, (metrics, _)), grads = shapes
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (value, metrics, grads))
+    (total, model_state), _ = jax.lax.scan(body, (zeros, model_state), (jnp.arange(a), micro_batches))
+    value, metrics, grads = jax.tree.map(lambda x: x / a, total)
+    return value, metrics, grads, model_state
+
+
 def apply_gradients(state: TrainState, grads: PyTree, *, tx: optax.GradientTransformation,
-                    ema_decay: float, ema_warmup: bool) -> tuple[TrainState, dict[str, jax.Array]]:
+                    ema_decay: float, ema_warmup: bool, model_state: PyTree | None = None
+                    ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer + EMA update, or none at all if the gradient is not finite.
 
-    If `global_norm(grads)` is NaN / Inf, params, opt_state and ema_params are returned
-    bit-identical (`jnp.where` on the finite flag, so the NaN never mixes in), `nonfinite_count`
-    and `nonfinite_streak` go up by one; `step` always advances.
+    If `global_norm(grads)` is NaN / Inf, params, opt_state, ema_params and model_state are
+    returned bit-identical (`jnp.where` on the finite flag, so the NaN never mixes in),
+    `nonfinite_count` and `nonfinite_streak` go up by one; `step` always advances. `model_state`:
+    the step's updated model state (`loss_and_grads`), None to keep `state.model_state`.
 
     Returns:
       (new_state, metrics) with float32 scalars grad_norm (before clipping), param_norm,
@@ -240,6 +310,7 @@ def apply_gradients(state: TrainState, grads: PyTree, *, tx: optax.GradientTrans
         params=keep_if_bad(params, state.params),
         opt_state=keep_if_bad(opt_state, state.opt_state),
         ema_params=keep_if_bad(ema, state.ema_params),
+        model_state=state.model_state if model_state is None else keep_if_bad(model_state, state.model_state),
         nonfinite_count=state.nonfinite_count + bad,
         nonfinite_streak=(state.nonfinite_streak + 1) * bad,
     )

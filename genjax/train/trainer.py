@@ -56,15 +56,14 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
 
     Args:
       loss_fn: `(params, batch, rng) -> (loss, metrics)`, loss a float32 scalar mean over the
-        batch, metrics a dict of float32 scalars (averaged over micro-batches).
+        batch, metrics a dict of float32 scalars (averaged over micro-batches); params hold the
+        state's model_state too, updated through `metrics[state.MODEL_STATE]` (`state_lib.loss_and_grads`).
       tx: optimizer from `state_lib.make_optimizer`.
       mesh, state_shardings: the mesh and the state's `NamedSharding` tree (from
         `create_train_state`); the state is donated, the batch is sharded over (data, fsdp).
       ema_decay, ema_warmup: see `state_lib.ema_decay_at`.
-      grad_accum_steps: A; the batch (B, ...) is split into A micro-batches of B / A rows
-        (micro-batch i takes rows i, i + A, i + 2A, ...; sharding of the rows is kept) whose
-        gradients are averaged in a `lax.scan` before one optimizer update. Micro-batch i uses the
-        key `fold_in(rng, i)` (A = 1 uses `rng` itself).
+      grad_accum_steps: A micro-batches whose gradients are averaged before one optimizer update
+        (`state_lib.loss_and_grads`; the sharding of the rows is kept).
       lr_schedule: if given, metrics include "lr", the rate of this step's update
         (`lr_schedule(updates applied so far)`, the count optax keeps).
       context_parallel: "ring" or "ulysses", the sequence-parallel self-attention when the mesh's
@@ -83,31 +82,16 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
     nonfinite_streak (see `state_lib.apply_gradients`).
     """
     frozen = dict(frozen or {})
-    grad_fn = jax.value_and_grad(lambda p, b, r, f: loss_fn({**p, **f} if f else p, b, r), has_aux=True)
     micro_sharding = NamedSharding(mesh, P(None, mesh_lib.BATCH_AXES))
 
     def step(state, batch, rng, frozen):
-        if grad_accum_steps == 1:
-            (loss, aux), grads = grad_fn(state.params, batch, rng, frozen)
-        else:
-            def split(x):
-                x = x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:])
-                return jax.lax.with_sharding_constraint(x.swapaxes(0, 1), micro_sharding)
-
-            def body(acc, inputs):
-                i, micro_batch = inputs
-                out = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, i), frozen)
-                return jax.tree.map(jnp.add, acc, out), None
-
-            micro_batches = jax.tree.map(split, batch)
-            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-                grad_fn, state.params, jax.tree.map(lambda x: x[0], micro_batches), rng, frozen))
-            total, _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), micro_batches))
-            (loss, aux), grads = jax.tree.map(lambda x: x / grad_accum_steps, total)
+        loss, aux, grads, model_state = state_lib.loss_and_grads(
+            loss_fn, state.params, state.model_state, batch, rng, frozen=frozen,
+            grad_accum_steps=grad_accum_steps, micro_sharding=micro_sharding)
         if lr_schedule is not None:
             aux = {**aux, "lr": lr_schedule(state.step - state.nonfinite_count)}
         state, metrics = state_lib.apply_gradients(state, grads, tx=tx, ema_decay=ema_decay,
-                                                   ema_warmup=ema_warmup)
+                                                   ema_warmup=ema_warmup, model_state=model_state)
         return state, {"loss": loss, **aux, **metrics}
 
     replicated = NamedSharding(mesh, P())
@@ -347,16 +331,17 @@ def _train(config, workdir: str, devices) -> dict[str, Any]:
 
     # 2. Model, optimizer, data.
     task = tasks.build(config, mesh=mesh)
-    init_params, loss_fn = task.init_params, task.loss_fn
+    init_params, loss_fn, init_state = task.init_params, task.loss_fn, task.init_state
     tx, lr_schedule = state_lib.make_optimizer(config.optim, config.num_steps)
     data = task.make_data(workdir)
 
     # 3. Fresh state, or the newest checkpoint restored onto this mesh (with the data position).
     if resume_step is None:
-        state, shardings = state_lib.create_train_state(init_params, tx, seed=config.seed, mesh=mesh)
+        state, shardings = state_lib.create_train_state(init_params, tx, seed=config.seed, mesh=mesh,
+                                                        init_state=init_state)
     else:
         abstract, shardings = state_lib.abstract_train_state(init_params, tx, seed=config.seed,
-                                                             mesh=mesh)
+                                                             mesh=mesh, init_state=init_state)
         resume_step, state, more = checkpoint.newest_intact(
             manager, lambda s: checkpoint.restore(manager, abstract, step=s, data_iterator=data),
             fallback=fallback, below=resume_step)
@@ -427,7 +412,7 @@ def _train(config, workdir: str, devices) -> dict[str, Any]:
             checkpoint.save(manager, done, state, data_iterator=data, config=config_dict)
             every = config.eval.sample_every_steps
             if every and done % every == 0:
-                write_samples(task, state.ema_params, sample_rng, workdir, done, log)
+                write_samples(task, {**state.ema_params, **state.model_state}, sample_rng, workdir, done, log)
             if preemption.requested():
                 bar.write(f"SIGTERM: saving step {done} and stopping")
                 break
