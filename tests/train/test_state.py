@@ -140,3 +140,71 @@ def test_schedules():
 def test_bad_optim_config(field, value):
     with pytest.raises(UserError, match=f"optim.{field}="):
         state_lib.make_optimizer(dict(OPTIM, **{field: value}), total_steps=100)
+
+
+# ---------------------------------------------------------------- non-gradient model state
+
+X_DECAY = 0.5
+
+
+def stateful_loss(params, batch, rng):
+    """The MLP on x minus a running EMA of the batch mean of x (a non-gradient model state, as a
+    VQ-VAE's EMA codebook), updated before use and returned under MODEL_STATE."""
+    del rng
+    stats = params["stats"]
+    x_ema = X_DECAY * stats["x_ema"] + (1 - X_DECAY) * jnp.mean(batch["x"], axis=0)
+    net = {k: v for k, v in params.items() if k != "stats"}
+    err = MLP().apply({"params": net}, batch["x"] - x_ema) - batch["y"]
+    new = {"stats": {"x_ema": x_ema, "seen": stats["seen"] + batch["x"].shape[0]}}
+    return jnp.mean(err ** 2), {"mse": jnp.mean(err ** 2), state_lib.MODEL_STATE: new}
+
+
+def init_stats(key):
+    del key
+    return {"stats": {"x_ema": jnp.zeros((8,), jnp.float32), "seen": jnp.zeros((), jnp.int32)}}
+
+
+def stateful_setup(grad_accum_steps=1, devices=None):
+    mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices or jax.devices()[:1])
+    tx, _ = state_lib.make_optimizer(OPTIM, total_steps=100)
+    state, shardings = state_lib.create_train_state(init_params, tx, seed=0, mesh=mesh, init_state=init_stats)
+    step = trainer.make_train_step(stateful_loss, tx, mesh=mesh, state_shardings=shardings, ema_decay=0.9,
+                                   ema_warmup=False, grad_accum_steps=grad_accum_steps)
+    return mesh, state, step, tx, shardings
+
+
+def test_model_state_is_threaded_through_steps_and_micro_batches():
+    """The state a step returns is the next step's; with A micro-batches it passes through them in
+    order (micro-batch i = rows i, i + A, ...), so the EMA equals numpy's over that sequence."""
+    for a in (1, 4):
+        mesh, state, step, _, _ = stateful_setup(a)
+        state, losses = run(mesh, state, step, 3)
+        expect = np.zeros(8)
+        for i in range(3):
+            x = batch_at(i)["x"].astype(np.float64)
+            for j in range(a):
+                expect = X_DECAY * expect + (1 - X_DECAY) * x[j::a].mean(0)
+        np.testing.assert_allclose(np.asarray(state.model_state["stats"]["x_ema"]), expect, rtol=1e-5, atol=1e-7)
+        assert int(state.model_state["stats"]["seen"]) == 3 * 16
+        assert "stats" not in state.params and "stats" not in state.ema_params and np.all(np.isfinite(losses))
+
+
+def test_model_state_resumes_from_a_checkpoint_bit_for_bit_and_survives_a_nonfinite_step(tmp_path):
+    from genjax.io import checkpoint
+
+    mesh, state, step, tx, _ = stateful_setup()
+    straight, _ = run(mesh, state, step, 4)
+    half, _ = run(mesh, stateful_setup()[1], step, 2)  # the state is donated: a fresh one
+    manager = checkpoint.make_manager(str(tmp_path), {"save_interval_steps": 1, "max_to_keep": 0, "async_save": False})
+    checkpoint.save(manager, 2, half)
+    abstract, _ = state_lib.abstract_train_state(init_params, tx, seed=0, mesh=mesh, init_state=init_stats)
+    resumed, _ = run(mesh, checkpoint.restore(manager, abstract, step=2), step, 2, first=2)
+    manager.close()
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed), jax.device_get(straight))
+    assert float(resumed.model_state["stats"]["x_ema"][0]) != 0.0
+    bad = batch_at(4)
+    bad["x"][0, 0] = np.nan  # poisons the EMA and the gradient: the whole step is a no-op
+    after, m = step(resumed, mesh_lib.shard_batch(bad, mesh), jax.random.fold_in(resumed.rng, 4))
+    assert float(m["finite"]) == 0.0
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(after.model_state),
+                 jax.device_get(straight.model_state))
