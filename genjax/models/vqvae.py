@@ -178,6 +178,51 @@ def restart_dead_codes(codebook: jax.Array, usage_counts: jax.Array, z_batch: ja
     return jnp.where(dead[:, None], flat[pick].astype(codebook.dtype), codebook)
 
 
+def ema_usage(stats: dict[str, jax.Array], decay: float) -> jax.Array:
+    """Recent use of each code of an EMA quantiser: its zero-debiased EMA cluster size
+    `ema_cluster_size_hidden / (1 - decay ** counter)` (Sonnet 2 `VectorQuantizerEMA`), i.e. an
+    exponential average of how many of a batch's vectors picked it. `stats`: one `VectorQuantizer`'s
+    "vq_stats" (after at least one training step). Returns float32 `(K,)`."""
+    debias = 1.0 - jnp.float32(decay) ** stats["counter"].astype(jnp.float32)
+    return stats["ema_cluster_size_hidden"] / debias
+
+
+def restart_ema_codes(stats: dict[str, jax.Array], z_batch: jax.Array, rng: jax.Array, *,
+                      threshold: float, decay: float) -> tuple[dict[str, jax.Array], jax.Array]:
+    """Dead-code restarts for an EMA codebook (Dhariwal et al. 2020, Jukebox, Sec. 3.2 and its
+    `vqvae/bottleneck.py`: codes whose EMA usage falls below a threshold are set to random
+    encoder outputs of the current batch).
+
+    The dead codes are those with `ema_usage(stats, decay) < threshold`; each gets a row of
+    `z_batch` drawn uniformly with replacement (`restart_dead_codes`), and its EMA statistics are
+    reset so that the debiased usage is `threshold` and the debiased sum is `threshold * code`:
+    the next EMA update starts from the new code, and a restarted code that no vector picks is
+    restarted again at the next step (its usage decays below `threshold`), as Jukebox's
+    `k_elem = 1`, `k_sum = k_rand` with threshold 1. `counter` is kept. Call it after the step's
+    EMA update, with that step's encoder outputs.
+
+    Args:
+      stats: one `VectorQuantizer`'s "vq_stats": codebook `(K, D)`, ema_cluster_size_hidden `(K,)`,
+        ema_dw_hidden `(K, D)`, counter `()`.
+      z_batch: `(..., D)` the encoder outputs of the batch.
+      rng: PRNG key (the step's).
+      threshold: > 0 in vectors per batch (Jukebox: 1.0).
+      decay: the quantiser's `ema_decay`.
+
+    Returns:
+      (new stats, dead): the stats with the dead codes restarted, and the bool `(K,)` mask of them.
+    """
+    usage = ema_usage(stats, decay)
+    dead = usage < threshold
+    codebook = restart_dead_codes(stats["codebook"], usage, z_batch, rng, threshold)
+    scale = jnp.float32(threshold) * (1.0 - jnp.float32(decay) ** stats["counter"].astype(jnp.float32))
+    new = dict(stats, codebook=codebook,
+               ema_cluster_size_hidden=jnp.where(dead, scale, stats["ema_cluster_size_hidden"]),
+               ema_dw_hidden=jnp.where(dead[:, None], scale * codebook.astype(jnp.float32),
+                                       stats["ema_dw_hidden"]))
+    return new, dead
+
+
 class VQVAE(nn.Module):
     """Vector-quantised autoencoder: encoder -> quant_conv -> quantiser -> post_quant_conv -> decoder.
 

@@ -8,6 +8,7 @@ returning a `Task`, and `make_module(config)` returning its Flax module.
     clip       contrastive text <-> image / video                                tasks/clip.py
     video_dit  text-to-video latent diffusion on a frozen video VAE              tasks/video_dit.py
     vivit      ViViT video classifier                                            tasks/vivit.py
+    vqvae      VQ-VAE (loss-trained or EMA codebook, dead-code restarts)         tasks/vqvae.py
 
 `build` picks the module by name (`importlib.import_module(f"genjax.tasks.{name}")`, as
 big_vision picks models). The model section goes to the module verbatim (`model_kwargs`):
@@ -34,11 +35,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from genjax.errors import check
 
-MODEL_NAMES = ("dit", "unet", "vae", "video_vae", "clip", "video_dit", "vivit")
+MODEL_NAMES = ("dit", "unet", "vae", "video_vae", "clip", "video_dit", "vivit", "vqvae")
 # The Linen class in genjax.models.<name> that each family's build passes to make_model: its
 # attributes are the model section's allowed keys (checked early by check_keys).
 MODEL_CLASSES = {"dit": "DiT", "unet": "UNet", "vae": "AutoencoderKL", "video_vae": "VideoAutoencoderKL",
-                 "clip": "CLIP", "video_dit": "VideoDiT", "vivit": "ViViTClassifier"}
+                 "clip": "CLIP", "video_dit": "VideoDiT", "vivit": "ViViTClassifier", "vqvae": "VQVAE"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -176,7 +177,7 @@ POSITIVE_FIELDS = frozenset((
     "text_layers", "text_heads", "text_width", "vision_layers", "vision_heads", "vision_width",
     "video_layers", "video_patch_size", "layers_per_block", "latent_channels", "norm_num_groups",
     "block_out_channels", "attention_head_dim", "context_length", "vocab_size", "in_channels",
-    "out_channels", "frequency_embedding_size"))
+    "out_channels", "frequency_embedding_size", "num_codes"))
 PROBABILITY_FIELDS = frozenset(("class_dropout_prob", "text_dropout_prob", "dropout"))
 NON_NEGATIVE_FIELDS = frozenset(("num_classes", "num_temporal_layers", "video_temporal_layers"))
 

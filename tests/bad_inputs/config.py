@@ -64,6 +64,24 @@ VIDEO_DATA = [
      r"data\.dataset='moving_mnist': must be 'mix' when data\.mix names the datasets"),
 ]
 
+# (row name, base config, statement, expected message): the VQ-VAE task (issue 17 item 1)
+VQVAE = [
+    ("vqvae codebook unknown", "vqvae_mnist", "c.task.codebook = 'kmeans'",
+     r"task\.codebook='kmeans': must be one of \('loss', 'ema'\)"),
+    ("vqvae beta negative", "vqvae_mnist", "c.model.beta = -0.25", r"model\.beta=-0\.25: must be a finite number >= 0"),
+    ("vqvae ema_decay 1", "vqvae_mnist", "c.model.ema_decay = 1.0", r"model\.ema_decay=1\.0: must be in \[0, 1\)"),
+    ("vqvae restarts with the loss codebook", "vqvae_mnist", "c.task.codebook = 'loss'",
+     r'task\.restart_threshold=1\.0: needs task\.codebook="ema"'),
+    ("vqvae restart threshold negative", "vqvae_mnist", "c.task.restart_threshold = -1.0",
+     r"task\.restart_threshold=-1\.0: must be a finite number >= 0"),
+    ("vqvae rec unknown", "vqvae_mnist", "c.task.rec = 'l3'", r"task\.rec='l3': must be \"l1\" or \"l2\""),
+    ("vqvae use_ema in the model section", "vqvae_mnist", "c.model.use_ema = True",
+     r"model\.use_ema=True: is set by task\.codebook"),
+    ("vqvae num_codes zero", "vqvae_mnist", "c.model.num_codes = 0", r"model\.num_codes=0: must be >= 1"),
+    ("vqvae task key misspelt", "vqvae_mnist", "c.task.restart_treshold = 1.0",
+     r"task\.restart_treshold: unknown key in config\.task \(did you mean 'restart_threshold'\?"),
+]
+
 
 def _tfds_video_channels():
     import ml_collections
@@ -196,12 +214,8 @@ def cases(workspace: Path) -> list[Case]:
     workspace.mkdir(parents=True, exist_ok=True)
     workdir = str(workspace / "w")
     rows = _text_encoder_rows(workspace, workdir)
-    for i, (name, base, statement, message) in enumerate(TYPOS):
+    for i, (name, base, statement, message) in enumerate(TYPOS + VIDEO_DATA + VQVAE):
         path = _derived_config(workspace, i, base, statement)
-        rows.append(Case(name, ["train", "--config", str(path), "--workdir", workdir], 2,
-                         r"^genjax train: error: " + message))
-    for i, (name, base, statement, message) in enumerate(VIDEO_DATA):
-        path = _derived_config(workspace, len(TYPOS) + i, base, statement)
         rows.append(Case(name, ["train", "--config", str(path), "--workdir", workdir], 2,
                          r"^genjax train: error: " + message))
     for name, override, message in RANGES:

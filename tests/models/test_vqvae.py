@@ -207,3 +207,47 @@ def test_small_vqvae_overfits_eight_mnist_digits():
         params, state, rec = step(params, state)
         recs.append(float(rec))
     assert recs[-1] < recs[0] / 5, (recs[0], recs[-1])
+
+
+def test_ema_update_on_a_hand_made_batch_is_the_mean_of_the_assigned_vectors():
+    """One EMA step from empty statistics on 4 vectors and codes (0, 0), (1, 1), (5, 5): the
+    debiased averages are the batch's counts (2, 2, 0) and sums, so each code becomes the mean of
+    its vectors up to Laplace smoothing, (n_k + eps) / (n + K eps) * n (paper App. A.1 eqs. 6-8,
+    with Sonnet's zero-debiasing and smoothing); the unused code's sum is 0, so it goes to 0."""
+    book = np.array([[0, 0], [1, 1], [5, 5]], np.float32)
+    z = np.array([[0.1, 0.0], [0.9, 1.1], [1.1, 0.9], [0.0, -0.1]], np.float32)
+    vq = VectorQuantizer(num_codes=3, code_dim=2, use_ema=True, ema_decay=0.99, epsilon=1e-5)
+    variables = jax.tree.map(np.asarray, vq.init(jax.random.PRNGKey(0), z))
+    variables["vq_stats"]["codebook"] = book
+    (_, idx, aux), updates = vq.apply(variables, z, train=True, mutable=["vq_stats"])
+    np.testing.assert_array_equal(np.asarray(idx), [0, 1, 1, 0])
+    np.testing.assert_array_equal(np.asarray(aux["counts"]), [2, 2, 0])
+    n, eps = 4.0, 1e-5
+    smoothed = (np.array([2.0, 2.0, 0.0]) + eps) / (n + 3 * eps) * n
+    expect = np.array([[0.1, -0.1], [2.0, 2.0], [0.0, 0.0]]) / smoothed[:, None]
+    np.testing.assert_allclose(np.asarray(updates["vq_stats"]["codebook"]), expect, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(vqvae.ema_usage(updates["vq_stats"], 0.99)), [2, 2, 0], rtol=1e-5)
+
+
+def test_restart_ema_codes_replaces_exactly_the_rarely_used_codes_and_resets_their_statistics():
+    decay, t = 0.99, 3
+    rng = np.random.default_rng(0)
+    debias = 1 - decay ** t
+    usage = np.array([0.0, 0.5, 1.0, 3.0, 0.99, 2.0], np.float32)  # threshold 1: codes 0, 1, 4 dead
+    stats = {"codebook": rng.normal(size=(6, D)).astype(np.float32),
+             "ema_cluster_size_hidden": (usage * debias).astype(np.float32),
+             "ema_dw_hidden": rng.normal(size=(6, D)).astype(np.float32),
+             "counter": np.int32(t)}
+    z = _z((2, 5, D), seed=7) + 100.0
+    new, dead = vqvae.restart_ema_codes(stats, z, jax.random.PRNGKey(1), threshold=1.0, decay=decay)
+    np.testing.assert_array_equal(np.asarray(dead), [True, True, False, False, True, False])
+    new = jax.tree.map(np.asarray, new)
+    keep = ~np.asarray(dead)
+    for name in ("codebook", "ema_cluster_size_hidden", "ema_dw_hidden"):
+        np.testing.assert_array_equal(new[name][keep], stats[name][keep])
+    rows = np.asarray(z).reshape(-1, D)
+    assert all(np.any(np.all(rows == code, axis=1)) for code in new["codebook"][~keep])
+    # a restarted code has debiased usage = threshold and debiased sum = threshold * code
+    np.testing.assert_allclose(np.asarray(vqvae.ema_usage(new, decay))[~keep], 1.0, rtol=1e-5)
+    np.testing.assert_allclose(new["ema_dw_hidden"][~keep] / debias, new["codebook"][~keep], rtol=1e-5)
+    assert int(new["counter"]) == t

@@ -57,6 +57,8 @@ def test_vae_trains_and_reconstructs(vae_dir):
     workdir, records = vae_dir
     assert records[-1]["loss"] < records[0]["loss"]
     assert {"rec_loss", "kl", "latent_std"} <= set(records[-1])
+    # held-out PSNR / SSIM at sample time (tasks.autoencoder.reconstruction_fns, shared with vqvae)
+    assert [r["step"] for r in records if "psnr" in r and "ssim" in r] == [4]
     grid = Image.open(os.path.join(workdir, "samples", "step_000004.png"))
     assert grid.mode == "L" and grid.size[0] > 16
     out = restored_samples(workdir)
