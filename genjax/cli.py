@@ -94,9 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_lazy("genjax.eval.evaluate"))
 
     p = sub.add_parser("convert", help="convert reference weights (diffusers) to genjax",
-                       description="genjax convert --from diffusers --model dit|vae|unet SRC --out DIR")
+                       description="genjax convert --from diffusers --model dit|vae|unet|vqvae SRC --out DIR")
     p.add_argument("--from", dest="src_format", default="diffusers", choices=["diffusers"])
-    p.add_argument("--model", required=True, choices=["dit", "vae", "unet"])
+    p.add_argument("--model", required=True, choices=["dit", "vae", "unet", "vqvae"])
     p.add_argument("src")
     p.add_argument("--out", required=True)
     p.set_defaults(run=_lazy("genjax.convert"))

@@ -28,7 +28,7 @@ from genjax.io import fs
 # Model families with a diffusers reference format: name -> (module path, Linen class); each module
 # has `load_diffusers` and `Model(**kwargs)`.
 FAMILIES = {"dit": ("genjax.models.dit", "DiT"), "vae": ("genjax.models.vae", "AutoencoderKL"),
-            "unet": ("genjax.models.unet", "UNet")}
+            "unet": ("genjax.models.unet", "UNet"), "vqvae": ("genjax.models.vqvae", "VQVAE")}
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 
