@@ -25,6 +25,12 @@ from genjax.tasks import Task
 TASK_KEYS = ("kl_weight", "rec")  # the fields of config.task that `task` reads
 
 
+def eval_batch_size(n: int, most: int = 256) -> int:
+    """Batch size <= `most` splitting `n` examples into equal batches (one compile, at most one
+    short last batch): 1000 -> 250."""
+    return -(-n // -(-n // most))
+
+
 def reconstruction_fns(recon_fn: Callable[[Any, jax.Array], jax.Array], examples, eval_examples=None):
     """`(sample_fn, evaluate)` of an autoencoder task.
 
@@ -40,7 +46,8 @@ def reconstruction_fns(recon_fn: Callable[[Any, jax.Array], jax.Array], examples
         cfg_scale, init_frames) raise UserError.
       evaluate(params) -> {"psnr": dB, "ssim"}: means over `eval_examples` of
         `genjax.eval.metrics.psnr` / `ssim` on uint8 pixels (`evaluate.reconstruction_metrics`:
-        the reconstruction clipped and rounded as when saved), in batches of up to 256.
+        the reconstruction clipped and rounded as when saved), in batches of
+        `eval_batch_size(len(eval_examples))`.
     """
     from genjax.eval import evaluate as evaluation
     from genjax.io import media
@@ -61,7 +68,7 @@ def reconstruction_fns(recon_fn: Callable[[Any, jax.Array], jax.Array], examples
 
     def evaluate(params):
         return evaluation.reconstruction_metrics(lambda x: recon_fn(params, jnp.asarray(x)), originals,
-                                                 batch_size=min(len(originals), 256))
+                                                 batch_size=eval_batch_size(len(originals)))
 
     return sample_fn, evaluate
 

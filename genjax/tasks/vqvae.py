@@ -21,10 +21,11 @@ Metrics: rec_loss, vq_loss (the VQ terms in the loss), commitment_loss (mean ||z
 in value to the codebook term), perplexity (exp of the entropy of the batch's code histogram),
 codes_used (fraction of the K codes the batch picked), restarted (codes restarted this step).
 
-sample_fn(params, rng, cond=None) -> uint8 (2N, S, S, C): N test digits (eval.num_samples // 2)
-and their reconstructions (`autoencoder.reconstruction_fns`, as "vae"). evaluate(params) ->
-psnr, ssim (the same function as "vae") of the first task.eval_examples test digits, and
-eval_perplexity / eval_codes_used of their codes taken together.
+sample_fn(params, rng, cond=None) -> uint8 (2N, S, S, C): N = eval.num_samples // 2 of the first
+task.eval_examples test digits, evenly spaced (the embedded MNIST test split is sorted by class,
+so 1000 of them show every class), and their reconstructions (`autoencoder.reconstruction_fns`,
+as "vae"). evaluate(params) -> psnr, ssim (the same function as "vae") of those task.eval_examples
+test digits, and eval_perplexity / eval_codes_used of all their codes taken together.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from genjax.errors import check
 from genjax.tasks import Task, make_model
@@ -45,7 +47,7 @@ STATS = "vq_stats"  # the Flax collection of an EMA quantiser (`vqvae.VectorQuan
 def _task(config) -> dict:
     t = config.get("task", {})
     return dict(codebook=t.get("codebook", "loss"), rec=t.get("rec", "l2"),
-                restart_threshold=t.get("restart_threshold", 0.0), eval_examples=t.get("eval_examples", 256))
+                restart_threshold=t.get("restart_threshold", 0.0), eval_examples=t.get("eval_examples", 1000))
 
 
 def validate(config) -> None:
@@ -100,7 +102,7 @@ def build(config, *, mesh=None) -> Task:
     del mesh
     from genjax.data import recipes
     from genjax.models import vqvae
-    from genjax.tasks.autoencoder import reconstruction_fns
+    from genjax.tasks.autoencoder import eval_batch_size, reconstruction_fns
     from genjax.train.state import MODEL_STATE
 
     size, channels = config.data.image_size, config.data.channels
@@ -145,13 +147,16 @@ def build(config, *, mesh=None) -> Task:
     def codes(params, x):
         return module.apply(_variables(params), x, method=module.encode)[1]
 
-    examples = recipes.fixed_examples(config, max(config.eval.num_samples // 2, 1))["image"]
     held_out = recipes.fixed_examples(config, int(t["eval_examples"]))["image"]
+    n = min(max(config.eval.num_samples // 2, 1), len(held_out))
+    # evenly spaced: a split sorted by class shows its classes
+    examples = held_out[np.linspace(0, len(held_out) - 1, n).round().astype(int)]
     sample_fn, reconstruction_metrics = reconstruction_fns(reconstruct, examples, held_out)
 
     def evaluate(params):
-        indices = jnp.concatenate([codes(params, jnp.asarray(held_out[i:i + 256]))
-                                   for i in range(0, len(held_out), 256)])
+        b = eval_batch_size(len(held_out))
+        indices = jnp.concatenate([codes(params, jnp.asarray(held_out[i:i + b]))
+                                   for i in range(0, len(held_out), b)])
         used = jnp.mean((jnp.bincount(indices.reshape(-1), length=K) > 0).astype(jnp.float32))
         return {**reconstruction_metrics(params), "eval_perplexity": float(vqvae.perplexity(indices, K)),
                 "eval_codes_used": float(used)}
