@@ -6,6 +6,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 import torch
 
 from genjax import cli
@@ -13,6 +14,8 @@ from genjax.convert import load_converted
 from tests.models.test_vqvae import _diffusers_vqmodel
 
 
+@pytest.mark.slow  # ~7 s; fast counterparts: tests/models/test_vqvae.py::test_vqvae_matches_diffusers_vqmodel
+# (the same load_diffusers) and tests/test_convert.py (the generic converter, on DiT)
 def test_convert_vqmodel_folder_round_trip_matches_diffusers(tmp_path):
     ref = _diffusers_vqmodel(block_out_channels=(8, 16), layers_per_block=1, latent_channels=3,
                              num_vq_embeddings=16, norm_num_groups=4)

@@ -48,6 +48,7 @@ def _step_inputs(config):
     return task, jax.tree.map(jnp.asarray, __import__("flax").linen.unbox(params)), state, x
 
 
+@pytest.mark.slow  # ~10 s; fast counterparts: tests/models/test_vqvae.py (hand-made EMA batch, restarts)
 def test_ema_step_follows_sonnet_and_restarts_exactly_the_unused_codes():
     """Two train steps of the task's loss_fn with the EMA codebook and restart threshold 0.5: the
     codebook is numpy's VectorQuantizerEMA update of the encoder outputs; after step 1 (debiased
@@ -86,6 +87,7 @@ def test_ema_step_follows_sonnet_and_restarts_exactly_the_unused_codes():
         state = metrics[MODEL_STATE]
 
 
+@pytest.mark.slow  # ~5 s; fast counterpart: tests/models/test_vqvae.py::test_losses_match_numpy_and_route_gradients
 def test_loss_codebook_is_a_parameter_trained_by_eq3():
     config = config_of(",codebook=loss")
     task, params, state, x = _step_inputs(config)
