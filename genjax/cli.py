@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(image-to-video)")
     p.add_argument("--negative-prompt", default=None, help="converted Wan: the text guidance steers away "
                    "from (the unconditional branch of classifier-free guidance; default '', as diffusers)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="converted Wan: params and "
+                   "compute of the transformer and umT5 (default float32; the VAE stays float32)")
     p.set_defaults(run=_lazy("genjax.sample"))
 
     p = sub.add_parser("eval", help="evaluate samples or a trained model",

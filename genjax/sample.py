@@ -115,20 +115,23 @@ def converted_config(converted: dict, workdir: str, vae: str | None, image_size:
                                           diffusion=PAPER_DIFFUSION, eval=PAPER_EVAL, seed=0))
 
 
-def restore(path: str, *, vae: str | None, image_size: int | None):
-    """`(config, task, params)` of a trained run or a converted folder, on the first device."""
+def restore(path: str, *, vae: str | None, image_size: int | None, dtype: str | None = None):
+    """`(config, task, params)` of a trained run or a converted folder, on the first device.
+    `dtype` ("float32", "bfloat16"): a converted Wan's transformer and text encoder params and
+    compute (None: float32)."""
     from genjax import convert, tasks
 
     converted = convert.read_converted_config(path)
     if converted is None:
         return tasks.restore(path)
+    params = convert.load_converted(path)[1]
     if converted["family"] == "wan":
         from genjax.tasks import wan
 
-        config = wan.converted_config(path)
+        config = wan.converted_config(path, dtype=dtype)
+        params = jax.tree.map(lambda x: x.astype(tasks.DTYPES[config.model.param_dtype]), params)
     else:
         config = converted_config(converted, path, vae, image_size)
-    params = convert.load_converted(path)[1]
     return config, tasks.build(config), tasks.replicated(params, None)
 
 
@@ -217,8 +220,9 @@ def main(args) -> int:
           f"{VIDEO_MODELS + IMAGE_MODELS})")
     video = name in VIDEO_MODELS
     check(video or args.out.endswith(".npz"), "--out", args.out, "must be a .npz file for an image model")
-    negative = getattr(args, "negative_prompt", None)
+    negative, dtype = getattr(args, "negative_prompt", None), getattr(args, "dtype", None)
     check(negative is None or name == "wan", "--negative-prompt", negative, "is for converted Wan models")
+    check(dtype is None or name == "wan", "--dtype", dtype, "is for converted Wan models")
     for out in media.output_paths(out_npz, video):
         if out != args.out:
             fs.check_new_file(out, "--out", overwrite)
@@ -246,7 +250,7 @@ def main(args) -> int:
               "class-conditional image model: use --class-label N")
         check(args.frames in (None, 1) and args.init_frame is None, "--frames/--init-frame",
               args.frames if args.init_frame is None else args.init_frame, "are for video models")
-    config, task, params = restore(path, vae=args.vae, image_size=None if video else args.height)
+    config, task, params = restore(path, vae=args.vae, image_size=None if video else args.height, dtype=dtype)
     kw = dict(sampler=args.sampler, num_steps=args.steps, cfg_scale=args.cfg_scale)
     if video:
         captions = [p for p in args.prompt for _ in range(args.num)]

@@ -69,8 +69,10 @@ DEFAULT_EVAL = dict(sample_every_steps=0, num_samples=1, sampler="euler", num_sa
 TEXT_LENGTH = 512  # WanPipeline's max_sequence_length
 
 
-def converted_config(path: str, **eval_overrides):
-    """The sampling config of a `genjax convert --model wan` folder `path` (see the module docstring).
+def converted_config(path: str, *, dtype: str | None = None, **eval_overrides):
+    """The sampling config of a `genjax convert --model wan` folder `path` (see the module docstring);
+    `dtype` ("float32" default, "bfloat16"): the transformer's dtype / param_dtype and task.text_dtype
+    (the umT5's), as WanPipeline loaded with torch_dtype; the VAE stays float32.
 
     Raises:
       UserError: `path` is not a converted Wan folder, or lacks its vae/ or text_encoder/.
@@ -82,16 +84,20 @@ def converted_config(path: str, **eval_overrides):
     converted = convert.read_converted_config(path)
     check(converted is not None and converted.get("family") == "wan", "--workdir", path,
           "is not a `genjax convert --model wan` folder")
+    check(dtype in (None, "float32", "bfloat16"), "dtype", dtype, "must be 'float32' or 'bfloat16'")
     sched = converted.get("scheduler") or {}
     path = os.path.abspath(path)
     task = dict(vae=os.path.join(path, converted.get("vae", "vae")),
                 text_encoder=os.path.join(path, converted.get("text_encoder", "text_encoder")),
-                text_length=TEXT_LENGTH, text_dtype="float32")
+                text_length=TEXT_LENGTH, text_dtype=dtype or "float32")
     check(os.path.isdir(task["vae"]), "--workdir", path, "holds no vae/ (convert the pipeline again)")
     check(os.path.isdir(task["text_encoder"]), "--workdir", path, "holds no text_encoder/ (convert the pipeline again)")
     diff = dict(schedule="flow", num_timesteps=int(sched.get("num_train_timesteps", 1000)), prediction_type="flow",
                 weighting="none", flow_shift=float(sched.get("flow_shift", 1.0)))
-    return ml_collections.ConfigDict(dict(model=dict(converted["kwargs"], name="wan"), task=task,
+    model = dict(converted["kwargs"], name="wan")
+    if dtype:
+        model.update(dtype=dtype, param_dtype=dtype)
+    return ml_collections.ConfigDict(dict(model=model, task=task,
                                           data=dict(dataset="converted"), diffusion=diff,
                                           eval={**DEFAULT_EVAL, **eval_overrides}, seed=0))
 
