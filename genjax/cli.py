@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "eval.num_sampling_steps; 50 for a converted model)")
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale "
                    "(default: the run's eval.cfg_scale; 4 for a converted model; 1 = no guidance)")
-    p.add_argument("--sampler", default=None, help="ddpm | ddim | dpmpp_2m | euler | heun "
-                   "(`genjax.diffusion.samplers`; default: the run's eval.sampler, ddim for a converted model)")
+    p.add_argument("--sampler", default=None, help="ddpm | ddim | dpmpp_2m | euler | heun | unipc (flow) "
+                   "(`genjax.diffusion.samplers`; default: the run's eval.sampler, ddim for a converted DiT / U-Net, "
+                   "the pipeline scheduler's for a converted Wan)")
     p.add_argument("--frames", type=int, default=None, help="frames (default: the training clips')")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)

@@ -105,6 +105,9 @@ def test_convert_and_sample_cli_match_wan_pipeline(pipeline, tmp_path, capsys):
     assert cli.main(["convert", "--from", "diffusers", "--model", "wan", folder, "--out", out]) == 0
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["family"] == "wan" and config["scheduler"]["flow_shift"] == SHIFT
+    from genjax.tasks import wan
+
+    assert wan.converted_config(out).eval.sampler == "euler"  # the pipeline's FlowMatchEulerDiscreteScheduler
     assert os.path.islink(os.path.join(out, "text_encoder", "config.json"))  # the umT5 is linked, not copied
     clip = str(tmp_path / "clip.mp4")
     assert cli.main(["sample", "--workdir", out, "--prompt", PROMPT, "--negative-prompt", NEGATIVE, "--num", "1",
@@ -128,7 +131,8 @@ def test_convert_and_sample_cli_match_wan_pipeline(pipeline, tmp_path, capsys):
 @pytest.mark.slow
 def test_wan_factors_given_noise_default_negative_and_no_guidance_match_wan_pipeline(tmp_path):
     """Wan's own VAE factors (T = 1 + 4k, 8x): sample_fn with explicit initial noise, the default
-    negative prompt "" and, at cfg_scale <= 1, no guidance (WanPipeline's rule); two prompts."""
+    negative prompt "" and, at cfg_scale <= 1, no guidance (WanPipeline's rule); two prompts; the
+    UniPC sampler against UniPCMultistepScheduler; bfloat16 close to float32."""
     from genjax import sample
 
     pipe, folder = _pipeline(tmp_path, WAN_VAE)
@@ -142,6 +146,11 @@ def test_wan_factors_given_noise_default_negative_and_no_guidance_match_wan_pipe
         _compare(ours, _reference(pipe, noise, 9, 32, prompt=prompts, guidance_scale=cfg), (2, 9, 32, 32, 3))
         if cfg == CFG:
             full = ours
+    from diffusers import UniPCMultistepScheduler  # the scheduler of the Wan2.1 Diffusers folders
+
+    pipe.scheduler = UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=SHIFT, prediction_type="flow_prediction")
+    ours = np.asarray(task.sample_fn(params, jax.random.PRNGKey(5), prompts, cfg_scale=CFG, sampler="unipc", **kw))
+    _compare(ours, _reference(pipe, noise, 9, 32, prompt=prompts, guidance_scale=CFG), (2, 9, 32, 32, 3))
     _, task16, params16 = sample.restore(out, vae=None, image_size=None, dtype="bfloat16")
     assert jax.tree.leaves(params16)[0].dtype == jax.numpy.bfloat16
     half = np.asarray(task16.sample_fn(params16, jax.random.PRNGKey(5), prompts, cfg_scale=CFG, **kw))
@@ -178,3 +187,21 @@ def test_convert_refuses_bad_pipelines(pipeline, tmp_path):
     with pytest.raises(UserError, match="model_index.json"):
         convert("wan", str(tmp_path / "busy"), str(tmp_path / "d"))
     assert not any(p.name in "abcd" or p.name.endswith(".partial") for p in tmp_path.iterdir())  # nothing written
+
+    from genjax.convert import wan_scheduler
+
+    sched = tmp_path / "s" / "scheduler"
+    sched.mkdir(parents=True)
+    for cfg, want in (({"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": True, "flow_shift": 5.0,
+                        "prediction_type": "flow_prediction"}, {"class": "UniPCMultistepScheduler", "flow_shift": 5.0}),
+                      ({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "num_train_timesteps": 900},
+                       {"flow_shift": 3.0, "num_train_timesteps": 900}),
+                      ({"_class_name": "UniPCMultistepScheduler", "flow_shift": 5.0}, "use_flow_sigmas=true"),
+                      ({"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True}, "dynamic"),
+                      ({"_class_name": "DDIMScheduler"}, "want FlowMatchEulerDiscreteScheduler")):
+        (sched / "scheduler_config.json").write_text(json.dumps(cfg))
+        if isinstance(want, str):
+            with pytest.raises(UserError, match=want):
+                wan_scheduler(str(tmp_path / "s"))
+        else:
+            assert want.items() <= wan_scheduler(str(tmp_path / "s")).items()

@@ -16,11 +16,13 @@ Pieces (config sections, `converted_config` writes them for a converted folder):
             (`clean_prompt`), encoded with its attention mask, and the hidden states past its
             last token are zeroed; the transformer attends to all 512 positions.
   diffusion schedule "flow", prediction_type "flow", num_timesteps and flow_shift from the
-            pipeline's scheduler: the sampling grid s_i = shift(linspace(1, shift(1 / T), S)) then
-            0 and the model time t = 1000 s, FlowMatchEulerDiscreteScheduler(shift=flow_shift)'s
+            pipeline's scheduler; the Euler grid s_i = shift(linspace(1, shift(1 / T), S)) then 0
+            with model time t = 1000 s is FlowMatchEulerDiscreteScheduler(shift=flow_shift)'s
             (`samplers._grid`).
-  eval      sampler "euler" (flow Euler: x <- x + (s_next - s) v, FlowMatchEulerDiscreteScheduler.step),
-            num_sampling_steps 50, cfg_scale 5.0, negative_prompt "", num_frames 81, height 480,
+  eval      sampler: the pipeline scheduler's, "unipc" for UniPCMultistepScheduler (the Wan2.1
+            Diffusers folders': UniPC-2 on its own grid shift(linspace(1, 1/T, S + 1)[:S]) with integer
+            model times, `samplers.sample`) or "euler" for FlowMatchEulerDiscreteScheduler (flow
+            Euler: x <- x + (s_next - s) v on the grid above); num_sampling_steps 50, cfg_scale 5.0, negative_prompt "", num_frames 81, height 480,
             width 832 (WanPipeline's defaults).
 
 sample_fn(params, rng, cond=None, *, sampler=None, num_steps=None, cfg_scale=None,
@@ -94,6 +96,9 @@ def converted_config(path: str, *, dtype: str | None = None, **eval_overrides):
     check(os.path.isdir(task["text_encoder"]), "--workdir", path, "holds no text_encoder/ (convert the pipeline again)")
     diff = dict(schedule="flow", num_timesteps=int(sched.get("num_train_timesteps", 1000)), prediction_type="flow",
                 weighting="none", flow_shift=float(sched.get("flow_shift", 1.0)))
+    # the pipeline's own solver: UniPC for the Wan2.1-*-Diffusers folders, else flow Euler
+    eval_overrides = {"sampler": "unipc" if sched.get("class") == "UniPCMultistepScheduler" else "euler",
+                      **eval_overrides}
     model = dict(converted["kwargs"], name="wan")
     if dtype:
         model.update(dtype=dtype, param_dtype=dtype)
