@@ -68,14 +68,14 @@ def main(argv: list[str] | None = None) -> dict:
     schedule = schedules.make("flow")
     shift = 3.0
 
-    def denoise(x_t, t, text, params):
-        return module.apply({"params": params}, x_t, t, text)
-
     @jax.jit
     def sample_jax(params, noise, text, negative):
+        def denoise(x_t, t, text):
+            return module.apply({"params": params}, x_t, t, text)
+
         guided = guidance.cfg_denoiser(denoise, args.cfg_scale, null_cond={"text": negative})
         return samplers.sample(guided, noise, schedule=schedule, sampler="euler", num_steps=args.num_steps,
-                               cond={"text": text, "params": params}, flow_shift=shift)
+                               cond={"text": text}, flow_shift=shift)
 
     compiled = sample_jax.lower(params, noise, text, negative).compile()
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
