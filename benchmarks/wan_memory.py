@@ -56,7 +56,9 @@ def main():
     p_enc = jax.eval_shape(lambda i, m: enc.init(jax.random.key(0), i, m)["params"], ids, mask)
     p_vae = jax.eval_shape(lambda a: vae.init(jax.random.key(0), a)["params"],
                            jax.ShapeDtypeStruct((1, 5, 16, 16, 3), jnp.float32))
-    unbox = lambda tree: jax.tree.map(lambda s: getattr(s, "value", s), tree, is_leaf=lambda s: hasattr(s, "value"))  # noqa: E731
+    def unbox(tree):
+        return jax.tree.map(lambda s: getattr(s, "value", s), tree, is_leaf=lambda s: hasattr(s, "value"))
+
     p_dit, p_enc, p_vae = unbox(p_dit), unbox(p_enc), unbox(p_vae)
     for name, tree, bytes_per in (("transformer T2V-1.3B", p_dit, 2), ("umT5-XXL encoder", p_enc, 2),
                                   ("VAE", p_vae, 4)):

@@ -117,10 +117,10 @@ def convert(family: str, src: str, out: str) -> str:
     Raises:
       UserError: unknown family, unreadable source or a state dict of another family (named by
         key, from the family's `load_diffusers`), or `out` that already holds files (never
-        overwritten), or is a file or cannot be written (checked before reading `src`).
+        overwritten), or is a file or cannot be written (checked before reading `src`); for "wan",
+        a folder that is not a Wan 2.1 text-to-video pipeline (`_check_wan_pipeline`, before any
+        weights are read) or an unsupported scheduler (`wan_scheduler`).
     """
-    import orbax.checkpoint as ocp
-
     mod = _family(family)
     check(not (os.path.isdir(out) and os.listdir(out)), "--out", out,
           "must be a new or empty folder (existing files are never overwritten)")

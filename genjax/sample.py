@@ -233,7 +233,7 @@ def main(args) -> int:
         check(args.vae is None and args.init_frame is None and not args.class_label,
               "--vae/--init-frame/--class-label", args.vae or args.init_frame or args.class_label,
               "do not apply to a converted Wan text-to-video model")
-        wan.check_prompts(path, args.prompt, negative)
+        wan.check_request(path, args.prompt, negative, args.frames, args.height, args.width)  # before restoring
         first = None
     elif video:
         check(bool(args.prompt), "--prompt", None, "is required for a text-to-video model")

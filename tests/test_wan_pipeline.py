@@ -118,7 +118,8 @@ def test_convert_and_sample_cli_match_wan_pipeline(pipeline, tmp_path, capsys):
     # generate's documented draw: x_T = normal(split(PRNGKey(seed))[0], (N, t, h, w, C))
     noise = np.asarray(jax.random.normal(jax.random.split(jax.random.PRNGKey(SEED))[0], (1, 3, 8, 8, 4)))
     want = _reference(pipe, noise, 5, 16, prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=CFG)
-    _compare(ours, want, (1, 5, 16, 16, 3))
+    with capsys.disabled():  # show the figure with -s
+        _compare(ours, want, (1, 5, 16, 16, 3))
     base = ["sample", "--workdir", out, "--prompt", PROMPT, "--num", "1", "--steps", "1"]
     for extra, message in ((["--frames", "4", "--height", "16", "--width", "16"], "num_frames=4: must be 1 + 2 k"),
                            (["--frames", "5", "--height", "10", "--width", "16"], "height=10: must be a positive "

@@ -114,19 +114,40 @@ def clean_prompt(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def check_prompts(path: str, prompts, negative_prompt=None) -> None:
-    """Refuse, before anything is restored, prompts (and a negative prompt) that the converted Wan
-    folder `path`'s tokenizer would cut (more than text_length tokens after `clean_prompt`).
+def check_size(frames, height, width, *, fs: int, ft: int, patch) -> None:
+    """Refuse a video size the VAE (spatial factor fs, temporal ft) and the transformer's patch
+    (pt, ph, pw) cannot take: frames = 1 + ft k with 1 + k a multiple of pt; height, width
+    positive multiples of fs * ph, fs * pw. Raises UserError naming the field and the rule."""
+    pt, ph, pw = patch
+    check(isinstance(frames, int) and frames >= 1 and (frames - 1) % ft == 0
+          and (1 + (frames - 1) // ft) % pt == 0, "num_frames", frames,
+          f"must be 1 + {ft} k (the VAE's temporal factor {ft})" + (f" with 1 + k a multiple of {pt}" if pt > 1 else ""))
+    for field, v, p in (("height", height, ph), ("width", width, pw)):
+        check(isinstance(v, int) and v >= fs * p and v % (fs * p) == 0, field, v,
+              f"must be a positive multiple of {fs * p} (VAE downsampling {fs} x patch {p})")
+
+
+def check_request(path: str, prompts, negative_prompt=None, frames=None, height=None, width=None) -> None:
+    """`genjax sample`'s checks of a converted Wan folder `path`, from its files alone (before
+    the weights are read): prompts (and the negative prompt) that the tokenizer would cut (more
+    than text_length tokens after `clean_prompt`), and the size (`check_size`; None: the defaults).
 
     Raises:
-      UserError: naming the prompt's index, its token count and the limit; `converted_config`'s."""
+      UserError: naming the prompt's index, its token count and the limit, or the size field;
+        `converted_config`'s."""
+    from genjax import convert
     from genjax.models import tokenizer
 
-    t = converted_config(path).task
+    config = converted_config(path)
+    t, e = config.task, config.eval
     tok = tokenizer.HFTokenizer.from_file(t.text_encoder)
     tok.check_fits([clean_prompt(p) for p in prompts], t.text_length, "--prompt")
     if negative_prompt is not None:
         tok.check_fits([clean_prompt(negative_prompt)], t.text_length, "--negative-prompt")
+    vae = convert.read_converted_config(t.vae)["kwargs"]
+    check_size(e.num_frames if frames is None else frames, e.height if height is None else height,
+               e.width if width is None else width, fs=2 ** (len(vae["dim_mult"]) - 1),
+               ft=2 ** sum(bool(x) for x in vae["temporal_downsample"]), patch=tuple(config.model.patch_size))
 
 
 def validate(config) -> None:
@@ -216,12 +237,7 @@ def build(config, *, mesh=None) -> Task:
         text.tokenizer.check_fits(negative, text.length, "negative_prompt")
         frames = int(e.get("num_frames", 81)) if num_frames is None else num_frames
         h, w = (int(e.get(k, d)) if v is None else v for k, v, d in (("height", height, 480), ("width", width, 832)))
-        check(isinstance(frames, int) and frames >= 1 and (frames - 1) % ft == 0
-              and (1 + (frames - 1) // ft) % pt == 0, "num_frames", frames,
-              f"must be 1 + {ft} k (the VAE's temporal factor {ft})" + (f" with 1 + k a multiple of {pt}" if pt > 1 else ""))
-        for field, v, p in (("height", h, ph), ("width", w, pw)):
-            check(isinstance(v, int) and v >= fs * p and v % (fs * p) == 0, field, v,
-                  f"must be a positive multiple of {fs * p} (VAE downsampling {fs} x patch {p})")
+        check_size(frames, h, w, fs=fs, ft=ft, patch=module.patch_size)
         shape = (1 + (frames - 1) // ft, h // fs, w // fs, channels)
         if noise is not None:
             noise = np.asarray(noise)
