@@ -8,8 +8,8 @@ reference: diffusers `FlowMatchEulerDiscreteScheduler(shift=3)` stepping `WanTra
 Same weights (`wan.load_diffusers` of the torch state dict), same noise, text embeddings and
 negative embeddings; the final latents must agree to --tol relative to their max |x|.
 Reported: wall seconds per denoising step (loop time / num_steps), median over --repeats, and
-torch / jax. `--record` refuses to write BENCHMARKS.md when the 1-minute load average before or
-after is above 2 (such a figure is not a result).
+torch / jax. `--record` is refused on a loaded machine (`common.check_quiet`: 1-minute load above
+half the cores; such a figure is not a result).
 
     .venv/bin/python benchmarks/wan_step.py [--record]
 """
@@ -25,7 +25,6 @@ if __package__ in (None, ""):  # run as `python benchmarks/wan_step.py`
 from benchmarks import common
 
 TITLE = "Wan 2.1 denoising loop, tiny random transformer (issue 16)"
-MAX_LOAD = 2.0
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -108,15 +107,11 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [("genjax s/step (one jitted scan, CFG batch 2)", f"{jax_step:.4f}"),
             ("torch s/step (eager, no_grad, 2 calls)", f"{torch_step:.4f}"),
             ("ratio torch / genjax", f"{torch_step / jax_step:.2f}"),
+            *common.cpu_rows(times),
             ("max rel. diff of final latents", f"{diff:.1e}"),
             ("steps x repeats", f"{args.num_steps} x {args.repeats}"),
             ("sizes", f"{args.num_layers} layers, {args.heads} x {args.head_dim} heads, {tokens} video tokens "
                       f"({args.frames}x{args.size}x{args.size}x4 latents), {args.text_length} text tokens, float32")]
-    loads = [float(context["load_before"].split()[0]), float(common.loadavg().split()[0])]
-    if args.record and max(loads) > MAX_LOAD:
-        print(f"not recorded: 1-minute load average {max(loads)} > {MAX_LOAD} (before / after: {loads}); "
-              "such a figure is not a result")
-        args.record = False
     return common.finish("wan_step", TITLE, args, argv, context, result, rows)
 
 
