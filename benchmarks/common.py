@@ -72,12 +72,33 @@ def loadavg() -> str:
         return "?"
 
 
-def machine() -> dict[str, str]:
-    """CPU model, core count, library versions and the date, for the record."""
-    cpu = platform.processor() or platform.machine()
+# CPU features that decide XLA's and oneDNN's kernels (the 2.5x-vs-0.6x lesson: say what ran where).
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def load_limit() -> float:
+    """The 1-minute load above which a figure is not a result: half the cores."""
+    return (os.cpu_count() or 1) / 2
+
+
+def load1() -> float:
+    """The 1-minute load average (0.0 where unavailable)."""
     try:
-        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
+
+
+def machine() -> dict[str, str]:
+    """CPU model, instruction sets (`ISA_FLAGS` present), core count, library versions and the
+    date, for the record."""
+    cpu, isa = platform.processor() or platform.machine(), "?"
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        found = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
         cpu = found.group(1).strip() if found else cpu
+        flags = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
+        isa = " ".join(f for f in ISA_FLAGS if flags and f in flags.group(1).split()) or "none of " + " ".join(ISA_FLAGS)
     except OSError:
         pass
     import diffusers
@@ -85,7 +106,7 @@ def machine() -> dict[str, str]:
     import jax
     import torch
 
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "python": platform.python_version(),
+    return {"cpu": cpu, "isa": isa, "cores": str(os.cpu_count()), "python": platform.python_version(),
             "jax": jax.__version__, "jaxlib backend": jax.default_backend(),
             "flax": flax.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")}
@@ -93,19 +114,34 @@ def machine() -> dict[str, str]:
 
 # --------------------------------------------------------------------------- timing
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
-    """Wall seconds of each zero-argument callable, `repeats` times, alternating between them.
+class Times(dict):
+    """`{side: [wall seconds per repeat]}`, with `.cpu = {side: [process CPU seconds per repeat]}`
+    (all threads of this process: XLA's pool and torch's; the sides run one at a time)."""
+
+    cpu: dict[str, list[float]]
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> Times:
+    """Wall and CPU seconds of each zero-argument callable, `repeats` times, alternating between them.
 
     Each callable must return only when its work is done (JAX: `block_until_ready`).
     Alternating (a, b, a, b, ...) spreads a change in machine load over both sides.
     """
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    times = Times({k: [] for k in fns})
+    times.cpu = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - start)
+            times.cpu[name].append(time.process_time() - cpu)
     return times
+
+
+def cpu_rows(times: Times) -> list[tuple[str, str]]:
+    """Table rows of each side's median CPU seconds per repeat and CPU / wall (threads kept busy)."""
+    return [(f"{side} CPU s per repeat (median)", f"{median(cpu):.3f} ({median(cpu) / median(times[side]):.2f} x wall)")
+            for side, cpu in times.cpu.items()]
 
 
 def median(xs: list[float]) -> float:
@@ -192,7 +228,10 @@ def base_parser(description: str, repeats: int) -> argparse.ArgumentParser:
                         help="intra-op threads for both JAX and torch (default: os.cpu_count())")
     parser.add_argument("--repeats", type=int, default=repeats, help="timed repeats per side")
     parser.add_argument("--record", action="store_true",
-                        help="write this result into its section of BENCHMARKS.md")
+                        help="write this result into its section of BENCHMARKS.md (refused while the "
+                             "1-minute load exceeds half the cores, unless --force)")
+    parser.add_argument("--force", action="store_true",
+                        help="--record on a loaded machine; the record then says LOADED")
     return parser
 
 
@@ -219,7 +258,10 @@ def record(name: str, title: str, result: dict[str, Any], rows: list[tuple[str, 
     lines += ["", f"Machine: {info['cpu']}, {info['cores']} cores, {result['threads']['threads']} threads each side; "
               f"Python {info['python']}, jax {info['jax']}, flax {info['flax']}, torch {info['torch']}, "
               f"diffusers {info['diffusers']}; {info['date']}.",
-              f"Load average (1/5/15 min) before: {result['load_before']}, after: {result['load_after']}.",
+              f"ISA: {info.get('isa', '?')}.",
+              f"Load average (1/5/15 min) before: {result['load_before']}, after: {result['load_after']}"
+              + (f" — LOADED (1-minute load above {load_limit():g}, half the cores; recorded with --force: "
+                 "not a result)." if result.get("loaded") else "."),
               "", f"Command: `{command}`", f"<!-- /bench:{name} -->"]
     section = "\n".join(lines)
     text = path.read_text() if path.exists() else "# Benchmarks\n"
@@ -239,16 +281,34 @@ def check_agree(what: str, got, want, tol: float) -> float:
     return diff
 
 
+def check_quiet(args: argparse.Namespace, when: str) -> bool:
+    """Whether the machine is loaded (1-minute load > half the cores); with --record and no
+    --force, a loaded machine stops the benchmark with one line (SystemExit 2)."""
+    loaded = load1() > load_limit()
+    if loaded and getattr(args, "record", False) and not getattr(args, "force", False):
+        print(f"--record: the 1-minute load is {load1():.2f} {when}, above {load_limit():g} (half of "
+              f"{os.cpu_count()} cores): a loaded machine's figure is not a result; re-run when the "
+              "machine is quiet, or pass --force to record it marked LOADED", file=sys.stderr)
+        raise SystemExit(2)
+    return loaded
+
+
 def start(args: argparse.Namespace, torch: bool = True) -> dict[str, Any]:
-    """Configure threads (before jax / torch are imported) and note the load average."""
-    return {"threads": configure_threads(args.threads, torch), "load_before": loadavg()}
+    """Refuse --record on a loaded machine (`check_quiet`), configure threads (before jax / torch
+    are imported) and note the load average."""
+    loaded = check_quiet(args, "before the run")
+    return {"threads": configure_threads(args.threads, torch), "load_before": loadavg(), "loaded": loaded}
 
 
 def finish(name: str, title: str, args: argparse.Namespace, argv: list[str] | None,
            context: dict[str, Any], result: dict[str, Any], rows: list[tuple[str, str]]) -> dict[str, Any]:
     """Add the machine, thread and load figures to `result`, print the table, write
     BENCHMARKS.md with --record; returns `result`."""
+    loaded_after = load1() > load_limit()  # a load that rose during the run marks a forced record too
+    if loaded_after and args.record and not getattr(args, "force", False):
+        check_quiet(args, "after the run")
     result = {"benchmark": name, **result, **context, "load_after": loadavg(), "machine": machine()}
+    result["loaded"] = bool(context.get("loaded")) or loaded_after
     print_table(title, rows)
     if args.record:
         record(name, title, result, rows, list(sys.argv[1:] if argv is None else argv))

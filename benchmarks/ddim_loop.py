@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
             ("max rel. diff of final samples", f"{diff:.1e}"),
             ("steps x repeats", f"{args.num_steps} x {args.repeats}"),
             ("sizes", common.dit_sizes(args))]
-    return common.finish("ddim_loop", TITLE, args, argv, context, result, rows)
+    result["cpu_times"] = times.cpu
+    return common.finish("ddim_loop", TITLE, args, argv, context, result, rows + common.cpu_rows(times))
 
 
 if __name__ == "__main__":

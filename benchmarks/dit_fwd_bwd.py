@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
             ("rel. diff loss / grad norm", f"{loss_diff:.1e} / {norm_diff:.1e}"),
             ("repeats", str(args.repeats)),
             ("sizes", common.dit_sizes(args))]
-    return common.finish("dit_fwd_bwd", TITLE, args, argv, context, result, rows)
+    result["cpu_times"] = times.cpu
+    return common.finish("dit_fwd_bwd", TITLE, args, argv, context, result, rows + common.cpu_rows(times))
 
 
 if __name__ == "__main__":

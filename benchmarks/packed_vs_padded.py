@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
                             f"shape(s), {st['compile_s']:.1f} s compiling (not timed)"))
     rows += [("packed / padded useful tokens/s", f"{ratio:.2f}x"),
              ("packed / buckets useful tokens/s", f"{ratio_buckets:.2f}x")]
-    return common.finish("packed_vs_padded", TITLE, args, argv, context, result, rows)
+    result["cpu_times"] = times.cpu
+    return common.finish("packed_vs_padded", TITLE, args, argv, context, result, rows + common.cpu_rows(times))
 
 
 if __name__ == "__main__":

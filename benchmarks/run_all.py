@@ -5,7 +5,8 @@
 
 Each benchmark runs as `python benchmarks/NAME.py --record [--threads N]` in its own process
 (threads must be configured before jax and torch are imported), so BENCHMARKS.md gets the same
-command line as a single rerun. On a 2-core CPU the four take about 20-30 minutes; the DDIM loop
+command line as a single rerun. A benchmark refuses to record while the 1-minute load exceeds half
+the cores (`common.check_quiet`; `--force` records it marked LOADED). On a 2-core CPU the four take about 20-30 minutes; the DDIM loop
 is the longest.
 """
 
@@ -26,12 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {BENCHMARKS}")
     parser.add_argument("--no-record", action="store_true", help="print only; leave BENCHMARKS.md alone")
     parser.add_argument("--threads", type=int, default=None, help="passed to every benchmark")
+    parser.add_argument("--force", action="store_true",
+                        help="record even on a loaded machine (each record then says LOADED)")
     args = parser.parse_args(argv)
     names = [n for n in args.only.split(",") if n]
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
         parser.error(f"--only: unknown benchmark(s) {unknown}; choose from {BENCHMARKS}")
-    extra = [] if args.no_record else ["--record"]
+    extra = [] if args.no_record else ["--record", *(["--force"] if args.force else [])]
     extra += [] if args.threads is None else ["--threads", str(args.threads)]
     failed = []
     for name in names:

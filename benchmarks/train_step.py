@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
             ("rel. diff losses / parameter change norm", f"{loss_diff:.1e} / {change_diff:.1e}"),
             ("steps timed (after 1 warm-up)", str(args.repeats)),
             ("sizes", common.dit_sizes(args))]
-    return common.finish("train_step", TITLE, args, argv, context, result, rows)
+    result["cpu_times"] = times.cpu
+    return common.finish("train_step", TITLE, args, argv, context, result, rows + common.cpu_rows(times))
 
 
 if __name__ == "__main__":

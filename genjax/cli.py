@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and FILE.png beside it.")
     p.add_argument("--workdir", required=True,
                    help="a `genjax demo` workdir (or its dit/ stage), a `genjax train` run "
-                        "(video_dit, dit, unet) or a `genjax convert` DiT / U-Net folder")
+                        "(video_dit, dit, unet) or a `genjax convert` DiT / U-Net / Wan folder")
     p.add_argument("--prompt", action="append", default=[],
                    help="text prompt, e.g. 'digit 3' (repeat for several); text-to-video models")
     p.add_argument("--class-label", action="append", type=int, default=[],
@@ -62,20 +62,26 @@ def build_parser() -> argparse.ArgumentParser:
                    "(`genjax convert --model vae` output or a trained VAE workdir)")
     p.add_argument("--num", type=int, default=4, help="samples per prompt / class label (default 4)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output .npz (refused if it, or the GIF / MP4 / PNG "
+    p.add_argument("--out", required=True, help="output .npz, or .mp4 for a video model (the .npz / .gif / "
+                   ".mp4 trio is written either way; refused if it, or the GIF / MP4 / PNG "
                    "beside it, exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's "
                    "eval.num_sampling_steps; 50 for a converted model)")
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale "
                    "(default: the run's eval.cfg_scale; 4 for a converted model; 1 = no guidance)")
-    p.add_argument("--sampler", default=None, help="ddpm | ddim | dpmpp_2m | euler | heun "
-                   "(`genjax.diffusion.samplers`; default: the run's eval.sampler, ddim for a converted model)")
+    p.add_argument("--sampler", default=None, help="ddpm | ddim | dpmpp_2m | euler | heun | unipc (flow) "
+                   "(`genjax.diffusion.samplers`; default: the run's eval.sampler, ddim for a converted DiT / U-Net, "
+                   "the pipeline scheduler's for a converted Wan)")
     p.add_argument("--frames", type=int, default=None, help="frames (default: the training clips')")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--init-frame", default=None, help="image file used as the first frame "
                    "(image-to-video)")
+    p.add_argument("--negative-prompt", default=None, help="converted Wan: the text guidance steers away "
+                   "from (the unconditional branch of classifier-free guidance; default '', as diffusers)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="converted Wan: params and "
+                   "compute of the transformer and umT5 (default float32; the VAE stays float32)")
     p.set_defaults(run=_lazy("genjax.sample"))
 
     p = sub.add_parser("eval", help="evaluate samples or a trained model",
@@ -94,9 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_lazy("genjax.eval.evaluate"))
 
     p = sub.add_parser("convert", help="convert reference weights (diffusers) to genjax",
-                       description="genjax convert --from diffusers --model dit|vae|unet|vqvae SRC --out DIR")
+                       description="genjax convert --from diffusers --model dit|vae|unet|vqvae|wan_vae SRC --out DIR; "
+                                   "genjax convert --from diffusers --model wan WAN_PIPELINE_FOLDER --out DIR "
+                                   "(a diffusers Wan 2.1 text-to-video pipeline: transformer, VAE, umT5 link, "
+                                   "scheduler settings)")
     p.add_argument("--from", dest="src_format", default="diffusers", choices=["diffusers"])
-    p.add_argument("--model", required=True, choices=["dit", "vae", "unet", "vqvae"])
+    p.add_argument("--model", required=True, choices=["dit", "vae", "unet", "vqvae", "wan", "wan_vae"])
     p.add_argument("src")
     p.add_argument("--out", required=True)
     p.set_defaults(run=_lazy("genjax.convert"))

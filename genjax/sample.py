@@ -7,11 +7,17 @@
     genjax convert --from diffusers --model dit DiT-XL-2-256/transformer --out runs/dit_xl2
     genjax convert --from diffusers --model vae DiT-XL-2-256/vae --out runs/sd_vae
     genjax sample --workdir runs/dit_xl2 --vae runs/sd_vae --class-label 207 --num 2 --out dit_xl2.npz
+    genjax convert --from diffusers --model wan Wan2.1-T2V-1.3B-Diffusers --out runs/wan
+    genjax sample --workdir runs/wan --prompt "a cat on a skateboard" --num 1 --frames 33 --height 480 \
+        --width 832 --steps 50 --cfg-scale 5 [--negative-prompt "blurry"] --out cat.mp4
 
 The workdir is a `genjax train` run (any task with samples: video_dit with --prompt; dit, unet
 with --class-label), a `genjax demo` workdir (its `dit/` stage is a video_dit run), or a
 `genjax convert` folder of a diffusers `DiTTransformer2DModel` (with `--vae`: a converted
-`AutoencoderKL` or a trained VAE workdir) or an unconditional `UNet2DModel`. Converted models are
+`AutoencoderKL` or a trained VAE workdir), an unconditional `UNet2DModel`, or a diffusers Wan 2.1
+text-to-video pipeline (`tasks/wan.py`: flow Euler with the pipeline's shift and CFG against
+--negative-prompt, as `WanPipeline`; tests/test_wan_pipeline.py). `--out` is a .npz, or for a
+video model a .mp4: the same .npz / .gif / .mp4 files are written either way. DiT and U-Net models are
 sampled with the noise schedule of their papers (DiT, Peebles & Xie 2023, and DDPM, Ho et al.
 2020, both train on linear betas 1e-4 .. 0.02 over T = 1000 with epsilon prediction) and DiT's
 null class for guidance, as diffusers' `DiTPipeline` does (tests/test_sample.py checks both
@@ -28,7 +34,7 @@ import numpy as np
 
 from genjax.errors import check
 
-VIDEO_MODELS = ("video_dit",)
+VIDEO_MODELS = ("video_dit", "wan")
 IMAGE_MODELS = ("dit", "unet")
 # Converted checkpoints carry no training config: the schedule both papers trained with.
 PAPER_DIFFUSION = dict(schedule="linear", num_timesteps=1000, prediction_type="epsilon", weighting="none")
@@ -109,15 +115,23 @@ def converted_config(converted: dict, workdir: str, vae: str | None, image_size:
                                           diffusion=PAPER_DIFFUSION, eval=PAPER_EVAL, seed=0))
 
 
-def restore(path: str, *, vae: str | None, image_size: int | None):
-    """`(config, task, params)` of a trained run or a converted folder, on the first device."""
+def restore(path: str, *, vae: str | None, image_size: int | None, dtype: str | None = None):
+    """`(config, task, params)` of a trained run or a converted folder, on the first device.
+    `dtype` ("float32", "bfloat16"): a converted Wan's transformer and text encoder params and
+    compute (None: float32)."""
     from genjax import convert, tasks
 
     converted = convert.read_converted_config(path)
     if converted is None:
         return tasks.restore(path)
-    config = converted_config(converted, path, vae, image_size)
     params = convert.load_converted(path)[1]
+    if converted["family"] == "wan":
+        from genjax.tasks import wan
+
+        config = wan.converted_config(path, dtype=dtype)
+        params = jax.tree.map(lambda x: x.astype(tasks.DTYPES[config.model.param_dtype]), params)
+    else:
+        config = converted_config(converted, path, vae, image_size)
     return config, tasks.build(config), tasks.replicated(params, None)
 
 
@@ -184,7 +198,8 @@ def main(args) -> int:
     from genjax.io import checkpoint, fs, media
 
     check(args.num >= 1, "--num", args.num, "must be an integer >= 1")
-    check(args.out.endswith(".npz"), "--out", args.out, "must be a .npz file")
+    check(args.out.endswith((".npz", ".mp4")), "--out", args.out, "must be a .npz file (or .mp4 for a video model)")
+    out_npz = os.path.splitext(args.out)[0] + ".npz"  # .mp4: the same trio of files, named by the mp4
     overwrite = getattr(args, "overwrite", False)
     fs.check_new_file(args.out, "--out", overwrite)  # before anything is restored or generated
     check(args.cfg_scale is None or np.isfinite(args.cfg_scale), "--cfg-scale", args.cfg_scale, "must be finite")
@@ -204,9 +219,23 @@ def main(args) -> int:
           if converted else f"holds a {name!r} model, which draws no samples (sampling takes "
           f"{VIDEO_MODELS + IMAGE_MODELS})")
     video = name in VIDEO_MODELS
-    for out in media.output_paths(args.out, video)[1:]:
-        fs.check_new_file(out, "--out", overwrite)
-    if video:
+    check(video or args.out.endswith(".npz"), "--out", args.out, "must be a .npz file for an image model")
+    negative, dtype = getattr(args, "negative_prompt", None), getattr(args, "dtype", None)
+    check(negative is None or name == "wan", "--negative-prompt", negative, "is for converted Wan models")
+    check(dtype is None or name == "wan", "--dtype", dtype, "is for converted Wan models")
+    for out in media.output_paths(out_npz, video):
+        if out != args.out:
+            fs.check_new_file(out, "--out", overwrite)
+    if name == "wan":
+        from genjax.tasks import wan
+
+        check(bool(args.prompt), "--prompt", None, "is required for a text-to-video model")
+        check(args.vae is None and args.init_frame is None and not args.class_label,
+              "--vae/--init-frame/--class-label", args.vae or args.init_frame or args.class_label,
+              "do not apply to a converted Wan text-to-video model")
+        wan.check_request(path, args.prompt, negative, args.frames, args.height, args.width)  # before restoring
+        first = None
+    elif video:
         check(bool(args.prompt), "--prompt", None, "is required for a text-to-video model")
         run_config = checkpoint.read_config(path)
         check_prompts(args.prompt, run_config)
@@ -221,10 +250,12 @@ def main(args) -> int:
               "class-conditional image model: use --class-label N")
         check(args.frames in (None, 1) and args.init_frame is None, "--frames/--init-frame",
               args.frames if args.init_frame is None else args.init_frame, "are for video models")
-    config, task, params = restore(path, vae=args.vae, image_size=None if video else args.height)
+    config, task, params = restore(path, vae=args.vae, image_size=None if video else args.height, dtype=dtype)
     kw = dict(sampler=args.sampler, num_steps=args.steps, cfg_scale=args.cfg_scale)
     if video:
         captions = [p for p in args.prompt for _ in range(args.num)]
+        if name == "wan":
+            kw["negative_prompt"] = negative
         samples = task.sample_fn(params, jax.random.PRNGKey(args.seed), captions, init_frames=first,
                                  num_frames=args.frames, height=args.height, width=args.width, **kw)
     else:
@@ -239,6 +270,6 @@ def main(args) -> int:
         captions = [y for y in given for _ in range(args.num)]
         samples = task.sample_fn(params, jax.random.PRNGKey(args.seed), captions, height=args.height,
                                  width=args.width, **kw)
-    for out in media.write_outputs(args.out, np.asarray(samples), captions):
+    for out in media.write_outputs(out_npz, np.asarray(samples), captions):
         print(out)
     return 0

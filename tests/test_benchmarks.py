@@ -55,6 +55,9 @@ def test_dit_fwd_bwd():
 def test_train_step():
     result = train_step.main(TINY_DIT)
     _check_result(result)
+    for side in ("jax", "torch"):  # each side's CPU time beside its wall time
+        assert len(result["cpu_times"][side]) == 1 and result["cpu_times"][side][0] > 0
+    assert result["machine"]["isa"]
     assert len(result["losses"]["jax"]) == len(result["losses"]["torch"]) == 2  # warm-up + 1
     assert result["change_norms"][0] > 0  # the parameters moved
 
@@ -99,6 +102,24 @@ def test_record_writes_and_replaces_its_section(tmp_path):
     assert text.count("<!-- bench:a -->") == 1 and "| ratio | 2.50 |" in text and "1.50" not in text
     assert text.index("<!-- bench:a -->") < text.index("<!-- bench:b -->") and "| ratio | 3.00 |" in text
     assert "Command: `python benchmarks/a.py`" in text
+
+
+def test_record_is_refused_on_a_loaded_machine_unless_forced(monkeypatch, tmp_path, capsys):
+    """Issue 20: a figure from a machine whose 1-minute load exceeds half the cores is not a result."""
+    parser = common.base_parser("x", 1)
+    monkeypatch.setattr(common, "load1", lambda: common.load_limit() + 0.5)
+    with pytest.raises(SystemExit) as stop:
+        common.start(parser.parse_args(["--record"]), torch=False)
+    assert stop.value.code == 2 and "not a result" in capsys.readouterr().err
+    assert common.start(parser.parse_args([]), torch=False)["loaded"]  # without --record: runs, noted
+    context = common.start(parser.parse_args(["--record", "--force"]), torch=False)
+    path = tmp_path / "BENCHMARKS.md"
+    result = {"machine": dict(cpu="c", isa="avx2", cores="2", python="3", jax="j", flax="f", torch="t",
+                              diffusers="d", date="now"), **context, "load_after": "3 3 3"}
+    common.record("a", "A", result, [("ratio", "1.00")], [], path)
+    assert "LOADED" in path.read_text() and "ISA: avx2." in path.read_text()
+    monkeypatch.setattr(common, "load1", lambda: 0.0)
+    assert not common.start(parser.parse_args(["--record"]), torch=False)["loaded"]
 
 
 @pytest.mark.slow  # four XLA compiles of the trainer's step (padded, packed, two buckets): ~1 min of CPU

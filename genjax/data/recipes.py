@@ -41,6 +41,7 @@ def video_inputs(example: Mapping[str, Any]) -> dict[str, Any]:
 GENJAX_DATASETS = ("moving_mnist", "mnist_embedded")  # names genjax owns; "tfds:NAME" reaches TFDS's
 FOLDERS = ("video_folder:", "image_folder:")
 MIX = "mix"  # data.dataset of a data.mix
+CONVERTED = "converted"  # data.dataset of a converted checkpoint's sampling config (`genjax sample`): no data
 
 
 def tfds_name(dataset: str) -> str | None:
@@ -48,7 +49,7 @@ def tfds_name(dataset: str) -> str | None:
     a folder or "mix"), else None."""
     if dataset.startswith("tfds:"):
         return dataset[len("tfds:"):]
-    return None if dataset in (*GENJAX_DATASETS, MIX) or dataset.startswith(FOLDERS) else dataset
+    return None if dataset in (*GENJAX_DATASETS, MIX, CONVERTED) or dataset.startswith(FOLDERS) else dataset
 
 
 def is_video(config) -> bool:

@@ -31,7 +31,7 @@ from genjax.diffusion import schedules
 from genjax.diffusion.schedules import Schedule
 from genjax.errors import check
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler", "heun", "consistency")
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler", "heun", "consistency", "unipc")
 SPACINGS = ("leading", "linspace", "trailing")
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
 
@@ -81,6 +81,14 @@ def _grid(schedule: Schedule | None, sampler: str, num_steps: int, timestep_spac
         return dict(alpha=jnp.ones(num_steps + 1), sigma=jnp.asarray(sig, jnp.float32),
                     t=jnp.asarray(250.0 * np.log(sig[:-1] + 1e-44), jnp.float32))
     T = schedule.num_timesteps
+    if sampler == "unipc":  # UniPCMultistepScheduler(use_flow_sigmas=True).set_timesteps, float64 then float32
+        s = np.linspace(1.0, 1.0 / T, num_steps + 1)[:-1]
+        s = flow_shift * s / (1 + (flow_shift - 1) * s)
+        if abs(s[0] - 1) < 1e-6:
+            s[0] -= 1e-6  # diffusers: keeps log(sigma / alpha) finite at the first level
+        t = (s * T).astype(np.int64)  # the model sees integer (truncated) timesteps
+        s = jnp.asarray(np.concatenate([s, [0.0]]), jnp.float32)
+        return dict(alpha=1.0 - s, sigma=s, t=jnp.asarray(t, jnp.float32))
     if schedule.is_flow:
         def shift(u):
             return schedules.shift_flow_time(u, flow_shift)
@@ -129,8 +137,35 @@ def _loop(denoise_fn: Denoiser, x: jax.Array, grid: dict[str, jax.Array], rng, k
     def ode_slope(out, x0, eps):
         return out if opts.prediction_type == "flow" else (eps - x0 if opts.is_flow else eps)
 
+    def unipc(x, x0, hist, per, i):
+        """UniPC-2 with B(h) = expm1(-h) on x0 predictions (Zhao et al. 2023, "UniPC", Alg. 2-3;
+        diffusers UniPCMultistepScheduler solver_order 2, bh2, predict_x0, lower_order_final):
+        correct x_i with UniC (order of the previous predictor), then predict x_{i+1} with UniP
+        (order 1 at the first and last step, else 2). Returns (x_{i+1}, new history)."""
+        m, m1, m2, x_last = x0, hist["m1"], hist["m2"], hist["x"]
+        alpha, sigma, sigma_p = per["alpha"], per["sigma"], per["sigma_p"]
+        lam, lam_p, lam_pp, lam_n = per["lam"], per["lam_p"], per["lam_pp"], per["lam_n"]
+        # UniC at level i from x_{i-1} (history), its predictor's order 1 (i == 1) or 2
+        h = lam - lam_p
+        b_h = jnp.expm1(-h)  # = h phi_1(-h), bh2
+        base = sigma / sigma_p * x_last - alpha * b_h * m1
+        phi_k0 = b_h / (-h) - 1
+        b1, b2 = phi_k0 / b_h, (phi_k0 / (-h) - 0.5) * 2 / b_h
+        r = (lam_pp - lam_p) / h
+        rho0 = (b1 - b2) / (1 - r)
+        corr2 = base - alpha * b_h * (rho0 * (m2 - m1) / r + (b1 - rho0) * (m - m1))
+        corr1 = base - alpha * b_h * 0.5 * (m - m1)
+        x = jnp.where(i == 0, x, jnp.where(i == 1, corr1, corr2))
+        # UniP from level i to i + 1
+        h = lam_n - lam
+        b_h = jnp.expm1(-h)
+        first = per["sigma_n"] / sigma * x - per["alpha_n"] * b_h * m
+        second = first - per["alpha_n"] * b_h * 0.5 * (m1 - m) / ((lam_p - lam) / h)
+        x_n = jnp.where((i == 0) | (i == n_steps - 1), first, second)
+        return x_n, {"m1": m, "m2": m1, "x": x}
+
     def step(carry, per):
-        x, x0_prev, lam_prev = carry
+        x, x0_prev, lam_prev, hist = carry
         i = per["i"]
         key = jax.random.fold_in(rng, i + step_offset) if rng is not None else None
         z = (jax.random.normal(jax.random.fold_in(key, 0), x.shape, x.dtype)
@@ -166,6 +201,8 @@ def _loop(denoise_fn: Denoiser, x: jax.Array, grid: dict[str, jax.Array], rng, k
             d1 = (x0 - x0_prev) * h / (lam - lam_prev)
             second = first - 0.5 * alpha_n * jnp.expm1(-h) * d1
             x_n = jnp.where((i == 0) | is_last, first, second)
+        elif opts.sampler == "unipc":
+            x_n, hist = unipc(x, x0, hist, per, i)
         elif opts.sampler in ("euler", "heun"):  # Karras et al. 2022 Alg. 1 on the PF-ODE
             scale, tau = ode_coords(alpha, sigma)
             scale_n, tau_n = ode_coords(alpha_n, sigma_n)
@@ -184,14 +221,21 @@ def _loop(denoise_fn: Denoiser, x: jax.Array, grid: dict[str, jax.Array], rng, k
             z_known = jax.random.normal(jax.random.fold_in(key, 1), x.shape, x.dtype)
             x_known_n = alpha_n * known[0] + sigma_n * z_known
             x_n = known[1] * jnp.where(is_last, known[0], x_known_n) + (1 - known[1]) * x_n
-        return (x_n, x0, lam), x_n
+        return (x_n, x0, lam, hist), x_n
 
     per = {**cur, **nxt, "t": grid["t"], "i": jnp.arange(n_steps)}
-    per["lam_n"] = jnp.log(grid["alpha"][1:]) - jnp.log(grid["sigma"][1:])
+    lam_all = jnp.log(grid["alpha"]) - jnp.log(grid["sigma"])  # (S + 1,), +inf at a clean last level
+    per["lam_n"] = lam_all[1:]
     per["t_n"] = jnp.concatenate([grid["t"][1:], grid["t"][-1:]])
+    hist = {}
+    if opts.sampler == "unipc":  # levels i - 1 and i - 2 (repeats of level 0 before the start: unused)
+        per.update(lam=lam_all[:-1], lam_p=jnp.concatenate([lam_all[:1], lam_all[:-2]]),
+                   lam_pp=jnp.concatenate([lam_all[:1], lam_all[:1], lam_all[:-3]])[:n_steps],
+                   sigma_p=jnp.concatenate([grid["sigma"][:1], grid["sigma"][:-2]]))
+        hist = {"m1": jnp.zeros_like(x), "m2": jnp.zeros_like(x), "x": x}
     per = {k: v if k in ("i", "t", "t_n") else v.astype(x.dtype) for k, v in per.items()}
-    init = (x, jnp.zeros_like(x), jnp.zeros((), x.dtype))
-    (x_final, _, _), traj = jax.lax.scan(step, init, per)
+    init = (x, jnp.zeros_like(x), jnp.zeros((), x.dtype), hist)
+    (x_final, _, _, _), traj = jax.lax.scan(step, init, per)
     return x_final, jnp.concatenate([x[None], traj], axis=0)
 
 
@@ -215,6 +259,9 @@ def _check(schedule, sampler, num_steps, eta, variance_type, rng, known, timeste
     check(timestep_spacing in SPACINGS, "timestep_spacing", timestep_spacing, f"must be one of {SPACINGS}")
     if sampler == "ddpm":
         check(not schedule.is_flow, "sampler", sampler, "ddpm needs a variance-preserving schedule, not 'flow'")
+    if sampler == "unipc":
+        check(schedule.is_flow, "sampler", sampler, "unipc is implemented for flow schedules only (diffusers' "
+              "UniPCMultistepScheduler with use_flow_sigmas, as Wan 2.1 samples)")
     needs_rng = (sampler in ("ddpm", "consistency") or (sampler == "ddim" and eta > 0)
                  or known is not None)
     check(rng is not None or not needs_rng, "rng", rng,
@@ -249,6 +296,11 @@ def sample(denoise_fn: Denoiser, noise: jax.Array, *, schedule: Schedule | None 
         (x / alpha, sigma / alpha) for VP schedules (EulerDiscrete / HeunDiscreteScheduler) and
         in (x, s) for flow (FlowMatchEuler / FlowMatchHeunDiscreteScheduler). Euler on any affine
         path equals DDIM with eta = 0. Heun's last step (to the clean level) is Euler.
+      "unipc": UniPC-2 predictor-corrector (Zhao et al. 2023; UniPCMultistepScheduler with
+        use_flow_sigmas, prediction_type flow_prediction, solver_order 2, bh2, predict_x0,
+        lower_order_final, final sigma 0, Wan 2.1's scheduler), flow schedules only, on its own
+        grid: s = shift(linspace(1, 1/T, S + 1)[:S]) (shifted once; the first level 1 - 1e-6) then
+        0, the model seeing the integer timesteps int(1000 s).
       "consistency": multistep consistency sampling (Song et al. 2023, Alg. 1) over Karras sigmas
         from sigma_max to sigma_min (num_steps levels; the schedule is not used). The denoiser
         is called as diffusers' CM pipeline: F(x / sqrt(sigma^2 + sigma_data^2), 250 log sigma),

@@ -188,6 +188,31 @@ class TextEmbedder(nn.Module):
         return context, mask, pooled
 
 
+def embed_text(module: nn.Module, text: Array, text_mask: Array, text_pooled: Array | None,
+               force_drop_ids: Array | None, *, train: bool, packed: bool, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32):
+    """Per-example text -> cross-attention context and pooled conditions, with CFG text dropout.
+
+    Call only inside an `@nn.compact` method of a DiT (creates `TextEmbedder` "text_embedder" of
+    width `module.hidden_size`; drops text with `module.text_dropout_prob`, `cfg_drop`). text
+    `(B, M, S, Dc)`, text_mask `(B, M, S)`, text_pooled `(B, M, Dc)` | None, force_drop_ids
+    `(B, M)` | None: M examples per row (1 in a regular batch, the slots of a packed sequence).
+    Returns `(context (B, M*S, D), context_mask (B, M*S), context_segment_ids (B, M*S) | None,
+    pooled (B, M, D))`; with `packed` the context of slot j has segment id j + 1, so a packed
+    token cross-attends only to its own example's text.
+    """
+    b, m, n_text = text.shape[:3]
+    d = module.hidden_size
+    drop = cfg_drop(module, (b, m), module.text_dropout_prob, train, force_drop_ids)
+    flat = lambda a: None if a is None else a.reshape(b * m, *a.shape[2:])  # noqa: E731
+    context, context_mask, pooled = TextEmbedder(d, dtype=dtype, param_dtype=param_dtype, name="text_embedder")(
+        flat(text), flat(text_mask), flat(text_pooled), flat(drop))
+    segment_ids = None
+    if packed:
+        segment_ids = jnp.broadcast_to(jnp.repeat(jnp.arange(1, m + 1, dtype=jnp.int32), n_text), (b, m * n_text))
+    return context.reshape(b, m * n_text, d), context_mask.reshape(b, m * n_text), segment_ids, pooled.reshape(b, m, d)
+
+
 class FinalLayer(nn.Module):
     """adaLN LayerNorm then Dense(D -> P), both zero-initialised (DiT `FinalLayer`).
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from genjax.errors import check
 from genjax.models.blockwise_attention import blockwise_attention
-from genjax.models.layers import HeadsRMSNorm, logical, xavier_uniform, zeros
+from genjax.models.layers import HeadsDense, HeadsRMSNorm, xavier_uniform
 from genjax.models.spacetime import apply_rope
 from genjax.parallel import context as context_lib
 from genjax.parallel.axes import EMBED, HEADS, KV
@@ -280,43 +280,6 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, q_segment_ids: Array 
         return out
     return _local_attention(q, k, v, q_segment_ids, kv_segment_ids, kv_mask, causal=causal,
                             implementation=implementation)
-
-
-class HeadsDense(nn.Module):
-    """`nn.DenseGeneral` contracting the last `in_axes` input axes into `features`, with its kernel
-    created at its final shape `(*in, *features)`: its logical axis names then describe the real
-    axes, so the sharding constraint a boxed parameter implies under a mesh applies (flax's
-    DenseGeneral initialises a flattened 2-D kernel, which a 3-name logical box rejects there).
-    The initialiser sees the flattened `(fan_in, fan_out)` shape, as in DenseGeneral, so
-    parameters and outputs are the same numbers.
-
-    Params: `kernel (*in, *features)` with `kernel_names`, `bias features` with `bias_names`.
-    """
-
-    features: tuple[int, ...]
-    kernel_names: tuple[str | None, ...]
-    bias_names: tuple[str | None, ...]
-    in_axes: int = 1
-    use_bias: bool = True
-    kernel_init: Callable = xavier_uniform
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        in_shape = x.shape[x.ndim - self.in_axes:]
-        flat = (int(np.prod(in_shape)), int(np.prod(self.features)))
-
-        def init(rng, shape, dtype):
-            return jnp.reshape(self.kernel_init(rng, flat, dtype), shape)
-
-        kernel = self.param("kernel", logical(init, self.kernel_names), (*in_shape, *self.features),
-                            self.param_dtype)
-        bias = self.param("bias", zeros(self.bias_names), self.features, self.param_dtype) if self.use_bias else None
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
-        y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
-        return y if bias is None else y + bias
 
 
 class Attention(nn.Module):

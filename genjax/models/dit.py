@@ -23,7 +23,8 @@ import numpy as np
 
 from genjax.errors import UserError, check
 from genjax.io.weights import StateDictReader, load_state_dict
-from genjax.models.adaln import FinalLayer, TextEmbedder, adaln_norm, cfg_drop, check_text, embed_labels, modulations
+from genjax.models.adaln import (FinalLayer, adaln_norm, cfg_drop, check_text, embed_labels, embed_text,
+                                 modulations)
 from genjax.models.attention import Attention
 from genjax.models.layers import (SIZES, Mlp, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, sincos_pos_embed_at,
                                   stack_blocks, unpatchify)
@@ -265,16 +266,9 @@ class DiT(nn.Module):
             cond = cond + embed_labels(y, drop, self.num_classes, self.class_dropout_prob > 0, d, **kw)
         context = context_mask = context_segment_ids = None
         if self.context_dim:
-            drop = cfg_drop(self, (b, m), self.text_dropout_prob, train, force_drop_ids)
-            n_text = text.shape[2]
-            flat = lambda a: None if a is None else a.reshape(b * m, *a.shape[2:])  # noqa: E731
-            context, context_mask, pooled = TextEmbedder(d, **kw, name="text_embedder")(
-                flat(text), flat(text_mask), flat(text_pooled), flat(drop))
-            context, context_mask = context.reshape(b, m * n_text, d), context_mask.reshape(b, m * n_text)
-            cond = cond + pooled.reshape(b, m, d)
-            if packed:
-                context_segment_ids = jnp.broadcast_to(jnp.repeat(jnp.arange(1, m + 1, dtype=jnp.int32), n_text),
-                                                       (b, m * n_text))
+            context, context_mask, context_segment_ids, pooled = embed_text(
+                self, text, text_mask, text_pooled, force_drop_ids, train=train, packed=packed, **kw)
+            cond = cond + pooled
         cond = cond.astype(self.dtype)
         c_index = jnp.clip(segment_ids - 1, 0, m - 1) if packed else None
 

@@ -1,4 +1,5 @@
-"""Shared layers: MLP, norms, embeddings, (un)patchify, size table, remat policies, scan-over-layers.
+"""Shared layers: MLP, norms, embeddings, heads projections, (un)patchify, size table, remat policies,
+scan-over-layers.
 
 Attention lives in `genjax.models.attention`.
 
@@ -338,6 +339,44 @@ class PatchEmbed(nn.Module):
                     bias_init=zeros((CONV_OUT,)), name="proj")(x)
         y = einops.rearrange(y, "b h w d -> b (h w) d")
         return nn.with_logical_constraint(y, (BATCH, LENGTH, None))
+
+
+class HeadsDense(nn.Module):
+    """`nn.DenseGeneral` contracting the last `in_axes` input axes into `features`, with its kernel
+    created at its final shape `(*in, *features)`: its logical axis names then describe the real
+    axes, so the sharding constraint a boxed parameter implies under a mesh applies (flax's
+    DenseGeneral initialises a flattened 2-D kernel, which a 3-name logical box rejects there).
+    The initialiser sees the flattened `(fan_in, fan_out)` shape, as in DenseGeneral, so
+    parameters and outputs are the same numbers.
+
+    Params: `kernel (*in, *features)` with `kernel_names`, `bias features` with `bias_names`.
+    """
+
+    features: tuple[int, ...]
+    kernel_names: tuple[str | None, ...]
+    bias_names: tuple[str | None, ...]
+    in_axes: int = 1
+    use_bias: bool = True
+    kernel_init: Callable = xavier_uniform
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        in_shape = x.shape[x.ndim - self.in_axes:]
+        flat = (int(np.prod(in_shape)), int(np.prod(self.features)))
+
+        def init(rng, shape, dtype):
+            return jnp.reshape(self.kernel_init(rng, flat, dtype), shape)
+
+        kernel = self.param("kernel", logical(init, self.kernel_names), (*in_shape, *self.features),
+                            self.param_dtype)
+        bias = self.param("bias", zeros(self.bias_names), self.features, self.param_dtype) if self.use_bias else None
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
+        y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+        return y if bias is None else y + bias
+
 
 
 # --------------------------------------------------------------------------- deep stacks

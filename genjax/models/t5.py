@@ -30,8 +30,7 @@ import numpy as np
 
 from genjax.errors import UserError, check
 from genjax.io.weights import StateDictReader, check_overrides, check_params_match, load_state_dict
-from genjax.models.attention import HeadsDense
-from genjax.models.layers import logical, stack_blocks
+from genjax.models.layers import HeadsDense, logical, stack_blocks
 from genjax.parallel.axes import BATCH, EMBED, HEADS, KV, LENGTH, MLP, NORM, VOCAB
 
 Dtype = Any

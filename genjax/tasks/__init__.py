@@ -8,6 +8,7 @@ returning a `Task`, and `make_module(config)` returning its Flax module.
     clip       contrastive text <-> image / video                                tasks/clip.py
     video_dit  text-to-video latent diffusion on a frozen video VAE              tasks/video_dit.py
     vivit      ViViT video classifier                                            tasks/vivit.py
+    wan        Wan 2.1 text-to-video from a converted diffusers pipeline (sampling) tasks/wan.py
     vqvae      VQ-VAE (loss-trained or EMA codebook, dead-code restarts)         tasks/vqvae.py
 
 `build` picks the module by name (`importlib.import_module(f"genjax.tasks.{name}")`, as
@@ -35,11 +36,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from genjax.errors import check
 
-MODEL_NAMES = ("dit", "unet", "vae", "video_vae", "clip", "video_dit", "vivit", "vqvae")
+MODEL_NAMES = ("dit", "unet", "vae", "video_vae", "clip", "video_dit", "vivit", "wan", "vqvae")
 # The Linen class in genjax.models.<name> that each family's build passes to make_model: its
 # attributes are the model section's allowed keys (checked early by check_keys).
 MODEL_CLASSES = {"dit": "DiT", "unet": "UNet", "vae": "AutoencoderKL", "video_vae": "VideoAutoencoderKL",
-                 "clip": "CLIP", "video_dit": "VideoDiT", "vivit": "ViViTClassifier", "vqvae": "VQVAE"}
+                 "clip": "CLIP", "video_dit": "VideoDiT", "vivit": "ViViTClassifier",
+                 "wan": "WanTransformer", "vqvae": "VQVAE"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 

@@ -134,9 +134,9 @@ def generate(denoise: Callable, shape: tuple[int, ...], rng: jax.Array, *, sched
              null_cond: dict | None, cfg_scale: Any, sampler: str, num_steps: int, keep: int,
              guide_channels: int | None = None, variance_type: str = "fixed_small",
              known: tuple[jax.Array, jax.Array] | None = None, decode: Callable | None = None,
-             flow_shift: float = 1.0) -> jax.Array:
-    """Samples as uint8, inside jit: x_T = N(0, I) of `shape` drawn with `split(rng)[0]`, the
-    sampler's own randomness from `split(rng)[1]`.
+             flow_shift: float = 1.0, noise: jax.Array | None = None) -> jax.Array:
+    """Samples as uint8, inside jit: x_T = N(0, I) of `shape` drawn with `split(rng)[0]` (or the
+    given `noise`), the sampler's own randomness from `split(rng)[1]`.
 
     Args:
       denoise: `denoise(x_t, t, **cond) -> prediction` (float32; [prediction, v] with learn_sigma).
@@ -148,6 +148,8 @@ def generate(denoise: Callable, shape: tuple[int, ...], rng: jax.Array, *, sched
         (`frame_conditioning.frame_conditioned_sampling`: image-to-video, extension).
       decode: latents -> pixels in [-1, 1] (None: the samples are pixels).
       flow_shift: the SD3 timestep shift of a flow schedule's sampling grid (`sample_shift`).
+      noise: x_T float `shape` to start from instead of drawing it (to reproduce a reference
+        pipeline's initial latents, e.g. diffusers' `latents=`); None draws it.
     Returns:
       uint8 `(N, ...)` in [0, 255] (`media.to_uint8`).
     """
@@ -162,7 +164,9 @@ def generate(denoise: Callable, shape: tuple[int, ...], rng: jax.Array, *, sched
         return model(x_t, t, **c)[..., :keep]
 
     noise_rng, loop_rng = jax.random.split(rng)
-    noise = jax.random.normal(noise_rng, shape)
+    if noise is not None:
+        check(tuple(noise.shape) == tuple(shape), "noise.shape", tuple(noise.shape), f"must be {tuple(shape)}")
+    noise = jax.random.normal(noise_rng, shape) if noise is None else jnp.asarray(noise, jnp.float32)
     kw = dict(denoise_fn=prediction, cond=cond, known=None)
     if known is not None:
         kw = frame_conditioning.frame_conditioned_sampling(prediction, known[0], known[1], cond)

@@ -262,3 +262,22 @@ def test_bad_input_raises_user_error(kw, field):
 def test_sdedit_bad_strength():
     with pytest.raises(UserError, match="strength="):
         samplers.sdedit(jax_denoiser, noise_T(), strength=1.2, schedule=LINEAR, rng=jax.random.key(0))
+
+
+@pytest.mark.parametrize("num_steps, shift", [(8, 3.0), (3, 1.0), (1, 5.0)])
+def test_unipc_flow_matches_diffusers(num_steps, shift):
+    """UniPC-2 (bh2, x0 form, lower-order final step) on Wan's flow grid, step by step: the
+    grid, the integer model times and every corrected / predicted sample."""
+    ref = diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=shift, prediction_type="flow_prediction")
+    ref_traj, ref_t = run_diffusers(ref, noise_T(), num_steps)
+    grid = samplers._grid(schedules.make("flow"), "unipc", num_steps, "leading", shift, 0.0, 0.0)
+    np.testing.assert_array_equal(np.asarray(grid["t"]), ref_t.astype(np.float32))
+    np.testing.assert_allclose(np.asarray(grid["sigma"]), ref.sigmas.numpy(), rtol=1e-7)
+    _, traj = samplers.sample(jax_denoiser, noise_T(), schedule=schedules.make("flow"), sampler="unipc",
+                              num_steps=num_steps, flow_shift=shift, return_trajectory=True)
+    np.testing.assert_allclose(traj, ref_traj, atol=1e-5, rtol=1e-5)
+
+
+def test_unipc_refuses_vp_schedules():
+    with pytest.raises(UserError, match="unipc is implemented for flow schedules only"):
+        samplers.sample(jax_denoiser, noise_T(), schedule=schedules.make("linear"), sampler="unipc", num_steps=4)
