@@ -45,6 +45,10 @@ MODEL_CLASSES = {"dit": "DiT", "unet": "UNet", "vae": "AutoencoderKL", "video_va
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+# The metrics key under which a loss_fn returns its updated model state (`Task.init_state`).
+MODEL_STATE = "model_state"
+
+
 class Task(NamedTuple):
     """One trainable model, as pure functions of its params.
 
@@ -68,7 +72,7 @@ class Task(NamedTuple):
       init_state: `key -> model state`, a dict of non-gradient Flax collections carried from step
         to step (`TrainState.model_state`, e.g. a VQ-VAE's EMA codebook), or None. loss_fn,
         sample_fn and evaluate see it merged into their params (`{**params, **model_state}`);
-        loss_fn returns the updated state as `metrics[train.state.MODEL_STATE]`. Checkpointed with
+        loss_fn returns the updated state as `metrics[MODEL_STATE]`. Checkpointed with
         the train state; `restore` returns it merged into the EMA params.
     """
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genjax.errors import check
-from genjax.tasks import Task, make_model
+from genjax.tasks import MODEL_STATE, Task, make_model
 
 TASK_KEYS = ("codebook", "rec", "restart_threshold", "eval_examples")
 CODEBOOKS = ("loss", "ema")
@@ -103,7 +103,6 @@ def build(config, *, mesh=None) -> Task:
     from genjax.data import recipes
     from genjax.models import vqvae
     from genjax.tasks.autoencoder import eval_batch_size, reconstruction_fns
-    from genjax.train.state import MODEL_STATE
 
     size, channels = config.data.image_size, config.data.channels
     module = make_module(config)

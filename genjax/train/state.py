@@ -32,11 +32,11 @@ from jax.sharding import Mesh
 
 from genjax.errors import check
 from genjax.parallel.axes import RULES
+from genjax.tasks import MODEL_STATE
 
 PyTree = Any
 
 # The key of a loss_fn's metrics under which a stateful task returns its updated model state.
-MODEL_STATE = "model_state"
 
 # The fields of config.optim: make_optimizer's, plus the trainer's grad_accum_steps, ema_decay,
 # ema_warmup and max_nonfinite_steps.
