@@ -22,6 +22,10 @@ ONE = ["--config.mesh.data=1"]
 # Sampling in training and after restoring compiles the sampler twice; the VAE and video VAE runs
 # check the trainer's PNG / GIF writing, the diffusion runs sample only after restoring.
 NO_SAMPLES = ["--config.eval.sample_every_steps=0"]
+# The tests sharing a trained module fixture run on one xdist worker (`--dist loadgroup`), so the
+# fixture trains once per run rather than once per worker.
+ONE_VAE = pytest.mark.xdist_group(name="tasks_vae")
+ONE_VIDEO_VAE = pytest.mark.xdist_group(name="tasks_video_vae")
 
 
 def config_of(name, arg="smoke=True", *overrides):
@@ -53,6 +57,7 @@ def vae_dir(tmp_path_factory):
     return workdir, records
 
 
+@ONE_VAE
 def test_vae_trains_and_reconstructs(vae_dir):
     workdir, records = vae_dir
     assert records[-1]["loss"] < records[0]["loss"]
@@ -78,6 +83,7 @@ def latent_dit_dir(vae_dir, tmp_path_factory):
     return workdir
 
 
+@ONE_VAE
 def test_latent_dit_trains_on_a_frozen_vae_from_its_cache(latent_dit_dir):
     records, spec = latent_cache.paths(os.path.join(latent_dit_dir, "latents"), "train")
     assert os.path.isfile(records) and json.load(open(spec))["num_examples"] == 4000
@@ -85,6 +91,7 @@ def test_latent_dit_trains_on_a_frozen_vae_from_its_cache(latent_dit_dir):
     assert out.shape == (4, 16, 16, 1) and out.dtype == np.uint8
 
 
+@ONE_VAE
 def test_cached_latents_equal_on_the_fly_latents(vae_dir, latent_dit_dir):
     vae_workdir, _ = vae_dir
     fly = tasks.build(config_of("dit_latent", f"smoke=True,vae={vae_workdir}"))
@@ -128,6 +135,7 @@ def video_vae_dir(tmp_path_factory):
     return workdir, train(config_of("video_vae_moving_mnist"), workdir)
 
 
+@ONE_VIDEO_VAE
 def test_video_vae_trains_and_writes_a_gif(video_vae_dir):
     workdir, records = video_vae_dir
     assert records[-1]["loss"] < records[0]["loss"]
@@ -137,6 +145,7 @@ def test_video_vae_trains_and_writes_a_gif(video_vae_dir):
     assert out.shape == (4, 5, 32, 32, 1) and out.dtype == np.uint8
 
 
+@ONE_VIDEO_VAE
 def test_video_dit_trains_on_a_frozen_video_vae_and_samples_from_prompts(video_vae_dir, tmp_path):
     workdir = str(tmp_path)
     config = config_of("video_dit_moving_mnist", f"smoke=True,vae={video_vae_dir[0]}", *NO_SAMPLES)
@@ -171,6 +180,7 @@ def test_video_dit_trains_on_a_frozen_video_vae_and_samples_from_prompts(video_v
     np.testing.assert_allclose(out[:, :1], np.asarray(media.to_uint8(recon)), atol=1)
 
 
+@ONE_VIDEO_VAE
 def test_video_dit_builds_with_a_frozen_t5_text_encoder(video_vae_dir, tmp_path):
     """Fast form of the test below (nothing compiled): task.text_encoder = a transformers T5 folder
     gives a DiT cross-attending to d_model-wide states, no "text" params, the T5 in Task.frozen,
@@ -188,6 +198,7 @@ def test_video_dit_builds_with_a_frozen_t5_text_encoder(video_vae_dir, tmp_path)
 
 
 @pytest.mark.slow
+@ONE_VIDEO_VAE
 def test_video_dit_trains_with_a_frozen_t5_text_encoder(video_vae_dir, tmp_path):
     """task.text_encoder = a transformers T5 folder (tiny, random): 2 steps, the T5 params frozen
     (not trained, not in the checkpoint), restore and sample a prompt of its tokenizer's words; the
@@ -207,6 +218,7 @@ def test_video_dit_trains_with_a_frozen_t5_text_encoder(video_vae_dir, tmp_path)
     assert out.shape == (1, 5, 32, 32, 1) and out.dtype == np.uint8 and out.std() > 0
 
 
+@ONE_VIDEO_VAE
 def test_video_dit_cached_latents_equal_on_the_fly_latents(video_vae_dir, tmp_path):
     """data.latents=cache (the demo's DiT stage): the cache holds the VAE posterior and the caption
     tokens of every clip, in order, and the train step's latents from it equal encoding on the fly."""
@@ -370,6 +382,7 @@ def test_flow_config_errors_are_one_line_before_building(overrides, message):
         tasks.validate(config)
 
 
+@ONE_VIDEO_VAE
 def test_packed_video_dit_trains_on_mixed_sizes_resumes_exactly_and_samples_any_size(video_vae_dir, tmp_path):
     """packed=True: clips of 1, 5 and 9 frames on 32x32, 32x48 and 48x32 canvases, each encoded
     alone by the VAE and packed into 2 sequences of 512 latent tokens, train in one compiled step
@@ -401,6 +414,7 @@ def test_packed_video_dit_trains_on_mixed_sizes_resumes_exactly_and_samples_any_
     shutil.rmtree(resumed)
 
 
+@ONE_VIDEO_VAE
 def test_packed_latent_cache_gives_the_on_the_fly_batches(video_vae_dir, tmp_path):
     """data.latents=cache with packing: every clip's latents at its own size go once into a ragged
     cache, and the packed batches read from it equal the on-the-fly ones (same order, same packing)."""
