@@ -34,21 +34,15 @@ PROMPT, NEGATIVE = "the cat sat on the mat", "a dog ran"
 
 
 def _tokenizer(folder):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    """The tiny Unigram tokenizer of tests/models/test_t5.py, as the pipeline's tokenizer."""
+    import pathlib
+
     from transformers import PreTrainedTokenizerFast
 
-    words = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "s", "t", "c", "d", "o", "g", "n", "m", "r"]
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0 - i) for i, w in enumerate(words)] + [
-        (w, -5.0 - i) for i, w in enumerate(words)]
-    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
-    tok.normalizer = normalizers.Sequence([normalizers.Replace("  ", " ")])
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tok.add_special_tokens(["<pad>", "</s>", "<unk>"])
+    from tests.models.test_t5 import _tiny_tokenizer_file
+
     os.makedirs(folder, exist_ok=True)
-    tok.save(os.path.join(folder, "tokenizer.json"))
-    return PreTrainedTokenizerFast(tokenizer_file=os.path.join(folder, "tokenizer.json"), pad_token="<pad>",
+    return PreTrainedTokenizerFast(tokenizer_file=_tiny_tokenizer_file(pathlib.Path(folder)), pad_token="<pad>",
                                    eos_token="</s>", unk_token="<unk>")
 
 
