@@ -134,8 +134,8 @@ def test_sample_refuses_existing_out_before_restoring(tmp_path, monkeypatch, cap
 
 
 def test_metrics_nonfinite_is_null_and_flagged():
-    from genjax.train import trainer
+    from genjax.train import metrics_log
 
-    line = trainer.json_record({"step": 3, "loss": float("nan"), "grad_norm": np.float32("inf"), "lr": 0.1})
+    line = metrics_log.json_record({"step": 3, "loss": float("nan"), "grad_norm": np.float32("inf"), "lr": 0.1})
     assert json.loads(line, parse_constant=lambda c: pytest.fail(c)) == {
         "step": 3, "loss": None, "grad_norm": None, "lr": 0.1, "nonfinite": ["loss", "grad_norm"]}
