@@ -50,21 +50,43 @@ def validate(config) -> None:
 
 
 def build(config, *, mesh=None) -> Task:
-    from genjax.data import recipes
     from genjax.models import dit
-    from genjax.tasks import diffusion
 
+    x_shape, vae = inputs(config, mesh)
+    module = make_model(dit, dit.DiT, config.model, in_channels=x_shape[-1])
+    task = image_task(config, module, x_shape, vae)
+    if config.data.get("packing") is None:
+        return task
+    loss_fn, make_data = _packed(config, module, *vae[:2])
+    return task._replace(loss_fn=loss_fn, make_data=make_data, encode=None)
+
+
+def inputs(config, mesh):
+    """`(x_shape, (vae_module, vae_params, vae_path))` of the diffusion model's inputs: pixels
+    (task.vae empty: modules None) or the frozen VAE's latents."""
     size = config.data.image_size
     vae_path = config.get("task", {}).get("vae", "")
-    vae_module = vae_params = None  # pixel space
-    if vae_path:
-        vae_module, vae_params = load_frozen(vae_path, mesh=mesh, family_name="vae")
-        f = vae_module.downsample_factor
-        check(size % f == 0, "data.image_size", size, f"must be divisible by the VAE's downsampling factor {f}")
-        x_shape = (size // f, size // f, vae_module.latent_channels)
-    else:
-        x_shape = (size, size, config.data.channels)
-    module = make_model(dit, dit.DiT, config.model, in_channels=x_shape[-1])
+    if not vae_path:
+        return (size, size, config.data.channels), (None, None, "")
+    vae_module, vae_params = load_frozen(vae_path, mesh=mesh, family_name="vae")
+    f = vae_module.downsample_factor
+    check(size % f == 0, "data.image_size", size, f"must be divisible by the VAE's downsampling factor {f}")
+    return (size // f, size // f, vae_module.latent_channels), (vae_module, vae_params, vae_path)
+
+
+def image_task(config, module, x_shape, vae, *, denoise_kwargs=None) -> Task:
+    """The class-conditional image diffusion `Task` of a DiT-like `module` (called as
+    `module(x (B, *x_shape), t (B,), y (B,), train=..., **denoise_kwargs)`) on the inputs of
+    `inputs`: `tasks.diffusion.image_task` with the frozen VAE's encode / decode and data.
+    `denoise_kwargs(rng) -> (kwargs, rngs)` adds training-only call arguments and rng streams
+    (MDT's masked branch, `tasks.mdt`).
+
+    Raises:
+      UserError: model.patch_size not dividing the input side.
+    """
+    from genjax.data import recipes
+
+    vae_module, vae_params, vae_path = vae
     check(x_shape[0] % module.patch_size == 0, "model.patch_size", module.patch_size,
           f"must divide the model's input side {x_shape[0]}")
 
@@ -75,21 +97,20 @@ def build(config, *, mesh=None) -> Task:
     def denoise(params, x_t, t, y, rng):
         if rng is None:
             return module.apply({"params": params}, x_t, t, y).astype(jnp.float32)
-        return module.apply({"params": params}, x_t, t, y, train=True,
-                            rngs={"dropout": rng}).astype(jnp.float32)
+        kwargs, rngs = denoise_kwargs(rng) if denoise_kwargs else ({}, {})
+        return module.apply({"params": params}, x_t, t, y, train=True, rngs={"dropout": rng, **rngs},
+                            **kwargs).astype(jnp.float32)
 
     f = vae_module.downsample_factor if vae_module is not None else 1  # any multiple of f x patch samples
-    kw = dict(x_shape=x_shape, num_classes=int(module.num_classes), latent_factor=f, size_multiple=f * module.patch_size)
+    fixed_size = hasattr(module, "input_size")  # MDT's learnable positions: one input size
+    kw = dict(x_shape=x_shape, num_classes=int(module.num_classes), latent_factor=f,
+              size_multiple=0 if fixed_size else f * module.patch_size)
     encode = decode = None
     make_data = recipes.pixel_data(config)
     if vae_path:
         encode, decode, make_data = diffusion.latent_fns(config, vae_module, vae_params, vae_path, "image")
-    task = diffusion.image_task(config, module, init_params, denoise, make_data=make_data, encode=encode,
+    return diffusion.image_task(config, module, init_params, denoise, make_data=make_data, encode=encode,
                                 decode=decode, **kw)
-    if config.data.get("packing") is None:
-        return task
-    loss_fn, make_data = _packed(config, module, vae_module, vae_params)
-    return task._replace(loss_fn=loss_fn, make_data=make_data, encode=None)
 
 
 def _packed(config, module, vae_module, vae_params):
