@@ -17,8 +17,8 @@ class in `samples/step_020000.png`, training loss around 0.03-0.05 (eps-MSE + VB
 `objective=flow` trains rectified flow instead (velocity target, logit-normal timesteps, no
 learned variance; `configs/common.py:diffusion`) and samples with Euler; `objective=v` v-prediction.
 `mdt=True` trains the Masked Diffusion Transformer instead (task "mdt", `genjax.models.mdt`; Gao
-et al. 2023, MDTv2): the same sizes with half the blocks as decoder (decode_layers = depth // 2, as
-the official S/2 flags), one side-interpolator block, 30 % of the tokens masked in the second,
+et al. 2023, MDTv2): the same sizes with half the blocks as decoder (decode_layers None = depth // 2 rounded down to
+an even encoder, as the official S/2 flags), one side-interpolator block, 30 % of the tokens masked in the second,
 masked branch of every step (experiments/mdt_mnist compares it with the DiT at equal compute).
 `packed=True` trains NaViT-packed (Dehghani et al. 2023): every image at its own size and aspect,
 resized down only to fit data.packing.seq_len patches, packed with others into data.batch_size
@@ -58,7 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         name="dit", **dit.VARIANTS[a.variant], num_classes=10, class_dropout_prob=0.1,
         learn_sigma=a.objective != "flow" and not a.packed, dtype="bfloat16", scan=False, remat="none"))
     if a.mdt:  # MDTv2 (Gao et al. 2023): DiT blocks + long skips + side-interpolator, 30 % masked
-        c.model.update(name="mdt", decode_layers=c.model.depth // 2, side_layers=1, mask_ratio=0.3)
+        c.model.update(name="mdt", decode_layers=ml_collections.config_dict.placeholder(int), side_layers=1,
+                       mask_ratio=0.3)  # decode_layers None: depth // 2
         del c.model["scan"], c.model["remat"]
     c.diffusion = common.diffusion(a.objective)
     c.optim = common.optim(lr=1e-4)
@@ -72,8 +73,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.log_every_steps = 1
         c.data.batch_size = 16
         c.model.update(patch_size=4, hidden_size=32, depth=2, num_heads=2, dtype="float32")
-        if a.mdt:
-            c.model.update(decode_layers=0)
         c.optim.update(lr=1e-3, ema_decay=0.99)
         c.ckpt.update(save_interval_steps=10, max_to_keep=2)
         c.eval.update(sample_every_steps=0, num_samples=8, num_sampling_steps=5)

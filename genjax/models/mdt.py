@@ -66,7 +66,9 @@ class MDT(nn.Module):
       num_classes with the null class at id num_classes, class_dropout_prob, learn_sigma,
       out_channels, frequency_embedding_size, attention_impl, dtype, param_dtype), and
       input_size: H = W of the inputs the learnable position embeddings are made for.
-      decode_layers: decoder blocks (the official flags: 6 for S/2, 4 for XL/2); the encoder has depth - decode_layers blocks, half without and half with long skips.
+      decode_layers: decoder blocks (the official flags: 6 for S/2, 4 for XL/2); the encoder has
+        depth - decode_layers blocks, half without and half with long skips. None: the largest
+        count <= depth / 2 that leaves an even encoder (`num_decode_layers`).
       side_layers: side-interpolator blocks (1 in MDT).
       mask_ratio: share of tokens dropped in the masked branch (MDTv2 flag 0.3; fixed, see above).
     """
@@ -83,12 +85,20 @@ class MDT(nn.Module):
     learn_sigma: bool = True
     out_channels: int | None = None
     frequency_embedding_size: int = 256
-    decode_layers: int = 2
+    decode_layers: int | None = None
     side_layers: int = 1
     mask_ratio: float = 0.3
     attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+
+    @property
+    def num_decode_layers(self) -> int:
+        """decode_layers, or for None the largest d <= depth // 2 with depth - d even."""
+        if self.decode_layers is not None:
+            return self.decode_layers
+        d = self.depth // 2
+        return d - (self.depth - d) % 2
 
     @property
     def out_dim(self) -> int:
@@ -120,8 +130,9 @@ class MDT(nn.Module):
         check(x.ndim == 4 and x.shape[1:] == (s, s, self.in_channels), "x.shape", tuple(x.shape),
               f"must be (B, {s}, {s}, {self.in_channels}) (input_size, in_channels)")
         check(s % p == 0, "input_size", s, f"must be divisible by patch_size={p}")
-        enc = self.depth - self.decode_layers
-        check(0 <= self.decode_layers <= self.depth and enc % 2 == 0, "decode_layers", self.decode_layers,
+        decode_layers = self.num_decode_layers
+        enc = self.depth - decode_layers
+        check(0 <= decode_layers <= self.depth and enc % 2 == 0, "decode_layers", decode_layers,
               f"must be in [0, depth={self.depth}] with depth - decode_layers even (two halves of long skips)")
         b, grid = x.shape[0], (s // p, s // p)
         check(jnp.shape(t) in ((), (b,)), "t.shape", jnp.shape(t), f"must be ({b},) or ()")
@@ -171,7 +182,7 @@ class MDT(nn.Module):
             if self.is_initializing():  # the side-interpolator's params exist for the masked branch
                 for block in side:
                     block(h, c)
-        for i in range(self.decode_layers):
+        for i in range(decode_layers):
             h = DiTBlock(**block_kw, name=f"de_blocks_{i}")(skip(f"de_blocks_{i}_skip", h, input_skip), c)
         out = FinalLayer(p * p * self.out_dim, **kw, name="final_layer")(h, c)
         return unpatchify(out, grid, (p, p)).astype(jnp.float32)
