@@ -22,10 +22,13 @@ def _model(**kw):
 
 def _random_params(model, x, t, y, seed=0):
     """Params with every leaf random (adaLN-Zero's zero init would make the output constant)."""
-    params = model.init(jax.random.key(seed), x, t, y)["params"]
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    return jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, a.shape) for k, a in zip(keys, leaves)])
+    @jax.jit
+    def init(key):
+        leaves, tree = jax.tree.flatten(model.init(key, x, t, y)["params"])
+        keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+        return jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, a.shape) for k, a in zip(keys, leaves)])
+
+    return init(jax.random.key(seed))
 
 
 def _inputs():
@@ -56,8 +59,9 @@ def test_masked_branch_at_ratio_zero_is_the_full_branch():
     model = _model(mask_ratio=0.0)
     x, t, y = _inputs()
     params = {"params": _random_params(model, x, t, y)}
-    full = model.apply(params, x, t, y)
-    masked = model.apply(params, x, t, y, enable_mask=True, rngs={"mask": jax.random.key(5)})
+    apply = jax.jit(model.apply, static_argnames="enable_mask")
+    full = apply(params, x, t, y)
+    masked = apply(params, x, t, y, enable_mask=True, rngs={"mask": jax.random.key(5)})
     assert float(jnp.max(jnp.abs(full))) > 1e-2
     np.testing.assert_allclose(masked, full, atol=2e-5, rtol=2e-5)
 
@@ -73,12 +77,12 @@ def test_side_interpolator_never_reads_a_masked_patch():
     def out(x):
         return jnp.sum(model.apply(params, x, t, y, enable_mask=True, rngs={"mask": jax.random.key(3)}) ** 2)
 
-    g = np.asarray(jax.grad(out)(x))  # (2, 8, 8, 1) -> per patch (2, 16)
+    g = np.asarray(jax.jit(jax.grad(out))(x))  # (2, 8, 8, 1) -> per patch (2, 16)
     per_patch = np.abs(g).reshape(2, 4, 2, 4, 2).sum(axis=(2, 4)).reshape(2, 16)
     for b in range(2):
         assert np.sum(per_patch[b] == 0) == 8, per_patch[b]
         assert np.all(per_patch[b][per_patch[b] != 0] > 1e-8)
-    full = jax.grad(lambda x: jnp.sum(model.apply(params, x, t, y) ** 2))(x)
+    full = jax.jit(jax.grad(lambda x: jnp.sum(model.apply(params, x, t, y) ** 2)))(x)
     assert np.all(np.abs(np.asarray(full)).reshape(2, 4, 2, 4, 2).sum(axis=(2, 4)) > 0)
 
 
@@ -97,14 +101,14 @@ def test_mdt_trains_through_the_trainer_and_samples(tmp_path):
     from genjax.config import load_config
     from genjax.train import trainer
 
-    config = load_config(os.path.join(ROOT, "configs", "dit_mnist.py") + ":smoke=True,mdt=True,steps=3",
+    config = load_config(os.path.join(ROOT, "configs", "dit_mnist.py") + ":smoke=True,mdt=True,steps=2",
                          ["--config.mesh.data=1"])
     assert config.model.name == "mdt"
     workdir = str(tmp_path / "mdt")
     trainer.main(config, workdir, devices=jax.devices()[:1])
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     steps = [r for r in records if "loss" in r]
-    assert len(steps) == 3
+    assert len(steps) == 2
     for r in steps:
         assert r["loss"] == pytest.approx(r["full_loss"] + r["masked_loss"], rel=1e-5)
     out = str(tmp_path / "s.npz")
