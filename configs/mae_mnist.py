@@ -73,7 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.update({k: v for k, v in mae.VARIANTS["tiny"].items() if k not in ("in_channels", "mask_ratio")})
         if a.video:
             c.model.update(patch_size=(2, 4, 4))
-        c.task.update(eval_examples=16, probe_train=32)
+        c.task.update(eval_examples=16, probe_train=16)  # the same count: one compile of the features
         c.optim.update(lr=1e-3, warmup_steps=0)
         c.ckpt.update(save_interval_steps=3)
         c.eval.update(sample_every_steps=3, num_samples=4)

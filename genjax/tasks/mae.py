@@ -185,7 +185,7 @@ def build(config, *, mesh=None) -> Task:
         out = {"masked_mse": float(sum(p[0] for p in parts) / sum(p[1] for p in parts))}
         if t["probe_train"]:
             if not random_init:
-                random_init["accuracy"] = probe(nn.meta.unbox(init_params(jax.random.PRNGKey(config.seed))))
+                random_init["accuracy"] = probe(nn.meta.unbox(jax.jit(init_params)(jax.random.PRNGKey(config.seed))))
             out.update(probe_accuracy=probe(params), probe_accuracy_random_init=random_init["accuracy"])
         return out
 
