@@ -127,7 +127,7 @@ def test_vivit_starts_from_the_mae_encoder(mae_workdir):
                          ["--config.mesh.data=1", "--config.eval.num_samples=8"])
     assert config.model.attention == "joint" and tuple(config.model.patch_size) == (1, 4, 4)
     task = tasks.build(config)
-    params = nn.meta.unbox(task.init_params(jax.random.PRNGKey(0)))
+    params = nn.meta.unbox(jax.jit(task.init_params)(jax.random.PRNGKey(0)))
     source = checkpoint.restore_ema(mae_workdir)
     for name in ("tubelet_embed", "encoder"):
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(params[name]), jax.device_get(source[name]))
