@@ -156,7 +156,11 @@ def test_vivit_starts_from_the_mae_encoder(mae_workdir):
     source = checkpoint.restore_ema(mae_workdir)
     for name in ("tubelet_embed", "encoder"):
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(params[name]), jax.device_get(source[name]))
+    def config_with(override):
+        return load_config(os.path.join(ROOT, "configs", "vivit_moving_mnist.py") + f":smoke=True,pretrained={mae_workdir}",
+                           ["--config.mesh.data=1", "--config.eval.num_samples=8", override])
+
     with pytest.raises(UserError, match=r"task\.pretrained.*encoder/blocks_0/.*shape"):
-        tasks.build(load_config(os.path.join(ROOT, "configs", "vivit_moving_mnist.py") +
-                                f":smoke=True,pretrained={mae_workdir}",
-                                ["--config.mesh.data=1", "--config.eval.num_samples=8", "--config.model.mlp_dim=64"]))
+        tasks.build(config_with("--config.model.mlp_dim=64"))
+    with pytest.raises(UserError, match=r"model\.attention='factorised_encoder'.*task\.pretrained"):
+        tasks.validate(config_with("--config.model.attention=factorised_encoder"))
