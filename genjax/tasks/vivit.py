@@ -39,9 +39,11 @@ def validate(config) -> None:
     check(is_model_dir(path), "task.pretrained", path, "must be an MAE workdir (genjax train with model.name=mae)")
     name = checkpoint.read_config(path).get("model", {}).get("name")
     check(name == "mae", "task.pretrained", path, f"was trained with model.name={name!r}, not 'mae'")
+    from genjax.models.vivit import ViViTClassifier
+
     for key, want, why in (("attention", "joint", "the MAE encoder attends jointly over its visible tubelets"),
                            ("pos_embed", "sincos", "the MAE encoder was trained with fixed sin-cos positions")):
-        value = config.model.get(key)
+        value = config.model.get(key, getattr(ViViTClassifier, key))  # the class default when unset
         check(value == want, f"model.{key}", value, f"must be {want!r} with task.pretrained ({why})")
 
 
