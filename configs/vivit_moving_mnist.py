@@ -6,6 +6,11 @@ on eval.num_samples held-out clips every eval.sample_every_steps.
     genjax train --config configs/vivit_moving_mnist.py --workdir runs/vivit_mm
     genjax train --config configs/vivit_moving_mnist.py:attention=joint --workdir runs/vivit_mm_joint
     genjax train --config configs/vivit_moving_mnist.py:smoke=True --workdir /tmp/vivit_smoke
+    genjax train --config configs/vivit_moving_mnist.py:pretrained=runs/videomae_mm --workdir runs/vivit_mae
+
+pretrained=WORKDIR: fine-tune from an MAE run (configs/mae_mnist.py, task "mae"): task.pretrained
+= WORKDIR, joint attention and sin-cos positions, and the encoder sizes and tubelet of that run's
+config.json (its `tubelet_embed` and `encoder` params initialise the classifier's).
 
 Data: procedural Moving MNIST (`genjax.data.sources.MovingMnistSource`), one real MNIST digit
 bouncing in a 64 x 64 canvas for 16 frames, pixels scaled to [-1, 1]; the label is the digit.
@@ -36,8 +41,22 @@ from genjax.errors import check
 from genjax.models import vivit
 
 
+# The MAE model fields that shape its encoder (`genjax.models.mae.MAE`), copied by pretrained=.
+MAE_ENCODER = ("patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim", "scan")
+
+
+def _from_mae(c: ml_collections.ConfigDict, path: str) -> None:
+    """Set c.task.pretrained = path, joint attention, sin-cos positions and the MAE's encoder sizes."""
+    from genjax.io import checkpoint
+
+    saved = checkpoint.read_config(path).model
+    c.task = ml_collections.ConfigDict(dict(pretrained=path))
+    c.model.update(attention="joint", pos_embed="sincos",
+                   **{k: tuple(saved[k]) if k == "patch_size" else saved[k] for k in MAE_ENCODER if k in saved})
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = parse_arg(arg, smoke=False, attention="factorised_encoder")
+    a = parse_arg(arg, smoke=False, attention="factorised_encoder", pretrained="")
     check(a.attention in vivit.ATTENTION_KINDS, "attention", a.attention, f"must be one of {vivit.ATTENTION_KINDS}")
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -52,6 +71,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         name="vivit", **{**vivit.VARIANTS["Ti"], "patch_size": (2, 8, 8), "max_grid": (8, 8, 8)},
         in_channels=1, num_classes=10, attention=a.attention, pos_embed="learned", pool="mean",
         dtype="bfloat16", scan=False, remat="none"))
+    if a.pretrained:
+        _from_mae(c, a.pretrained)
     c.optim = common.optim(lr=1e-3, schedule="cosine", warmup_steps=500, weight_decay=0.05, ema_decay=0.999)
     c.mesh = common.mesh()
     c.ckpt = common.ckpt(save_interval_steps=1000, max_to_keep=2)
@@ -62,6 +83,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.log_every_steps = 10
         c.data.update(batch_size=16, image_size=32, num_frames=8, num_examples=2048)
         c.model.update(**vivit.VARIANTS["smoke"], dtype="float32")
+        if a.pretrained:
+            _from_mae(c, a.pretrained)
         c.optim.update(lr=3e-3, schedule="constant", warmup_steps=0, weight_decay=0.0, grad_clip_norm=0.0,
                        ema_warmup=True)  # EMA decay (1 + n) / (10 + n): ~0.98 at step 400
         c.ckpt.update(save_interval_steps=200, max_to_keep=1)

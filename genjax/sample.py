@@ -4,6 +4,7 @@
         [--steps 50] [--cfg-scale 4] [--sampler ddim] [--frames 8] [--height 32] [--width 32]
         [--init-frame first.png]
     genjax sample --workdir runs/dit_mnist --class-label 3 --num 8 --out threes.npz
+    genjax sample --workdir runs/mae_mnist --class-label 3 --num 4 --out mae3.npz  # reconstructions
     genjax convert --from diffusers --model dit DiT-XL-2-256/transformer --out runs/dit_xl2
     genjax convert --from diffusers --model vae DiT-XL-2-256/vae --out runs/sd_vae
     genjax sample --workdir runs/dit_xl2 --vae runs/sd_vae --class-label 207 --num 2 --out dit_xl2.npz
@@ -12,7 +13,8 @@
         --width 832 --steps 50 --cfg-scale 5 [--negative-prompt "blurry"] --out cat.mp4
 
 The workdir is a `genjax train` run (any task with samples: video_dit with --prompt; dit, unet
-with --class-label), a `genjax demo` workdir (its `dit/` stage is a video_dit run), or a
+with --class-label; mae: [original | masked | reconstruction] of held-out examples of each
+--class-label, images or videos), a `genjax demo` workdir (its `dit/` stage is a video_dit run), or a
 `genjax convert` folder of a diffusers `DiTTransformer2DModel` (with `--vae`: a converted
 `AutoencoderKL` or a trained VAE workdir), an unconditional `UNet2DModel`, or a diffusers Wan 2.1
 text-to-video pipeline (`tasks/wan.py`: flow Euler with the pipeline's shift and CFG against
@@ -35,7 +37,7 @@ import numpy as np
 from genjax.errors import check
 
 VIDEO_MODELS = ("video_dit", "wan")
-IMAGE_MODELS = ("dit", "unet", "mdt")
+IMAGE_MODELS = ("dit", "unet", "mdt", "mae")  # mae: reconstructions of held-out examples of the given classes
 # Converted checkpoints carry no training config: the schedule both papers trained with.
 PAPER_DIFFUSION = dict(schedule="linear", num_timesteps=1000, prediction_type="epsilon", weighting="none")
 PAPER_EVAL = dict(sample_every_steps=0, num_samples=1, sampler="ddim", num_sampling_steps=50, cfg_scale=4.0)
@@ -259,7 +261,8 @@ def main(args) -> int:
         samples = task.sample_fn(params, jax.random.PRNGKey(args.seed), captions, init_frames=first,
                                  num_frames=args.frames, height=args.height, width=args.width, **kw)
     else:
-        num_classes = int(config.task.get("num_classes", 0) if name == "unet" else config.model.get("num_classes", 0))
+        num_classes = int(config.task.get("num_classes", 0) if name in ("unet", "mae")
+                          else config.model.get("num_classes", 0))
         if num_classes:
             given = args.class_label or list(range(min(num_classes, 10)))
             check(all(0 <= y < num_classes for y in given), "--class-label", given,

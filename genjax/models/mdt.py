@@ -3,7 +3,7 @@ Image Synthesizer", arXiv:2303.14389), in the MDTv2 form of the official code (s
 `masked_diffusion/models.py: MDTv2`), built from the DiT's adaLN-Zero blocks (`dit.DiTBlock`).
 
   x (B, H, W, C) -> PatchEmbed + pos_embed (learnable, sin-cos initialised)   -> (B, L, D) "input_skip"
-  [training, masked branch: keep a random (1 - mask_ratio) share of the tokens (`random_masking`)]
+  [training, masked branch: keep a random (1 - mask_ratio) share of the tokens (`mae.random_masking`)]
   en_inblocks:  (depth - decode_layers) // 2 DiTBlocks, outputs pushed on a stack
   en_outblocks: as many DiTBlocks, each after Dense(concat(x, stack.pop()))   (U-ViT long skips)
   [masked branch: side-interpolator: mask tokens at the dropped places, + decoder_pos_embed,
@@ -34,28 +34,10 @@ from genjax.errors import check
 from genjax.models.adaln import FinalLayer, cfg_drop, check_labels, embed_labels
 from genjax.models.dit import DiTBlock
 from genjax.models.layers import PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, unpatchify
+from genjax.models.mae import random_masking
 
 Dtype = Any
 Array = jax.Array
-
-
-def random_masking(rng: Array, batch: int, length: int, mask_ratio: float) -> tuple[Array, Array, Array]:
-    """Per-example random subset of tokens to keep, by argsort of uniform noise (MAE / MDT
-    `random_masking`).
-
-    Returns `(ids_keep (B, K), ids_restore (B, L), mask (B, L))`: K = round(L * (1 - mask_ratio))
-    >= 1 kept token indices (in shuffled order); `take(concat(kept, dropped), ids_restore)` puts
-    tokens back in place; mask float32, 1 = dropped, 0 = kept.
-
-    Raises: UserError unless 0 <= mask_ratio < 1.
-    """
-    check(0 <= mask_ratio < 1, "mask_ratio", mask_ratio, "must be in [0, 1)")
-    keep = max(1, round(length * (1 - mask_ratio)))
-    ids_shuffle = jnp.argsort(jax.random.uniform(rng, (batch, length)), axis=1)
-    ids_restore = jnp.argsort(ids_shuffle, axis=1)
-    mask = jnp.take_along_axis((jnp.arange(length) >= keep).astype(jnp.float32)[None].repeat(batch, 0),
-                               ids_restore, axis=1)
-    return ids_shuffle[:, :keep], ids_restore, mask
 
 
 class MDT(nn.Module):
@@ -160,7 +142,7 @@ class MDT(nn.Module):
         mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, d), self.param_dtype)
         input_skip = h
         if enable_mask:
-            ids_keep, ids_restore, mask = random_masking(self.make_rng("mask"), b, h.shape[1], self.mask_ratio)
+            ids_keep, mask, ids_restore = random_masking(self.make_rng("mask"), b, h.shape[1], self.mask_ratio)
             h = jnp.take_along_axis(h, ids_keep[..., None], axis=1)
         skips = []
         for i in range(enc // 2):

@@ -36,23 +36,6 @@ def _inputs():
     return x, jnp.array([10, 700]), jnp.array([3, 7])
 
 
-def test_random_masking_keeps_k_tokens_and_restores_order():
-    ids_keep, ids_restore, mask = mdt.random_masking(jax.random.key(0), 3, 10, 0.3)
-    assert ids_keep.shape == (3, 7) and ids_restore.shape == (3, 10)
-    for b in range(3):
-        np.testing.assert_array_equal(np.sort(np.asarray(ids_keep[b])), np.flatnonzero(np.asarray(mask[b]) == 0))
-        tokens = np.arange(10) * 10.0  # shuffle (kept then dropped) and restore
-        shuffled = np.concatenate([tokens[np.asarray(ids_keep[b])],
-                                   tokens[np.setdiff1d(np.arange(10), np.asarray(ids_keep[b]))]])
-        # ids_restore inverts the full shuffle (argsort of noise): the kept part is its first 7
-        full = np.argsort(np.asarray(ids_restore[b]))
-        np.testing.assert_array_equal(full[:7], np.asarray(ids_keep[b]))
-        np.testing.assert_array_equal(tokens[full][np.asarray(ids_restore[b])], tokens)
-    assert shuffled.shape == (10,)
-    with pytest.raises(UserError, match="mask_ratio"):
-        mdt.random_masking(jax.random.key(0), 1, 10, 1.0)
-
-
 def test_masked_branch_at_ratio_zero_is_the_full_branch():
     """With nothing masked the shuffle is undone exactly and the masked shortcut keeps every input
     of the side-interpolator, so the masked branch computes the full branch."""

@@ -238,6 +238,7 @@ CONFIG_ARGS = {
     "video_dit_moving_mnist.py": [None, "packed=True,objective=flow", "smoke=True,packed=True"],
     "dit_mnist.py": [None, "objective=flow", "objective=v"],
     "unet_mnist.py": [None, "objective=flow"],
+    "mae_mnist.py": [None, "cpu=True", "video=True", "video=True,cpu=True", "video=True,smoke=True"],
 }
 
 
