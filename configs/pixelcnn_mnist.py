@@ -54,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.update(pixelcnn.VARIANTS["tiny"])
         c.task.update(eval_examples=8, eval_samples=10)
         c.ckpt.update(save_interval_steps=2, max_to_keep=1)
-        c.eval.update(sample_every_steps=4, num_samples=4)
+        c.eval.update(sample_every_steps=4, num_samples=10)  # = eval_samples: one compile
     if a.steps:
         c.num_steps = a.steps
     c.lock()
