@@ -71,9 +71,10 @@ def mask_support(kernel_size: int, mask_type: str) -> tuple[tuple[int, int], tup
 
 class MaskedConv(nn.Module):
     """The `kernel_size` x `kernel_size` SAME convolution whose kernel is masked by `mask_type`
-    (`mask_support`), stored and computed on the support: kernel `(r1 - r0 + 1, c1 - c0 + 1, C_in,
-    features)`, padding `((k - r0, r1 - k), (k - c0, c1 - k))` (k = kernel_size // 2; a negative
-    pad crops). `(B, H, W, C_in) -> (B, H, W, features)`."""
+    (`mask_support`), stored and computed on the support only: kernel `(r1 - r0 + 1, c1 - c0 + 1,
+    C_in, features)` (HWIO), bias `(features,)`; output (r, c) = bias + sum over the support of
+    x[r + i - k, c + j - k] K[i - r0, j - c0] (k = kernel_size // 2, zeros outside the image), as
+    an im2col matmul. `(B, H, W, C_in) -> (B, H, W, features)` in `dtype`."""
 
     features: int
     kernel_size: int

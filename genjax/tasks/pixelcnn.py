@@ -49,10 +49,11 @@ def _task(config) -> dict:
 
 def validate(config) -> None:
     """Raises UserError (before anything is built): data.channels != 1; task.eval_examples < 1;
-    task.eval_samples < 0; eval.temperature <= 0; model.num_classes > 0 with task.eval_samples
+    task.eval_samples < 0; model.channels < 1; eval.temperature <= 0; model.num_classes > 0 with task.eval_samples
     > 0 and fewer than 10 classes (the digit classifier reads 10 digits); a non-odd or < 3
     kernel size."""
     t, m = _task(config), config.model
+    check(int(m.get("channels", 64)) >= 1, "model.channels", m.get("channels"), "must be >= 1")
     check(config.data.channels == 1, "data.channels", config.data.channels,
           "must be 1 (the PixelCNN models binarised grayscale digits)")
     check(t["eval_examples"] >= 1, "task.eval_examples", t["eval_examples"], "must be >= 1")
