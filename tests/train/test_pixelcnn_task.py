@@ -1,7 +1,7 @@
 """Task "pixelcnn": the loss is the Bernoulli NLL of the thresholded digits (numpy), the sampler
 draws every pixel from the model's own conditional (redrawn from the full forward with the same
-keys it gives the same image), config errors, and end to end through `trainer.main` and
-`genjax sample` (smoke config)."""
+keys it gives the same image), and end to end through `trainer.main` and
+`genjax sample` (smoke config). Its config errors are rows of tests/bad_inputs/config.py."""
 
 import math
 import os
@@ -67,15 +67,6 @@ def test_sampler_draws_each_pixel_from_the_models_conditional():
     np.testing.assert_array_equal(np.asarray(redraw(keys, logits)).reshape(3, h, w), np.asarray(x[..., 0]))
     flipped = redraw(keys, -logits)  # the same keys on other conditionals give another image
     assert not np.array_equal(np.asarray(flipped).reshape(3, h, w), np.asarray(x[..., 0]))
-
-
-def test_config_errors_before_build():
-    for overrides, field in ((["--config.data.channels=3"], "data.channels"),
-                             (["--config.eval.temperature=0.0"], "eval.temperature"),
-                             (["--config.model.kernel_size=4"], "model.kernel_size"),
-                             (["--config.model.num_classes=0"], "task.eval_samples")):
-        with pytest.raises(UserError, match=field):
-            tasks.validate(config_of(*overrides))
 
 
 def test_pixelcnn_trains_end_to_end_and_samples_through_the_cli(tmp_path):
