@@ -89,7 +89,7 @@ PIXELCNN = [
     ("pixelcnn three channels", "pixelcnn_mnist", "c.data.channels = 3", r"data\.channels=3: must be 1"),
     ("pixelcnn temperature zero", "pixelcnn_mnist", "c.eval.temperature = 0.0", r"eval\.temperature=0\.0: must be > 0"),
     ("pixelcnn digit accuracy without classes", "pixelcnn_mnist", "c.model.num_classes = 0",
-     r"task\.eval_samples=100: must be 0 when model\.num_classes=0"),
+     r"task\.eval_samples=10: must be 0 when model\.num_classes=0"),
 ]
 
 
