@@ -17,7 +17,7 @@ pixel: type "A", the centre excluded, in the first layer; type "B", centre inclu
     g     = tanh(h_pre_f + V_f y) * sigmoid(h_pre_g + V_g y)         y a learned class embedding)
     h'    = h + O_l(g)   (no residual in layer 0, whose input is the image)
     skip += S_l(g)
-    logits = C_2(relu(C_1(relu(skip))))      (ReLU - 1x1 - ReLU - 1x1 head, PixelRNN Sec. 5.2)
+    logits = C_2(relu(C_1(relu(skip))))      (the ReLU - 1x1 conv output layers of PixelRNN, Table 2)
 
 The vertical stack sees its own row, so it reaches the horizontal stack only through the shift by
 one row down: pixel (r, c) then depends on rows < r through the vertical stack and on (r, c' < c)
