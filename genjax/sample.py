@@ -12,9 +12,10 @@
     genjax sample --workdir runs/wan --prompt "a cat on a skateboard" --num 1 --frames 33 --height 480 \
         --width 832 --steps 50 --cfg-scale 5 [--negative-prompt "blurry"] --out cat.mp4
 
-The workdir is a `genjax train` run (any task with samples: video_dit with --prompt; dit, unet
-with --class-label; mae: [original | masked | reconstruction] of held-out examples of each
---class-label, images or videos), a `genjax demo` workdir (its `dit/` stage is a video_dit run), or a
+The workdir is a `genjax train` run (any task with samples: video_dit with --prompt; dit, mdt,
+unet, pixelcnn with --class-label; mae: [original | masked | reconstruction] of held-out examples
+of each --class-label, images or videos), a `genjax demo` workdir (its `dit/` stage is a
+video_dit run), or a
 `genjax convert` folder of a diffusers `DiTTransformer2DModel` (with `--vae`: a converted
 `AutoencoderKL` or a trained VAE workdir), an unconditional `UNet2DModel`, or a diffusers Wan 2.1
 text-to-video pipeline (`tasks/wan.py`: flow Euler with the pipeline's shift and CFG against
@@ -37,7 +38,7 @@ import numpy as np
 from genjax.errors import check
 
 VIDEO_MODELS = ("video_dit", "wan")
-IMAGE_MODELS = ("dit", "unet", "mdt", "mae")  # mae: reconstructions of held-out examples of the given classes
+IMAGE_MODELS = ("dit", "unet", "mdt", "mae", "pixelcnn")
 # Converted checkpoints carry no training config: the schedule both papers trained with.
 PAPER_DIFFUSION = dict(schedule="linear", num_timesteps=1000, prediction_type="epsilon", weighting="none")
 PAPER_EVAL = dict(sample_every_steps=0, num_samples=1, sampler="ddim", num_sampling_steps=50, cfg_scale=4.0)

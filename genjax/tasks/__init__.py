@@ -12,6 +12,7 @@ returning a `Task`, and `make_module(config)` returning its Flax module.
     vqvae      VQ-VAE (loss-trained or EMA codebook, dead-code restarts)         tasks/vqvae.py
     mdt        Masked Diffusion Transformer: task "dit" + a masked branch        tasks/mdt.py
     mae        MAE / VideoMAE masked-autoencoder pre-training, linear probe      tasks/mae.py
+    pixelcnn   class-conditional gated PixelCNN on binarised images              tasks/pixelcnn.py
 
 `build` picks the module by name (`importlib.import_module(f"genjax.tasks.{name}")`, as
 big_vision picks models). The model section goes to the module verbatim (`model_kwargs`):
@@ -38,12 +39,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from genjax.errors import check
 
-MODEL_NAMES = ("dit", "unet", "vae", "video_vae", "clip", "video_dit", "vivit", "wan", "vqvae", "mdt", "mae")
+MODEL_NAMES = ("dit", "unet", "vae", "video_vae", "clip", "video_dit", "vivit", "wan", "vqvae", "mdt", "mae", "pixelcnn")
 # The Linen class in genjax.models.<name> that each family's build passes to make_model: its
 # attributes are the model section's allowed keys (checked early by check_keys).
 MODEL_CLASSES = {"dit": "DiT", "unet": "UNet", "vae": "AutoencoderKL", "video_vae": "VideoAutoencoderKL",
                  "clip": "CLIP", "video_dit": "VideoDiT", "vivit": "ViViTClassifier",
-                 "wan": "WanTransformer", "vqvae": "VQVAE", "mdt": "MDT", "mae": "MAE"}
+                 "wan": "WanTransformer", "vqvae": "VQVAE", "mdt": "MDT", "mae": "MAE", "pixelcnn": "GatedPixelCNN"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 

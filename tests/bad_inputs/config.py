@@ -82,6 +82,16 @@ VQVAE = [
      r"task\.restart_treshold: unknown key in config\.task \(did you mean 'restart_threshold'\?"),
 ]
 
+# the gated PixelCNN task (issue 17 item 4)
+PIXELCNN = [
+    ("pixelcnn kernel size even", "pixelcnn_mnist", "c.model.kernel_size = 4",
+     r"model\.kernel_size=4: must be an odd integer >= 3"),
+    ("pixelcnn three channels", "pixelcnn_mnist", "c.data.channels = 3", r"data\.channels=3: must be 1"),
+    ("pixelcnn temperature zero", "pixelcnn_mnist", "c.eval.temperature = 0.0", r"eval\.temperature=0\.0: must be > 0"),
+    ("pixelcnn digit accuracy without classes", "pixelcnn_mnist", "c.model.num_classes = 0",
+     r"task\.eval_samples=10: must be 0 when model\.num_classes=0"),
+]
+
 
 def _tfds_video_channels():
     import ml_collections
@@ -214,7 +224,7 @@ def cases(workspace: Path) -> list[Case]:
     workspace.mkdir(parents=True, exist_ok=True)
     workdir = str(workspace / "w")
     rows = _text_encoder_rows(workspace, workdir)
-    for i, (name, base, statement, message) in enumerate(TYPOS + VIDEO_DATA + VQVAE):
+    for i, (name, base, statement, message) in enumerate(TYPOS + VIDEO_DATA + VQVAE + PIXELCNN):
         path = _derived_config(workspace, i, base, statement)
         rows.append(Case(name, ["train", "--config", str(path), "--workdir", workdir], 2,
                          r"^genjax train: error: " + message))
