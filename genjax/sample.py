@@ -35,7 +35,7 @@ import numpy as np
 from genjax.errors import check
 
 VIDEO_MODELS = ("video_dit", "wan")
-IMAGE_MODELS = ("dit", "unet")
+IMAGE_MODELS = ("dit", "unet", "var")
 # Converted checkpoints carry no training config: the schedule both papers trained with.
 PAPER_DIFFUSION = dict(schedule="linear", num_timesteps=1000, prediction_type="epsilon", weighting="none")
 PAPER_EVAL = dict(sample_every_steps=0, num_samples=1, sampler="ddim", num_sampling_steps=50, cfg_scale=4.0)

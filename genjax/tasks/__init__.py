@@ -10,6 +10,7 @@ returning a `Task`, and `make_module(config)` returning its Flax module.
     vivit      ViViT video classifier                                            tasks/vivit.py
     wan        Wan 2.1 text-to-video from a converted diffusers pipeline (sampling) tasks/wan.py
     vqvae      VQ-VAE (loss-trained or EMA codebook, dead-code restarts)         tasks/vqvae.py
+    var        VAR next-scale prediction on a frozen multi-scale VQ-VAE's tokens  tasks/var.py
 
 `build` picks the module by name (`importlib.import_module(f"genjax.tasks.{name}")`, as
 big_vision picks models). The model section goes to the module verbatim (`model_kwargs`):
@@ -36,12 +37,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from genjax.errors import check
 
-MODEL_NAMES = ("dit", "unet", "vae", "video_vae", "clip", "video_dit", "vivit", "wan", "vqvae")
+MODEL_NAMES = ("dit", "unet", "vae", "video_vae", "clip", "video_dit", "vivit", "wan", "vqvae", "var")
 # The Linen class in genjax.models.<name> that each family's build passes to make_model: its
 # attributes are the model section's allowed keys (checked early by check_keys).
 MODEL_CLASSES = {"dit": "DiT", "unet": "UNet", "vae": "AutoencoderKL", "video_vae": "VideoAutoencoderKL",
                  "clip": "CLIP", "video_dit": "VideoDiT", "vivit": "ViViTClassifier",
-                 "wan": "WanTransformer", "vqvae": "VQVAE"}
+                 "wan": "WanTransformer", "vqvae": "VQVAE", "var": "VAR"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
