@@ -11,7 +11,7 @@
     genjax sample --workdir runs/wan --prompt "a cat on a skateboard" --num 1 --frames 33 --height 480 \
         --width 832 --steps 50 --cfg-scale 5 [--negative-prompt "blurry"] --out cat.mp4
 
-The workdir is a `genjax train` run (any task with samples: video_dit with --prompt; dit, unet
+The workdir is a `genjax train` run (any task with samples: video_dit with --prompt; dit, unet, var
 with --class-label), a `genjax demo` workdir (its `dit/` stage is a video_dit run), or a
 `genjax convert` folder of a diffusers `DiTTransformer2DModel` (with `--vae`: a converted
 `AutoencoderKL` or a trained VAE workdir), an unconditional `UNet2DModel`, or a diffusers Wan 2.1

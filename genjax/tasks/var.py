@@ -76,6 +76,63 @@ def _tokenizer(config, mesh):
     return vq, vqvae_task._variables(params)
 
 
+def _quant(vq, vq_vars, fn: str, *args):
+    """The frozen tokenizer's `MultiScaleQuantizer` method `fn` on `args`."""
+    return vq.apply(vq_vars, *args, method=lambda m, *a: getattr(m.quantizer, fn)(*a))
+
+
+def generate(module, params, vq, vq_vars, rng, labels, cfg_scale, *, guided: bool, cfg_ramp: bool,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+    """Next-scale sampling (VAR Algorithm 2 / `autoregressive_infer_cfg`, the prefix recomputed at
+    each of the K steps instead of a KV cache).
+
+    Args:
+      module, params: the `VAR` and its params. vq, vq_vars: the frozen `VQVAE(scales=...)` and its
+        variables. labels: int `(N,)` in [0, num_classes). cfg_scale: float, the guidance weight
+        (`token_sampling.cfg_logits`); used only when `guided` (static: the batch is doubled with
+        the null class), ramped 1 -> cfg_scale over the scales when `cfg_ramp`.
+      temperature, top_k, top_p: `token_sampling.sample_logits`'s.
+
+    Returns:
+      tokens int32 `(N, L)`, f_hat `(N, h, w, C)` float32 (decode with `vq.decode`), and the K
+      (guided) logits `(N, s_k^2, V)` the tokens were drawn from.
+    """
+    from genjax.models import token_sampling, var
+
+    scales, n, c = module.scales, labels.shape[0], module.code_dim
+    bounds = np.cumsum([0] + [s * s for s in scales])
+    y = jnp.concatenate([labels, jnp.full_like(labels, module.num_classes)]) if guided else labels
+    f_hat = jnp.zeros((n, scales[-1], scales[-1], c), jnp.float32)
+    x_in, tokens, all_logits = jnp.zeros((n, 0, c), jnp.float32), [], []
+    for k in range(len(scales)):
+        inp = jnp.concatenate([x_in, x_in]) if guided else x_in
+        logits = module.apply({"params": params}, y, inp)[:, bounds[k]:bounds[k + 1]]
+        if guided:
+            w = 1 + (cfg_scale - 1) * k / max(len(scales) - 1, 1) if cfg_ramp else cfg_scale
+            logits = token_sampling.cfg_logits(logits[:n], logits[n:], w)
+        rng, key = jax.random.split(rng)
+        idx = token_sampling.sample_logits(key, logits, temperature=temperature, top_k=top_k, top_p=top_p)
+        f_hat = _quant(vq, vq_vars, "accumulate", f_hat, k, idx)
+        if k + 1 < len(scales):  # the next scale's input, as MultiScaleQuantizer.var_input
+            nxt = var.resize(f_hat, scales[k + 1], "area")
+            x_in = jnp.concatenate([x_in, nxt.reshape(n, -1, c)], axis=1)
+        tokens.append(idx)
+        all_logits.append(logits)
+    return jnp.concatenate(tokens, axis=1), f_hat, all_logits
+
+
+def read_digits(classifier, images) -> np.ndarray:
+    """The digit classifier's reading (int `(N,)`) of uint8 `(N, H, W, 1)` images, resized to
+    28 x 28 (`transforms.resize`) when they are another size."""
+    from genjax.data import transforms
+    from genjax.eval import digit_classifier
+
+    images = np.asarray(images)
+    if images.shape[1:3] != (digit_classifier.DIGIT_SIZE,) * 2:
+        images = transforms.resize(images, (digit_classifier.DIGIT_SIZE,) * 2)
+    return np.argmax(digit_classifier.logits_and_features(classifier, images)[0], -1)
+
+
 def make_module(config, vq=None):
     """The `VAR` of `config` (scales, vocab_size, code_dim from the tokenizer task.vqvae)."""
     from genjax.models import var
@@ -88,24 +145,20 @@ def make_module(config, vq=None):
 def build(config, *, mesh=None) -> Task:
     from genjax.data import recipes
     from genjax.io import media
-    from genjax.models import token_sampling, var
+    from genjax.models import token_sampling
 
     vq, vq_vars = _tokenizer(config, mesh)
     module = make_module(config, vq)
-    scales, K, C = module.scales, len(module.scales), module.code_dim
-    bounds = np.cumsum([0] + [s * s for s in scales])
+    K, bounds = len(module.scales), np.cumsum([0] + [s * s for s in module.scales])
     num_classes, ev = module.num_classes, _eval(config)
-
-    def quant(vq_vars, fn, *args):  # a MultiScaleQuantizer method on the frozen tokenizer
-        return vq.apply(vq_vars, *args, method=lambda m, *a: getattr(m.quantizer, fn)(*a))
 
     def tokens_of(vq_vars, images):
         """Images -> (tokens (B, L), teacher-forcing input (B, L - s_1^2, C)), no gradient."""
         idx = vq.apply(vq_vars, images, method=vq.encode)[1]
-        return jax.lax.stop_gradient(idx), jax.lax.stop_gradient(quant(vq_vars, "var_input", idx))
+        return jax.lax.stop_gradient(idx), jax.lax.stop_gradient(_quant(vq, vq_vars, "var_input", idx))
 
     def init_params(rng):
-        x = jnp.zeros((1, bounds[-1] - bounds[1], C), jnp.float32)
+        x = jnp.zeros((1, bounds[-1] - bounds[1], module.code_dim), jnp.float32)
         return module.init(rng, jnp.zeros((1,), jnp.int32), x)["params"]
 
     def loss_fn(params, batch, rng):
@@ -118,31 +171,9 @@ def build(config, *, mesh=None) -> Task:
         metrics.update({f"loss_{k + 1}": jnp.mean(nll[:, bounds[k]:bounds[k + 1]]) for k in range(K)})
         return jnp.mean(nll), metrics
 
-    def generate(params, vq_vars, rng, labels, cfg_scale, *, guided, cfg_ramp, temperature, top_k, top_p):
-        """Next-scale sampling: (tokens (N, L), f_hat (N, h, w, C), [logits of scale k (N, s_k^2, V)])."""
-        n = labels.shape[0]
-        y = jnp.concatenate([labels, jnp.full_like(labels, num_classes)]) if guided else labels
-        f_hat = jnp.zeros((n, scales[-1], scales[-1], C), jnp.float32)
-        x_in, tokens, all_logits = jnp.zeros((n, 0, C), jnp.float32), [], []
-        for k in range(K):
-            inp = jnp.concatenate([x_in, x_in]) if guided else x_in
-            logits = module.apply({"params": params}, y, inp)[:, bounds[k]:bounds[k + 1]]
-            if guided:
-                w = 1 + (cfg_scale - 1) * k / max(K - 1, 1) if cfg_ramp else cfg_scale
-                logits = token_sampling.cfg_logits(logits[:n], logits[n:], w)
-            rng, key = jax.random.split(rng)
-            idx = token_sampling.sample_logits(key, logits, temperature=temperature, top_k=top_k, top_p=top_p)
-            f_hat = quant(vq_vars, "accumulate", f_hat, k, idx)
-            if k + 1 < K:
-                nxt = var.resize(f_hat, scales[k + 1], "area")  # as MultiScaleQuantizer.var_input
-                x_in = jnp.concatenate([x_in, nxt.reshape(n, -1, C)], axis=1)
-            tokens.append(idx)
-            all_logits.append(logits)
-        return jnp.concatenate(tokens, axis=1), f_hat, all_logits
-
     @functools.partial(jax.jit, static_argnames=("guided", "cfg_ramp", "temperature", "top_k", "top_p"))
     def draw(params, vq_vars, rng, labels, cfg_scale, **settings):
-        f_hat = generate(params, vq_vars, rng, labels, cfg_scale, **settings)[1]
+        f_hat = generate(module, params, vq, vq_vars, rng, labels, cfg_scale, **settings)[1]
         return media.to_uint8(vq.apply(vq_vars, f_hat, method=vq.decode))
 
     def sample_fn(params, rng, cond=None, *, cfg_scale=None, temperature=None, top_k=None, top_p=None,
@@ -168,19 +199,13 @@ def build(config, *, mesh=None) -> Task:
         n = int(ev["num_eval_samples"])
         if n == 0:
             return {}
-        from genjax.data import transforms
         from genjax.eval import digit_classifier
 
         classifier = digit_classifier.load_or_train()
         labels = np.arange(n) % num_classes
-        out = {}
-        for name, w in (("digit_accuracy", None), ("digit_accuracy_nocfg", 1.0)):
-            images = np.asarray(sample_fn(params, jax.random.PRNGKey(0), labels, cfg_scale=w))
-            if images.shape[1:3] != (28, 28):
-                images = transforms.resize(images, (28, 28))
-            logits = digit_classifier.logits_and_features(classifier, images)[0]
-            out[name] = float(np.mean(np.argmax(logits, -1) == labels))
-        return out
+        return {name: float(np.mean(read_digits(classifier, sample_fn(params, jax.random.PRNGKey(0), labels,
+                                                                      cfg_scale=w)) == labels))
+                for name, w in (("digit_accuracy", None), ("digit_accuracy_nocfg", 1.0))}
 
     return Task(module, init_params, loss_fn, sample_fn, recipes.pixel_data(config), evaluate=evaluate,
                 frozen={"vqvae": vq_vars})
