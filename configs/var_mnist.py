@@ -6,8 +6,9 @@
     genjax train --config configs/var_mnist.py:smoke=True,vqvae=/tmp/vq_smoke --workdir /tmp/var_smoke
 
 Arguments: vqvae= the tokenizer workdir (a "vqvae" run with model.scales; required); cpu=True the
-reduced setting of experiments/var_mnist (batch 32, lr 1e-3 cosine, 1200 steps, the "mnist"
-variant: width 128, depth 4, 4 heads; evaluation at the end), made to follow a
+reduced setting of experiments/var_mnist (batch 32, lr 1e-3 cosine with 50 warm-up steps, 600
+steps, no weight EMA, the "mnist" variant: width 128, depth 4, 4 heads, 1.25 M parameters;
+evaluation at the end), made to follow a
 `vqvae_mnist.py:cpu=True,var_tokenizer=True` tokenizer; steps= overrides num_steps; smoke=True.
 
 Data: the 4,000 embedded MNIST training digits (`mnist_embedded`) at 28 x 28 in [-1, 1], with
@@ -50,12 +51,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval = common.evaluation(sample_every_steps=2000, num_samples=20, cfg_scale=2.0)
     c.eval.update(temperature=1.0, top_k=0, top_p=1.0, cfg_ramp=True, num_eval_samples=200)
     if a.cpu:  # the reduced setting of experiments/var_mnist (minutes on a 2-core CPU)
-        c.num_steps = 1200
+        c.num_steps = 600
         c.data.update(batch_size=32)
         c.model.update(**var.VARIANTS["mnist"])
         c.optim.update(lr=1e-3, schedule="cosine", warmup_steps=50, ema_decay=0.0, ema_warmup=False)
-        c.ckpt.update(save_interval_steps=1200)
-        c.eval.update(sample_every_steps=1200)
+        c.ckpt.update(save_interval_steps=600)
+        c.eval.update(sample_every_steps=600)
     if a.smoke:
         c.num_steps = 4
         c.log_every_steps = 1

@@ -8,7 +8,7 @@
 2. Speed: samples per second of VAR's `sample_fn` (unguided and guided) and of the pixel-space DiT
    of configs/dit_mnist.py with the VAR's width / depth / heads (patch 2, float32, random weights:
    speed does not depend on training) through its task's `sample_fn` (DDIM, cfg 4) at each of
-   `--dit-steps`, all on `--num` samples, each the median of 3 timed calls after a compiling one.
+   `--dit-steps`, all on `--num` samples, each the median of 2 timed calls after a compiling one.
 Writes OUT/results.json and OUT/samples.png (10 samples per class, one row per class, at the
 first guided cfg scale). Nothing here generates: it calls the tasks' functions.
 """
@@ -35,7 +35,7 @@ from genjax.tasks import var as var_task
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def timed(fn, repeats=3):
+def timed(fn, repeats=2):
     jax.block_until_ready(fn())  # compile
     times = []
     for _ in range(repeats):
@@ -51,7 +51,7 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--per-class", type=int, default=50)
     p.add_argument("--cfg-scales", default="1,2,3")
-    p.add_argument("--num", type=int, default=32)
+    p.add_argument("--num", type=int, default=16)
     p.add_argument("--dit-steps", default="25,50")
     a = p.parse_args()
     uptime = lambda: subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()  # noqa: E731
