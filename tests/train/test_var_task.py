@@ -26,11 +26,13 @@ def _models():
     vq = vqvae.VQVAE(in_channels=1, out_channels=1, block_out_channels=(4, 8), norm_num_groups=4,
                      mid_block_attention=False, latent_channels=3, num_codes=16, scales=SCALES)
     # only the quantizer is used: initialise it alone (setup modules are built lazily)
-    vq_vars = nn.unbox(vq.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 3)), method=lambda m, z: m.quantizer(z)))
+    vq_vars = jax.jit(lambda: nn.unbox(vq.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 3)),
+                                               method=lambda m, z: m.quantizer(z))))()
     model = var.VAR(scales=SCALES, vocab_size=16, code_dim=3, num_classes=10, hidden_size=16, depth=2, num_heads=2)
-    params = nn.unbox(model.init(jax.random.PRNGKey(1), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 20, 3)))["params"])
-    # leave the zero-initialised gates and head: random weights everywhere, so the logits vary
-    params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+    # random weights everywhere (no zero-initialised gates and head), so the logits vary; jitted: one compile
+    params = jax.jit(lambda: jax.tree.map(
+        lambda p: p + 0.3 * jax.random.normal(jax.random.PRNGKey(2), p.shape),
+        nn.unbox(model.init(jax.random.PRNGKey(1), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 20, 3)))["params"])))()
     return vq, vq_vars, model, params
 
 
