@@ -78,7 +78,7 @@ def main():
     speed_labels = np.arange(a.num) % 10
     speed = {}
     for w in (1.0, float(config.eval.cfg_scale)):
-        t = timed(lambda: task.sample_fn(params, jax.random.PRNGKey(2), speed_labels, cfg_scale=w))
+        t = timed(lambda w=w: task.sample_fn(params, jax.random.PRNGKey(2), speed_labels, cfg_scale=w))
         speed[f"var_cfg{w}"] = {"seconds": t, "samples_per_s": a.num / t}
     dit_config = load_config(os.path.join(ROOT, "configs", "dit_mnist.py"), [
         f"--config.model.hidden_size={m.hidden_size}", f"--config.model.depth={m.depth}",
@@ -89,7 +89,7 @@ def main():
     results["parameters"] = {"var": count({k: v for k, v in params.items() if k != "vqvae"}),
                              "dit": count(dit_params)}
     for steps in (int(s) for s in a.dit_steps.split(",")):
-        t = timed(lambda: dit.sample_fn(dit_params, jax.random.PRNGKey(2), list(speed_labels), num_steps=steps,
+        t = timed(lambda steps=steps: dit.sample_fn(dit_params, jax.random.PRNGKey(2), list(speed_labels), num_steps=steps,
                                         cfg_scale=4.0))
         speed[f"dit_ddim{steps}_cfg4"] = {"seconds": t, "samples_per_s": a.num / t}
     for k, v in speed.items():

@@ -79,6 +79,6 @@ def test_var_trains_end_to_end_and_samples_a_class(tmp_path):
     out = str(tmp_path / "threes.npz")
     assert cli.main(["sample", "--workdir", var_dir, "--class-label", "3", "--num", "2", "--out", out]) == 0
     with np.load(out) as z:
-        images = [z[k] for k in z.files if z[k].dtype == np.uint8][0]
+        images = next(z[k] for k in z.files if z[k].dtype == np.uint8)
     assert images.shape == (2, 16, 16, 1)
     assert os.path.isfile(str(tmp_path / "threes.png"))
