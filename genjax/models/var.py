@@ -77,7 +77,7 @@ def bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
         src = (i + 0.5) * n_in / n_out - 0.5
         x0 = math.floor(src)
         t = src - x0
-        for tap, w in zip(range(x0 - 1, x0 + 3), (far(t + 1), near(t), near(1 - t), far(2 - t))):
+        for tap, w in zip(range(x0 - 1, x0 + 3), (far(t + 1), near(t), near(1 - t), far(2 - t)), strict=True):
             m[i, min(max(tap, 0), n_in - 1)] += w
     return m.astype(np.float32)
 
