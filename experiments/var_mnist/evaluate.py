@@ -2,15 +2,15 @@
 
     python experiments/var_mnist/evaluate.py --workdir RUN --out experiments/var_mnist
 
-1. Digit accuracy: `--per-class` class-conditional samples per digit (seed 1) at each
-   `--cfg-scales`, read by `genjax.eval.digit_classifier`; the fraction read as their class,
-   overall and per class.
+1. Digit accuracy: `--per-class` class-conditional samples per digit (seed 1) at each of
+   `--settings` (comma-separated `cfg_scale[:top_k:top_p]`, e.g. `1,3,3:28:0.96`), read by
+   `genjax.eval.digit_classifier`; the fraction read as their class, overall and per class.
 2. Speed: samples per second of VAR's `sample_fn` (unguided and guided) and of the pixel-space DiT
    of configs/dit_mnist.py with the VAR's width / depth / heads (patch 2, float32, random weights:
    speed does not depend on training) through its task's `sample_fn` (DDIM, cfg 4) at each of
-   `--dit-steps`, all on `--num` samples, each the median of 2 timed calls after a compiling one.
+   `--dit-steps` (empty: no timing), all on `--num` samples, each the median of 2 timed calls after a compiling one.
 Writes OUT/results.json and OUT/samples.png (10 samples per class, one row per class, at the
-first guided cfg scale). Nothing here generates: it calls the tasks' functions.
+setting `--grid`). Nothing here generates: it calls the tasks' functions.
 """
 
 from __future__ import annotations
@@ -50,9 +50,10 @@ def main():
     p.add_argument("--workdir", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--per-class", type=int, default=50)
-    p.add_argument("--cfg-scales", default="1,2,3")
+    p.add_argument("--settings", default="1,2,3")
     p.add_argument("--num", type=int, default=16)
     p.add_argument("--dit-steps", default="25,50")
+    p.add_argument("--grid", default="3:28:0.96", help="the setting drawn in samples.png")
     a = p.parse_args()
     uptime = lambda: subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()  # noqa: E731
     results = {"uptime_before": uptime(), "workdir": a.workdir}
@@ -60,19 +61,27 @@ def main():
     classifier = digit_classifier.load_or_train()
     labels = np.repeat(np.arange(10), a.per_class)
     accuracy, grid = {}, None
-    for w in (float(s) for s in a.cfg_scales.split(",")):
+    for setting in a.settings.split(","):
+        w, top_k, top_p = (setting + "::").split(":")[:3]
+        w, top_k, top_p = float(w), int(top_k or 0), float(top_p or 1.0)
         start = time.perf_counter()
-        images = np.asarray(task.sample_fn(params, jax.random.PRNGKey(1), labels, cfg_scale=w))
+        images = np.asarray(task.sample_fn(params, jax.random.PRNGKey(1), labels, cfg_scale=w, top_k=top_k,
+                                           top_p=top_p))
         pred = var_task.read_digits(classifier, images)
         per_class = [float(np.mean(pred[labels == c] == c)) for c in range(10)]
-        accuracy[str(w)] = {"accuracy": float(np.mean(pred == labels)), "per_class": per_class,
-                            "seconds": time.perf_counter() - start}
-        print(f"cfg {w}: accuracy {accuracy[str(w)]['accuracy']:.3f} per class {np.round(per_class, 2)}", flush=True)
-        if grid is None and w != 1.0:
+        accuracy[setting] = {"cfg_scale": w, "top_k": top_k, "top_p": top_p, "accuracy": float(np.mean(pred == labels)),
+                             "per_class": per_class, "seconds": time.perf_counter() - start}
+        print(f"{setting}: accuracy {accuracy[setting]['accuracy']:.3f} per class {np.round(per_class, 2)}", flush=True)
+        if grid is None and setting == a.grid:
             grid = images.reshape(10, a.per_class, *images.shape[1:])[:, :10].reshape(-1, *images.shape[1:])
     results["digit_accuracy"] = accuracy
     if grid is not None:
         media.write_png_grid(os.path.join(a.out, "samples.png"), grid, ncols=10)
+    if not a.dit_steps:
+        results.update(uptime_after=uptime())
+        with open(os.path.join(a.out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        return
 
     m = config.model
     speed_labels = np.arange(a.num) % 10
