@@ -15,9 +15,10 @@ Data: the 4,000 embedded MNIST training digits (`mnist_embedded`) at 28 x 28 in 
 their labels; the tokenizer's 7 x 7 latents are token maps of sides 1, 2, 3, 4, 5, 7 (104 tokens
 from its 128 codes). Model: width 256, depth 8, 8 heads, 10 classes + the null class (label
 dropout 0.1, VAR's cond_drop_rate), AdamW lr 2e-4 with weight decay 0.05 (VAR), batch 128, 20k
-steps, EMA 0.999. Samples every 2000 steps (cfg_scale 2 reached at the last scale by VAR's
-linear ramp, temperature 1, no top-k / top-p) and the digit classifier's accuracy of 200
-class-conditional samples with and without guidance (`tasks/var.py` evaluate).
+steps, EMA 0.999. Samples every 2000 steps (cfg_scale 3 reached at the last scale by VAR's
+linear ramp, temperature 1, top-k 28 and top-p 0.96: VAR's demo settings, top-k 900 of 4,096
+codes scaled to 128) and the digit classifier's accuracy of 200 class-conditional samples with
+and without guidance (`tasks/var.py` evaluate); `genjax sample` uses the same settings.
 
 Hardware: one accelerator for the full setting (not run: an estimate, minutes on one GPU, ~2 h on
 this 2-core CPU). `cpu=True` measured in experiments/var_mnist/README.md. Smoke (`smoke=True`,
@@ -48,8 +49,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim = common.optim(lr=2e-4, weight_decay=0.05, ema_decay=0.999, ema_warmup=True)
     c.mesh = common.mesh()
     c.ckpt = common.ckpt(save_interval_steps=2000, max_to_keep=2)
-    c.eval = common.evaluation(sample_every_steps=2000, num_samples=20, cfg_scale=2.0)
-    c.eval.update(temperature=1.0, top_k=0, top_p=1.0, cfg_ramp=True, num_eval_samples=200)
+    # VAR's sampling settings (demo: top_k 900 of 4,096 codes, top_p 0.96) with top_k scaled to 128 codes
+    c.eval = common.evaluation(sample_every_steps=2000, num_samples=20, cfg_scale=3.0)
+    c.eval.update(temperature=1.0, top_k=28, top_p=0.96, cfg_ramp=True, num_eval_samples=200)
     if a.cpu:  # the reduced setting of experiments/var_mnist (minutes on a 2-core CPU)
         c.num_steps = 600
         c.data.update(batch_size=32)
