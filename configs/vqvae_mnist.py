@@ -8,7 +8,11 @@ Arguments: codebook= "ema" (default: EMA codebook, decay 0.99, van den Oord et a
 or "loss" (codebook term of eq. 3); restart= dead-code restart threshold in vectors per batch
 (default 1.0 as Jukebox with "ema"; 0 disables; must be 0 with "loss"); steps= overrides num_steps;
 cpu=True the reduced CPU setting of experiments/vqvae_mnist (channels 16, 32, 32 without the
-mid-block attention, batch 32, lr 1e-3, 300 steps, evaluation at the end).
+mid-block attention, batch 32, lr 1e-3, 300 steps, evaluation at the end); var_tokenizer=True
+VAR's multi-scale residual tokenizer (Tian et al. 2024; `var.MultiScaleQuantizer`, quant_resi
+0.5, 4 phi convs) with the eq. 3 codebook (no EMA, no restarts) on 28 x 28 digits (the size the
+digit classifier reads): 7 x 7 latents in token maps of sides (1, 2, 3, 4, 5, 7), 104 tokens;
+with smoke=True 16 x 16 digits, 8 x 8 latents, sides (1, 2, 4, 8). The tokenizer of configs/var_mnist.py.
 
 Data: the 4,000 embedded MNIST training digits (`mnist_embedded`) resized to 32 x 32 in [-1, 1];
 held-out evaluation on all 1,000 embedded test digits (100 per class). Model: f = 4
@@ -41,7 +45,9 @@ from genjax.models import vqvae
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = parse_arg(arg, smoke=False, steps=0, codebook="ema", restart=-1.0, cpu=False)
+    a = parse_arg(arg, smoke=False, steps=0, codebook="ema", restart=-1.0, cpu=False, var_tokenizer=False)
+    if a.var_tokenizer:
+        a.codebook = "loss"
     restart = (1.0 if a.codebook == "ema" else 0.0) if a.restart < 0 else a.restart
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -75,6 +81,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.optim.update(lr=1e-3)
         c.ckpt.update(save_interval_steps=2, max_to_keep=1)
         c.eval.update(sample_every_steps=4, num_samples=8)
+    if a.var_tokenizer:
+        c.data.update(image_size=16 if a.smoke else 28)
+        c.model.update(scales=(1, 2, 4, 8) if a.smoke else (1, 2, 3, 4, 5, 7), quant_resi=0.5, num_phi=4)
     if a.steps:
         c.num_steps = a.steps
     c.lock()

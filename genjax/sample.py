@@ -13,7 +13,7 @@
         --width 832 --steps 50 --cfg-scale 5 [--negative-prompt "blurry"] --out cat.mp4
 
 The workdir is a `genjax train` run (any task with samples: video_dit with --prompt; dit, mdt,
-unet, pixelcnn with --class-label; mae: [original | masked | reconstruction] of held-out examples
+unet, pixelcnn, var with --class-label; mae: [original | masked | reconstruction] of held-out examples
 of each --class-label, images or videos), a `genjax demo` workdir (its `dit/` stage is a
 video_dit run), or a
 `genjax convert` folder of a diffusers `DiTTransformer2DModel` (with `--vae`: a converted
@@ -38,7 +38,7 @@ import numpy as np
 from genjax.errors import check
 
 VIDEO_MODELS = ("video_dit", "wan")
-IMAGE_MODELS = ("dit", "unet", "mdt", "mae", "pixelcnn")
+IMAGE_MODELS = ("dit", "unet", "mdt", "mae", "pixelcnn", "var")
 # Converted checkpoints carry no training config: the schedule both papers trained with.
 PAPER_DIFFUSION = dict(schedule="linear", num_timesteps=1000, prediction_type="epsilon", weighting="none")
 PAPER_EVAL = dict(sample_every_steps=0, num_samples=1, sampler="ddim", num_sampling_steps=50, cfg_scale=4.0)

@@ -103,19 +103,25 @@ def _platform() -> str:
 
 
 def resolve_implementation(implementation: str, *, platform: str, q_len: int, kv_len: int,
-                           packed: bool, key_mask: bool, self_attention: bool) -> str:
+                           packed: bool, key_mask: bool, self_attention: bool, dense_mask: bool = False) -> str:
     """The implementation `dot_product_attention` runs: `implementation` itself, or for "auto" by
     platform and shape. "auto" rules:
       gpu: "cudnn" when nothing is packed (cuDNN flash attention; key masks as a (B, 1, 1, S) mask),
            else "pallas" for packed self-attention without a separate key mask, else "blockwise";
       tpu: "pallas" (the Pallas TPU flash kernel, segment ids);
-      cpu and others: "xla" while L * S <= AUTO_DENSE_MAX, else "blockwise".
+      cpu and others: "xla" while L * S <= AUTO_DENSE_MAX, else "blockwise";
+      any platform with an explicit `(L, S)` mask (`dense_mask`): "xla", the only one taking it.
 
     Raises:
       UserError: an unknown implementation, or "cudnn" / "pallas" asked for a mask form or a
-        platform they do not support (the message names the one that does).
+        platform they do not support (the message names the one that does); an explicit mask
+        with an implementation other than "xla" / "auto".
     """
     check(implementation in IMPLEMENTATIONS, "attention_impl", implementation, f"must be one of {IMPLEMENTATIONS}")
+    if dense_mask:
+        check(implementation in ("auto", "xla"), "attention_impl", implementation,
+              "does not take an explicit (L, S) attention mask; use 'xla' (or 'auto')")
+        return "xla"
     if implementation == "auto":
         if platform == "gpu":
             if not packed:
@@ -179,12 +185,13 @@ def pallas_attention(q: Array, k: Array, v: Array, q_ids: Array, kv_ids: Array, 
 
 
 def _local_attention(q: Array, k: Array, v: Array, q_segment_ids: Array | None, kv_segment_ids: Array | None,
-                     kv_mask: Array | None, *, causal: bool, implementation: str) -> Array:
+                     kv_mask: Array | None, *, causal: bool, implementation: str, mask: Array | None = None) -> Array:
     """`dot_product_attention` on arrays one device holds whole ("auto" resolved for these shapes)."""
     packed = q_segment_ids is not None or kv_segment_ids is not None
     impl = resolve_implementation(implementation, platform=_platform(), q_len=q.shape[1], kv_len=k.shape[1],
                                   packed=packed, key_mask=kv_mask is not None,
-                                  self_attention=q_segment_ids is not None and kv_segment_ids is q_segment_ids)
+                                  self_attention=q_segment_ids is not None and kv_segment_ids is q_segment_ids,
+                                  dense_mask=mask is not None)
     if impl == "cudnn":
         return _cudnn(q, k, v, kv_mask, causal)
     if impl in ("blockwise", "pallas"):
@@ -192,8 +199,11 @@ def _local_attention(q: Array, k: Array, v: Array, q_segment_ids: Array | None, 
         if impl == "pallas":
             return pallas_attention(q, k, v, q_ids, kv_ids, causal=causal, platform=_platform())
         return blockwise_attention(q, k, v, q_ids, kv_ids, causal=causal)[0]
+    given = mask
     mask = attention_mask(q_segment_ids, kv_segment_ids, kv_mask=kv_mask, causal=causal,
                           q_len=q.shape[1], kv_len=k.shape[1])
+    if given is not None:
+        mask = given.astype(bool) if mask is None else mask & given.astype(bool)
     logits = jnp.einsum("blnk,bsnk->bnls", q, k, preferred_element_type=jnp.float32)
     logits = logits / jnp.sqrt(jnp.float32(q.shape[-1]))
     if mask is not None:
@@ -231,8 +241,9 @@ def _sequence_parallel(q, k, v, q_segment_ids, kv_segment_ids, kv_mask, causal, 
 
 def dot_product_attention(q: Array, k: Array, v: Array, *, q_segment_ids: Array | None = None,
                           kv_segment_ids: Array | None = None, kv_mask: Array | None = None, causal: bool = False,
-                          implementation: str = "auto", self_attention: bool | None = None) -> Array:
-    """softmax(q k^T / sqrt(K)) v with packed-segment, key and causal masks; softmax in float32.
+                          implementation: str = "auto", self_attention: bool | None = None,
+                          mask: Array | None = None) -> Array:
+    """softmax(q k^T / sqrt(K)) v with packed-segment, key, causal and explicit masks; softmax in float32.
 
     Args:
       q: `(B, L, N, K)`; k, v: `(B, S, N, K)`, any float dtype.
@@ -247,6 +258,10 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, q_segment_ids: Array 
         the shape each device attends over).
       self_attention: whether k, v are the queries' own tokens (split over the mesh's `context`
         axis like q) rather than another sequence held whole (text tokens); None: L == S.
+      mask: an explicit boolean mask broadcastable to `(B, N, L, S)`, True = query l may attend
+        to key s, and-ed with the others (e.g. VAR's block-causal mask over scales). Taken only by
+        "xla" ("auto" picks it; the other implementations refuse it) and never split over a
+        `context` axis.
 
     Sequence parallelism: traced under a mesh (`jax.set_mesh`) with a `context` axis of size
     c > 1 (`genjax.parallel.context`), and L divisible by c, attention runs in a `jax.shard_map`
@@ -274,12 +289,13 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, q_segment_ids: Array 
     Source: Vaswani et al. 2017 eq. 1; blockwise: Rabe & Staats 2021, Dao et al. 2022; sequence
     parallelism: Liu et al. 2023 (ring), Jacobs et al. 2023 (Ulysses).
     """
-    out = _sequence_parallel(q, k, v, q_segment_ids, kv_segment_ids, kv_mask, causal, implementation,
-                             self_attention)
-    if out is not None:
-        return out
+    if mask is None:
+        out = _sequence_parallel(q, k, v, q_segment_ids, kv_segment_ids, kv_mask, causal, implementation,
+                                 self_attention)
+        if out is not None:
+            return out
     return _local_attention(q, k, v, q_segment_ids, kv_segment_ids, kv_mask, causal=causal,
-                            implementation=implementation)
+                            implementation=implementation, mask=mask)
 
 
 class Attention(nn.Module):
@@ -320,7 +336,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: Array, context: Array | None = None, *, segment_ids: Array | None = None,
                  context_segment_ids: Array | None = None, context_mask: Array | None = None,
-                 causal: bool = False, rope: Array | None = None) -> Array:
+                 causal: bool = False, rope: Array | None = None, mask: Array | None = None) -> Array:
         """Attend from x to itself (context None) or to context.
 
         Args:
@@ -335,6 +351,8 @@ class Attention(nn.Module):
           causal: query l attends to keys <= l.
           rope: `(B, L, K/2)` rotary angles of the tokens (self-attention; `spacetime.rope_angles`),
             applied to queries and keys (`spacetime.apply_rope`).
+          mask: explicit boolean mask broadcastable to `(B, N, L, S)`, True = may attend
+            (`dot_product_attention`'s `mask`; "xla" / "auto" only).
 
         Returns:
           `(B, L, out_features or D)` in `dtype`.
@@ -373,7 +391,7 @@ class Attention(nn.Module):
         kv_segments = segment_ids if context is None else context_segment_ids
         out = dot_product_attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_segments,
                                     kv_mask=context_mask, causal=causal, implementation=self.attention_impl,
-                                    self_attention=context is None)
+                                    self_attention=context is None, mask=mask)
         out_init = nn.initializers.zeros if self.zero_init_out else xavier_uniform
         return HeadsDense((self.out_features or d,), (HEADS, KV, EMBED), (EMBED,), in_axes=2, use_bias=self.out_bias,
                           kernel_init=out_init, dtype=self.dtype, param_dtype=self.param_dtype, name="to_out")(out)

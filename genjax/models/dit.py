@@ -45,7 +45,8 @@ class DiTBlock(nn.Module):
     before it, as PixArt-alpha / Open-Sora STDiT) runs between self-attention and the MLP
     (PixArt-alpha Fig. 4). Call `(x, c, c_index, segment_ids, context (B, S, D), context_mask (B, S),
     context_segment_ids)`: c `(B, D)`, or `(B, M, D)` rows gathered per token by c_index `(B, L)`
-    (`adaln.per_token`); segment_ids make self- and cross-attention block-diagonal (packed).
+    (`adaln.per_token`); segment_ids make self- and cross-attention block-diagonal (packed); mask (an
+    explicit `(B|1, 1, L, L)` boolean self-attention mask, e.g. VAR's block-causal one) is and-ed in.
     """
 
     hidden_size: int
@@ -60,12 +61,12 @@ class DiTBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array, c: Array, c_index: Array | None = None, segment_ids: Array | None = None,
                  context: Array | None = None, context_mask: Array | None = None,
-                 context_segment_ids: Array | None = None) -> Array:
+                 context_segment_ids: Array | None = None, mask: Array | None = None) -> Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulations(c, 6, self.hidden_size, c_index,
                                                                                      **kw)
         h = adaln_norm(x, shift_msa, scale_msa, dtype=self.dtype, name="norm1")
-        h = Attention(self.num_heads, attention_impl=self.attention_impl, **kw, name="attn")(h, segment_ids=segment_ids)
+        h = Attention(self.num_heads, attention_impl=self.attention_impl, **kw, name="attn")(h, segment_ids=segment_ids, mask=mask)
         x = x + (gate_msa * h).astype(self.dtype)
         if self.cross_attention:
             x = x + Attention(self.num_heads, zero_init_out=True, attention_impl=self.attention_impl, **kw,

@@ -236,14 +236,20 @@ class VQVAE(nn.Module):
         `(B, H/f, W/f)`, aux the quantiser's losses and metrics (see `VectorQuantizer`);
         f = 2 ** (len(block_out_channels) - 1).
       decode(z_q) -> (B, H, W, out_channels), about [-1, 1].
-      decode_indices(indices (B, h, w) int in [0, num_codes)) -> (B, h*f, w*f, out_channels).
+      decode_indices(indices (B, h, w) int in [0, num_codes); (B, L) with scales) -> (B, h*f, w*f, out_channels).
       __call__(x, *, train=False) -> (recon, indices, aux).
     With `use_ema`, training calls `apply(..., train=True, mutable=["vq_stats"])`. The training
     loss is `rec(x, recon) + aux["loss"]` (eq. 3). Outputs in `dtype`.
     attention_impl: the mid-block attention's implementation (`attention.dot_product_attention`).
+    scales: None (the single-scale `VectorQuantizer`), or VAR's token-map sides s_1 < ... < s_K
+      with s_K = H / f: the bottleneck is then `var.MultiScaleQuantizer` (Tian et al. 2024, VAR's
+      `VectorQuantizer2`; phi mixing ratio `quant_resi`, `num_phi` shared phi convs), indices are
+      int32 `(B, L)`, L = sum s_k^2 (scale by scale), and `decode_indices` takes them. Its
+      codebook is a parameter (no `use_ema`).
 
     Raises:
-      UserError: x not 4-D, wrong channel count, H or W not divisible by f (before compiling).
+      UserError: x not 4-D, wrong channel count, H or W not divisible by f, with `scales`: H / f
+        not s_K, or `use_ema` (before compiling).
     """
     in_channels: int = 3
     out_channels: int = 3
@@ -257,6 +263,9 @@ class VQVAE(nn.Module):
     norm_num_groups: int = 32
     mid_block_attention: bool = True
     attention_impl: str = "auto"
+    scales: tuple[int, ...] | None = None
+    quant_resi: float = 0.5
+    num_phi: int = 4
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -274,9 +283,19 @@ class VQVAE(nn.Module):
         ckw = dict(padding=0, dtype=self.dtype, param_dtype=self.param_dtype)
         self.quant_conv = conv2d(self.latent_channels, 1, **ckw)
         self.post_quant_conv = conv2d(self.latent_channels, 1, **ckw)
-        self.quantizer = VectorQuantizer(self.num_codes, self.latent_channels, beta=self.beta,
-                                         use_ema=self.use_ema, ema_decay=self.ema_decay,
-                                         dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.scales is None:
+            self.quantizer = VectorQuantizer(self.num_codes, self.latent_channels, beta=self.beta,
+                                             use_ema=self.use_ema, ema_decay=self.ema_decay,
+                                             dtype=self.dtype, param_dtype=self.param_dtype)
+        else:
+            from genjax.models.var import MultiScaleQuantizer
+
+            check(not self.use_ema, "use_ema", True, "the multi-scale quantizer (scales) has no EMA codebook")
+            check(list(self.scales) == sorted(set(self.scales)), "scales", self.scales,
+                  "must be strictly increasing sides, the last one the latent side")
+            self.quantizer = MultiScaleQuantizer(self.num_codes, self.latent_channels, tuple(self.scales),
+                                                 beta=self.beta, quant_resi=self.quant_resi, num_phi=self.num_phi,
+                                                 dtype=self.dtype, param_dtype=self.param_dtype)
 
     def encode(self, x: jax.Array, *, train: bool = False):
         check_image(x, self.in_channels, self.downsample_factor)
@@ -288,6 +307,8 @@ class VQVAE(nn.Module):
         return self.decoder(self.post_quant_conv(z_q.astype(self.dtype)))
 
     def decode_indices(self, indices: jax.Array) -> jax.Array:
+        if self.scales is not None:  # (B, L) tokens of all scales
+            return self.decode(self.quantizer.f_hat(indices))
         check(indices.ndim == 3, "indices.shape", tuple(indices.shape), "must be (B, h, w)")
         return self.decode(self.quantizer.lookup(indices))
 

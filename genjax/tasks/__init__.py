@@ -13,6 +13,7 @@ returning a `Task`, and `make_module(config)` returning its Flax module.
     mdt        Masked Diffusion Transformer: task "dit" + a masked branch        tasks/mdt.py
     mae        MAE / VideoMAE masked-autoencoder pre-training, linear probe      tasks/mae.py
     pixelcnn   class-conditional gated PixelCNN on binarised images              tasks/pixelcnn.py
+    var        VAR next-scale prediction on a frozen multi-scale VQ-VAE's tokens  tasks/var.py
 
 `build` picks the module by name (`importlib.import_module(f"genjax.tasks.{name}")`, as
 big_vision picks models). The model section goes to the module verbatim (`model_kwargs`):
@@ -39,12 +40,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from genjax.errors import check
 
-MODEL_NAMES = ("dit", "unet", "vae", "video_vae", "clip", "video_dit", "vivit", "wan", "vqvae", "mdt", "mae", "pixelcnn")
+MODEL_NAMES = ("dit", "unet", "vae", "video_vae", "clip", "video_dit", "vivit", "wan", "vqvae", "mdt", "mae",
+               "pixelcnn", "var")
 # The Linen class in genjax.models.<name> that each family's build passes to make_model: its
 # attributes are the model section's allowed keys (checked early by check_keys).
 MODEL_CLASSES = {"dit": "DiT", "unet": "UNet", "vae": "AutoencoderKL", "video_vae": "VideoAutoencoderKL",
                  "clip": "CLIP", "video_dit": "VideoDiT", "vivit": "ViViTClassifier",
-                 "wan": "WanTransformer", "vqvae": "VQVAE", "mdt": "MDT", "mae": "MAE", "pixelcnn": "GatedPixelCNN"}
+                 "wan": "WanTransformer", "vqvae": "VQVAE", "mdt": "MDT", "mae": "MAE",
+                 "pixelcnn": "GatedPixelCNN", "var": "VAR"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 

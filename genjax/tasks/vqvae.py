@@ -17,6 +17,11 @@ inside the train step. With task.restart_threshold > 0 (needs "ema") the codes w
 outputs of the batch after each EMA update, drawn with the step's key (`vqvae.restart_ema_codes`,
 Jukebox, Dhariwal et al. 2020).
 
+With model.scales (VAR's multi-scale residual tokenizer, `var.MultiScaleQuantizer`; Tian et al.
+2024) the VQ terms are VAR's: the means over the K scales of ||f_hat_k - sg[z]||^2 and
+beta ||sg[f_hat_k] - z||^2 (f_hat_k the sum of the first k upsampled, phi-mixed code maps); the
+codebook must be "loss" and the metrics count the tokens of all scales.
+
 Metrics: rec_loss, vq_loss (the VQ terms in the loss), commitment_loss (mean ||z - e||^2, equal
 in value to the codebook term), perplexity (exp of the entropy of the batch's code histogram),
 codes_used (fraction of the K codes the batch picked), restarted (codes restarted this step).
@@ -54,7 +59,8 @@ def validate(config) -> None:
     """Raises UserError (before anything is built): task.codebook not "loss" / "ema"; task.rec not
     "l1" / "l2"; task.restart_threshold negative, not finite, or > 0 with the "loss" codebook;
     task.eval_examples < 1; model.beta < 0 or not finite; model.ema_decay outside [0, 1);
-    model.use_ema set (task.codebook chooses it)."""
+    model.use_ema set (task.codebook chooses it); model.scales not strictly increasing positive
+    ints, or given with task.codebook "ema"; model.num_phi < 1."""
     t, m = _task(config), config.model
     check(t["codebook"] in CODEBOOKS, "task.codebook", t["codebook"], f"must be one of {CODEBOOKS}")
     check(t["rec"] in ("l1", "l2"), "task.rec", t["rec"], 'must be "l1" or "l2"')
@@ -70,6 +76,13 @@ def validate(config) -> None:
     check(0 <= decay < 1, "model.ema_decay", m.get("ema_decay"), "must be in [0, 1)")
     check("use_ema" not in m, "model.use_ema", m.get("use_ema"),
           'is set by task.codebook ("ema" or "loss"); leave it out')
+    scales = m.get("scales")
+    if scales is not None:
+        ok = all(isinstance(s, int) and s >= 1 for s in scales) and list(scales) == sorted(set(scales))
+        check(ok and len(scales) >= 1, "model.scales", scales, "must be strictly increasing ints >= 1")
+        check(t["codebook"] == "loss", "task.codebook", t["codebook"],
+              'must be "loss" with model.scales (the multi-scale quantizer has no EMA codebook)')
+        check(int(m.get("num_phi", 4)) >= 1, "model.num_phi", m.get("num_phi"), "must be >= 1")
 
 
 def make_module(config):
@@ -108,6 +121,8 @@ def build(config, *, mesh=None) -> Task:
     module = make_module(config)
     f = module.downsample_factor
     check(size % f == 0, "data.image_size", size, f"must be divisible by the downsampling factor {f}")
+    check(module.scales is None or module.scales[-1] == size // f, "model.scales", module.scales,
+          f"must end with the latent side data.image_size / {f} = {size // f}")
     t = _task(config)
     ema, rec, threshold = t["codebook"] == "ema", t["rec"], float(t["restart_threshold"])
     K = module.num_codes

@@ -80,6 +80,13 @@ VQVAE = [
     ("vqvae num_codes zero", "vqvae_mnist", "c.model.num_codes = 0", r"model\.num_codes=0: must be >= 1"),
     ("vqvae task key misspelt", "vqvae_mnist", "c.task.restart_treshold = 1.0",
      r"task\.restart_treshold: unknown key in config\.task \(did you mean 'restart_threshold'\?"),
+    ("vqvae scales with the EMA codebook", "vqvae_mnist", "c.model.scales = (1, 2, 8)",
+     r"task\.codebook='ema': must be \"loss\" with model\.scales"),
+    ("vqvae scales not increasing", "vqvae_mnist",
+     "c.task.codebook = 'loss'; c.task.restart_threshold = 0.0; c.model.scales = (2, 1, 8)",
+     r"model\.scales=\(2, 1, 8\): must be strictly increasing ints >= 1"),
+    ("var without a tokenizer", "var_mnist", "c.task.vqvae = ''",
+     r"task\.vqvae='': must be a `genjax train` workdir of task vqvae with model\.scales"),
 ]
 
 # the gated PixelCNN task (issue 17 item 4)

@@ -173,3 +173,18 @@ def test_conv_attention_equals_hand_written_softmax(head_dim, groups):
     o = np.einsum("blnk,nkc->blc", _softmax_attention(q, k, v), a["to_out"]["kernel"]) + a["to_out"]["bias"]
     want = o.reshape(x.shape) + x
     np.testing.assert_allclose(np.asarray(block.apply(params, x)), want, atol=1e-4)
+
+
+def test_explicit_mask_equals_the_causal_flag_and_is_refused_by_fused_implementations():
+    """`mask=tril` gives the `causal=True` output (forward and gradient) on "xla" and "auto"; the
+    implementations that cannot take an (L, S) mask refuse it by name."""
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 5, 2, 4)) for i in range(3))
+    tril = jnp.tril(jnp.ones((5, 5), bool))[None, None]
+    want = attention.dot_product_attention(q, k, v, causal=True, implementation="xla")
+    for impl in ("xla", "auto"):
+        got = attention.dot_product_attention(q, k, v, mask=tril, implementation=impl)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+    grad = lambda **kw: jax.grad(lambda q: jnp.sum(attention.dot_product_attention(q, k, v, **kw) ** 2))(q)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(grad(mask=tril)), np.asarray(grad(causal=True)), atol=1e-5)
+    with pytest.raises(UserError, match="attention_impl='blockwise': does not take an explicit"):
+        attention.dot_product_attention(q, k, v, mask=tril, implementation="blockwise")
