@@ -93,8 +93,9 @@ def make_module(config):
     return make_model(dvae, dvae.DiscreteVAE, config.model, in_channels=c, out_channels=c)
 
 
-def _params(params) -> dict:
-    """The task's params tree (model state merged in) -> the module's params."""
+def module_params(params) -> dict:
+    """The task's params tree (model state merged in, as sample_fn / evaluate / `tasks.load_frozen`
+    get it) -> the `DiscreteVAE`'s params."""
     return {k: v for k, v in params.items() if k != ANNEAL}
 
 
@@ -121,7 +122,7 @@ def build(config, *, mesh=None) -> Task:
         tau = anneal(step, t["temperature_start"], t["temperature_end"], t["temperature_steps"],
                      t["temperature_schedule"])
         beta = anneal(step, 0.0, t["kl_weight"], t["kl_warmup_steps"])
-        recon, logits = module.apply({"params": _params(params)}, x, tau, rng)
+        recon, logits = module.apply({"params": module_params(params)}, x, tau, rng)
         diff = x.astype(jnp.float32) - recon.astype(jnp.float32)
         rec_loss = jnp.mean(jnp.abs(diff) if t["rec"] == "l1" else jnp.square(diff))
         kl = dvae.kl_to_uniform(logits)  # (B, h, w)
@@ -135,12 +136,12 @@ def build(config, *, mesh=None) -> Task:
 
     @jax.jit
     def reconstruct(params, x):
-        p = {"params": _params(params)}
+        p = {"params": module_params(params)}
         return module.apply(p, module.apply(p, x, method=module.encode), method=module.decode_codes)
 
     @jax.jit
     def codes(params, x):
-        return module.apply({"params": _params(params)}, x, method=module.encode)
+        return module.apply({"params": module_params(params)}, x, method=module.encode)
 
     held_out = recipes.fixed_examples(config, t["eval_examples"])["image"]
     n = min(max(config.eval.num_samples // 2, 1), len(held_out))
