@@ -1,0 +1,76 @@
+"""Tasks "dvae" and "dalle" end to end on the smoke configs: a dVAE trained through `trainer.main`
+(annealed temperature, held-out PSNR / SSIM, code usage), a DALL·E transformer trained on its
+frozen tokens (digit accuracy of prompted samples logged), and `genjax sample --prompt` writing the
+images, their prompts and the PNG grid; the annealing curves' end points; config errors."""
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from genjax import cli
+from genjax.config import load_config
+from genjax.errors import UserError
+from genjax.tasks import dvae as dvae_task
+from genjax.train import trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def config_of(name, arg="", *overrides):
+    return load_config(os.path.join(ROOT, "configs", f"{name}_mnist.py") + f":smoke=True{arg}",
+                       ["--config.mesh.data=1", *overrides])
+
+
+def _records(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_anneal_curves_run_from_start_to_end():
+    """cosine: start, the mean half way, end from `steps` on; exponential: the geometric mean half
+    way (DALL·E App. A.2 anneals tau 1 -> 1/16 and beta 0 -> 6.6)."""
+    values = [float(dvae_task.anneal(s, 1.0, 1 / 16, 100)) for s in (0, 50, 100, 500)]
+    np.testing.assert_allclose(values, [1.0, (1 + 1 / 16) / 2, 1 / 16, 1 / 16], rtol=1e-6)
+    np.testing.assert_allclose(float(dvae_task.anneal(50, 1.0, 1 / 16, 100, "exponential")), 0.25, rtol=1e-6)
+    np.testing.assert_allclose(float(dvae_task.anneal(25, 0.0, 6.6, 50)), 3.3, rtol=1e-6)
+    assert float(dvae_task.anneal(0, 0.0, 6.6, 0)) == np.float32(6.6)
+
+
+def test_dvae_then_dalle_train_and_sample_from_a_prompt(tmp_path, capsys):
+    dvae_dir, dalle_dir = str(tmp_path / "dvae"), str(tmp_path / "dalle")
+    trainer.main(config_of("dvae"), dvae_dir, devices=jax.devices()[:1])
+    records = _records(dvae_dir)
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 4 and steps[-1]["loss"] < steps[0]["loss"]
+    temps = [r["temperature"] for r in steps]  # cosine 1 -> 1/16 over the 4 steps, read at steps 0..3
+    np.testing.assert_allclose(temps, [1 / 16 + (15 / 16) * (1 + math.cos(math.pi * s / 4)) / 2 for s in range(4)],
+                               rtol=1e-5)
+    (evals,) = [r for r in records if "psnr" in r]
+    assert 5 < evals["psnr"] < 60 and 1 <= evals["eval_perplexity"] <= 16 and 0 < evals["eval_codes_used"] <= 1
+    with pytest.raises(UserError, match="task.dvae"):  # a dVAE workdir is required
+        trainer.validate(config_of("dalle", f",dvae={tmp_path}"))
+
+    trainer.main(config_of("dalle", f",dvae={dvae_dir}"), dalle_dir, devices=jax.devices()[:1])
+    records = _records(dalle_dir)
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 4 and steps[-1]["image_loss"] < steps[0]["image_loss"]
+    np.testing.assert_allclose(steps[0]["loss"], steps[0]["text_loss"] / 8 + 7 * steps[0]["image_loss"] / 8, rtol=1e-5)
+    (evals,) = [r for r in records if "digit_accuracy" in r]
+    assert 0 <= evals["digit_accuracy"] <= 1
+    assert os.path.isfile(os.path.join(dalle_dir, "samples", "step_000004.png"))
+
+    out = str(tmp_path / "sevens.npz")
+    args = ["sample", "--workdir", dalle_dir, "--prompt", "digit 7", "--prompt", "digit 1", "--num", "2",
+            "--top-k", "3", "--temperature", "0.8", "--out", out]
+    assert cli.main(args) == 0
+    with np.load(out) as f:
+        assert f["images"].shape == (4, 16, 16, 1) and f["images"].dtype == np.uint8
+        assert f["prompts"].tolist() == ["digit 7", "digit 7", "digit 1", "digit 1"]
+    assert os.path.isfile(str(tmp_path / "sevens.png"))
+    capsys.readouterr()
+    assert cli.main(args[:-2] + ["--top-p", "1.5", "--out", str(tmp_path / "x.npz")]) == 2
+    assert "top_p" in capsys.readouterr().err
