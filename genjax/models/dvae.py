@@ -56,13 +56,6 @@ def kl_to_uniform(logits: jax.Array) -> jax.Array:
     return jnp.sum(jnp.exp(logp) * logp, axis=-1) + math.log(logits.shape[-1])
 
 
-def code_perplexity(probs: jax.Array) -> jax.Array:
-    """`exp(entropy)` of the mean of `probs (..., K)` over all leading positions (one-hot codes:
-    the code-usage perplexity of `vqvae.perplexity`; K when all codes are used equally). Scalar."""
-    p = jnp.mean(probs.reshape(-1, probs.shape[-1]).astype(jnp.float32), axis=0)
-    return jnp.exp(-jnp.sum(p * jnp.log(p + 1e-10)))
-
-
 class DiscreteVAE(nn.Module):
     """DALL·E's discrete VAE on the LDM encoder / decoder.
 

@@ -143,7 +143,7 @@ def build(config, *, mesh=None) -> Task:
 
     @functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p", "cfg_scale"))
     def tokens(params, ids, rng, *, temperature, top_k, top_p, cfg_scale):
-        fn = lambda text_ids, image_ids: module.apply({"params": params}, text_ids, image_ids)[1]  # noqa: E731
+        fn = lambda text_ids, image_ids: module.apply({"params": params}, text_ids, image_ids)[1]
         return dalle.generate(fn, ids, rng, num_tokens=n, temperature=temperature, top_k=top_k, top_p=top_p,
                               null_text_ids=jnp.broadcast_to(null_ids, ids.shape), cfg_scale=cfg_scale)
 
@@ -212,6 +212,26 @@ def to_digit_size(images: np.ndarray) -> np.ndarray:
 
 
 def _clip_scorer(path: str, mesh):
-    """`(images uint8 (N, S, S, C), prompts list of N str) -> float (N,)` cosine similarity of each image
-    with its prompt under the frozen CLIP of workdir `path` (its image size: images resized)."""
-    raise NotImplementedError  # filled in below when re-ranking is built
+    """`(images uint8 (N, S, S, C), prompts list of N str) -> float32 (N,)`: the cosine similarity
+    of each image with its prompt under the frozen CLIP of workdir `path` (`tasks.load_frozen`;
+    `CLIP.encode_image` / `encode_text`, L2-normalised embeddings; images resized bilinearly to the
+    CLIP's image size), DALL·E Sec. 2.5's re-ranking score (Radford et al. 2021)."""
+    from genjax.models import tokenizer
+    from genjax.models.clip import CLIP
+
+    module, params = tasks.load_frozen(path, family_name="clip", mesh=mesh)
+    tok, (h, w) = tokenizer.ByteTokenizer(), module.image_size
+
+    @jax.jit
+    def similarity(images, ids, mask):
+        x = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
+        x = jax.image.resize(x, (x.shape[0], h, w, x.shape[-1]), "bilinear")
+        image = module.apply({"params": params}, x, method=CLIP.encode_image)
+        text = module.apply({"params": params}, ids, mask, method=CLIP.encode_text)
+        return jnp.sum(image * text, axis=-1)
+
+    def score(images, prompts):
+        ids, mask = tok.encode(list(prompts), module.context_length)
+        return np.asarray(similarity(images, ids, mask))
+
+    return score

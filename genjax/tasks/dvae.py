@@ -18,13 +18,13 @@ optim.grad_accum_steps: the trainer passes no step to loss_fn, and this needs no
 The Gumbel noise is drawn with the step's key.
 
 Metrics: rec_loss, kl (nats per position), temperature, kl_weight, perplexity (of the batch's
-argmax codes, `dvae.code_perplexity`), codes_used (fraction of the K codes the batch's argmax picked).
+argmax codes, `vqvae.perplexity`), codes_used (fraction of the K codes the batch's argmax picked).
 
 sample_fn(params, rng, cond=None) -> uint8 (2N, S, S, C): N = eval.num_samples // 2 held-out test
 digits (evenly spaced over the first task.eval_examples) and their hard reconstructions (argmax
 codes -> one-hot -> decoder; `autoencoder.reconstruction_fns`, as "vae" and "vqvae").
 evaluate(params) -> psnr, ssim of the hard reconstructions of the task.eval_examples test digits,
-eval_perplexity / eval_codes_used of their argmax codes.
+eval_perplexity / eval_codes_used of their argmax codes (`autoencoder.code_usage`, as "vqvae").
 """
 
 from __future__ import annotations
@@ -102,8 +102,8 @@ def module_params(params) -> dict:
 def build(config, *, mesh=None) -> Task:
     del mesh
     from genjax.data import recipes
-    from genjax.models import dvae
-    from genjax.tasks.autoencoder import eval_batch_size, reconstruction_fns
+    from genjax.models import dvae, vqvae
+    from genjax.tasks.autoencoder import code_usage, reconstruction_fns
 
     size, channels = config.data.image_size, config.data.channels
     module = make_module(config)
@@ -127,10 +127,10 @@ def build(config, *, mesh=None) -> Task:
         rec_loss = jnp.mean(jnp.abs(diff) if t["rec"] == "l1" else jnp.square(diff))
         kl = dvae.kl_to_uniform(logits)  # (B, h, w)
         kl_per_pixel = jnp.sum(jnp.mean(kl, axis=0)) / (size * size * channels)
-        hard = dvae.hard_one_hot(logits)
+        indices = jnp.argmax(logits, axis=-1)
         metrics = {"rec_loss": rec_loss, "kl": jnp.mean(kl), "temperature": tau, "kl_weight": beta,
-                   "perplexity": dvae.code_perplexity(hard),
-                   "codes_used": jnp.mean((jnp.sum(hard.reshape(-1, K), 0) > 0).astype(jnp.float32)),
+                   "perplexity": vqvae.perplexity(indices, K),
+                   "codes_used": jnp.mean((jnp.bincount(indices.reshape(-1), length=K) > 0).astype(jnp.float32)),
                    MODEL_STATE: {ANNEAL: {"step": counter + 1}}}
         return rec_loss + beta * kl_per_pixel, metrics
 
@@ -149,13 +149,7 @@ def build(config, *, mesh=None) -> Task:
     sample_fn, reconstruction_metrics = reconstruction_fns(reconstruct, examples, held_out)
 
     def evaluate(params):
-        b = eval_batch_size(len(held_out))
-        indices = jnp.concatenate([codes(params, jnp.asarray(held_out[i:i + b]))
-                                   for i in range(0, len(held_out), b)])
-        one_hot = jax.nn.one_hot(indices, K, dtype=jnp.float32)
-        used = jnp.mean((jnp.sum(one_hot.reshape(-1, K), 0) > 0).astype(jnp.float32))
-        return {**reconstruction_metrics(params), "eval_perplexity": float(dvae.code_perplexity(one_hot)),
-                "eval_codes_used": float(used)}
+        return {**reconstruction_metrics(params), **code_usage(codes, params, held_out, K)}
 
     return Task(module, init_params, loss_fn, sample_fn, recipes.pixel_data(config), evaluate=evaluate,
                 init_state=lambda rng: {ANNEAL: {"step": jnp.zeros((), jnp.int32)}})

@@ -16,7 +16,7 @@ def _model():
                     num_heads=2)
     text = jax.random.randint(jax.random.PRNGKey(0), (2, LT), 0, 7)
     image = jax.random.randint(jax.random.PRNGKey(1), (2, N), 0, K)
-    return m, m.init(jax.random.PRNGKey(2), text, image), text, image
+    return m, jax.jit(m.init)(jax.random.PRNGKey(2), text, image), text, image
 
 
 def test_logits_depend_only_on_earlier_positions():
@@ -49,7 +49,7 @@ def test_sampling_draws_from_the_teacher_forced_logits():
     at i: with top_k=1 it is their argmax; with temperature 0.7, top-p 0.9 and guidance 2 it equals
     `sample_logits(fold_in(rng, i), cfg_logits(cond, uncond, 2), ...)` recomputed step by step."""
     m, v, text, _ = _model()
-    fn = lambda t, i: m.apply(v, t, i)[1]  # noqa: E731
+    fn = lambda t, i: m.apply(v, t, i)[1]
     rng = jax.random.PRNGKey(5)
     greedy = jax.jit(lambda r: dalle.generate(fn, text, r, num_tokens=N, top_k=1))(rng)
     np.testing.assert_array_equal(greedy, jnp.argmax(fn(text, greedy), -1))

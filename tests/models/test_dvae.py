@@ -16,7 +16,7 @@ def _model():
     m = dvae.Model(in_channels=1, out_channels=1, block_out_channels=(8, 16), num_codes=K, code_dim=8,
                    norm_num_groups=4)
     x = jax.random.uniform(jax.random.PRNGKey(0), (2, 8, 8, 1), minval=-1, maxval=1)
-    v = m.init(jax.random.PRNGKey(1), x)
+    v = jax.jit(m.init)(jax.random.PRNGKey(1), x)
     v = {"params": {**v["params"], "encoder": {**v["params"]["encoder"], "conv_out": jax.tree.map(
         lambda p: p * 100.0, v["params"]["encoder"]["conv_out"])}}}
     return m, v, x
@@ -32,21 +32,27 @@ def test_relaxed_path_equals_hard_path_at_low_temperature():
     relaxed output differs from the hard one (the comparison can fail)."""
     m, v, x = _model()
     tau, rng = 0.01, jax.random.PRNGKey(2)
-    logits = m.apply(v, x, method=m.logits)
-    perturbed = jnp.stack([logits + jax.random.gumbel(rng, logits.shape, jnp.float32), logits])
+
+    @jax.jit
+    def paths(v, x):  # one compiled program: the model's paths (eager dispatch is slow on CPU)
+        logits = m.apply(v, x, method=m.logits)
+        perturbed = jnp.stack([logits + jax.random.gumbel(rng, logits.shape, jnp.float32), logits])
+        codes = jnp.argmax(perturbed, -1)
+        hard = m.apply(v, codes.reshape(-1, *codes.shape[2:]), method=m.decode_codes).reshape(2, *x.shape)
+        relaxed = [m.apply(v, x, tau, key) for key in (rng, None)]
+        warm = m.apply(v, dvae.gumbel_softmax(logits * 0.01, 1.0, rng), method=m.decode_soft)
+        return logits, perturbed, codes, m.apply(v, x, method=m.encode), hard, relaxed, warm
+
+    logits, perturbed, codes, tokens, hard, relaxed, warm = paths(v, x)
     top2 = jnp.sort(perturbed, axis=-1)[..., -2:]
     bound = 2 * (K - 1) * float(jnp.exp(-jnp.min(top2[..., 1] - top2[..., 0]) / tau))
     assert bound < 1e-6
-    codes = jnp.argmax(perturbed, -1)
-    np.testing.assert_array_equal(codes[1], m.apply(v, x, method=m.encode))
-    hard = m.apply(v, codes.reshape(-1, *codes.shape[2:]), method=m.decode_codes).reshape(2, *x.shape)
+    np.testing.assert_array_equal(codes[1], tokens)
     for i, key in enumerate((rng, None)):
         soft = dvae.gumbel_softmax(logits, tau, key)
         assert float(jnp.abs(soft - dvae.hard_one_hot(perturbed[i])).sum(-1).max()) <= bound
-        relaxed, relaxed_logits = m.apply(v, x, tau, key)
-        np.testing.assert_array_equal(relaxed_logits, logits)
-        np.testing.assert_allclose(relaxed, hard[i], atol=1e-4)
-    warm = m.apply(v, dvae.gumbel_softmax(logits * 0.01, 1.0, rng), method=m.decode_soft)
+        np.testing.assert_array_equal(relaxed[i][1], logits)
+        np.testing.assert_allclose(relaxed[i][0], hard[i], atol=1e-4)
     assert float(jnp.abs(warm - hard[0]).max()) > 1e-2
 
 
