@@ -226,6 +226,11 @@ def main(args) -> int:
     flags = {k: v for k, v in tokens.items() if v is not None}
     check(text_image or not flags, "--" + "/--".join(k.replace("_", "-") for k in flags), list(flags.values()),
           f"are for models that draw tokens ({TEXT_IMAGE_MODELS})")
+    if text_image:  # before the model is restored (top_k against the vocabulary: in sample_fn)
+        from genjax.models import token_sampling
+
+        t, k, p = tokens["temperature"], tokens["top_k"], tokens["top_p"]
+        token_sampling.check_settings(1.0 if t is None else t, 0 if k is None else k, 1.0 if p is None else p)
     video = name in VIDEO_MODELS
     check(video or args.out.endswith(".npz"), "--out", args.out, "must be a .npz file for an image model")
     negative, dtype = getattr(args, "negative_prompt", None), getattr(args, "dtype", None)

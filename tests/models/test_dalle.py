@@ -4,6 +4,7 @@ sampling (`dalle.generate`) against teacher forcing."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from genjax.models import dalle, token_sampling
 
@@ -11,7 +12,8 @@ LT, GRID, K = 4, (2, 3), 11
 N = GRID[0] * GRID[1]
 
 
-def _model():
+@pytest.fixture(scope="module")
+def model():
     m = dalle.Model(text_vocab_size=7, text_length=LT, num_codes=K, image_grid=GRID, hidden_size=16, depth=2,
                     num_heads=2)
     text = jax.random.randint(jax.random.PRNGKey(0), (2, LT), 0, 7)
@@ -19,11 +21,11 @@ def _model():
     return m, jax.jit(m.init)(jax.random.PRNGKey(2), text, image), text, image
 
 
-def test_logits_depend_only_on_earlier_positions():
+def test_logits_depend_only_on_earlier_positions(model):
     """d image_logits[:, i] / d x[:, j] (x the input embeddings, `embed`) is exactly 0 for every
     position j > LT - 1 + i (the position that predicts image token i) and nonzero at j = LT - 1 + i
     and at the text; likewise text logit t reads positions <= t only."""
-    m, v, text, image = _model()
+    m, v, text, image = model
     x = m.apply(v, text, image, method=m.embed)
     assert x.shape == (2, LT + N - 1, 16)
     w_img = jax.random.normal(jax.random.PRNGKey(3), (K,))
@@ -44,12 +46,12 @@ def test_logits_depend_only_on_earlier_positions():
             assert row[first + i] > 0 and row[0] > 0
 
 
-def test_sampling_draws_from_the_teacher_forced_logits():
+def test_sampling_draws_from_the_teacher_forced_logits(model):
     """`generate`'s token i is drawn from the logits that teacher forcing on the drawn tokens gives
     at i: with top_k=1 it is their argmax; with temperature 0.7, top-p 0.9 and guidance 2 it equals
     `sample_logits(fold_in(rng, i), cfg_logits(cond, uncond, 2), ...)` recomputed step by step."""
-    m, v, text, _ = _model()
-    fn = lambda t, i: m.apply(v, t, i)[1]
+    m, v, text, _ = model
+    fn = jax.jit(lambda t, i: m.apply(v, t, i)[1])
     rng = jax.random.PRNGKey(5)
     greedy = jax.jit(lambda r: dalle.generate(fn, text, r, num_tokens=N, top_k=1))(rng)
     np.testing.assert_array_equal(greedy, jnp.argmax(fn(text, greedy), -1))
