@@ -13,9 +13,9 @@ K = 16
 def _model():
     """A small dVAE whose encoder's last conv is scaled by 100: confident logits, as a trained
     encoder's (the logits are linear in that layer's params)."""
-    m = dvae.Model(in_channels=1, out_channels=1, block_out_channels=(8, 16), num_codes=K, code_dim=8,
+    m = dvae.Model(in_channels=1, out_channels=1, block_out_channels=(8,), num_codes=K, code_dim=8,
                    norm_num_groups=4)
-    x = jax.random.uniform(jax.random.PRNGKey(0), (2, 8, 8, 1), minval=-1, maxval=1)
+    x = jax.random.uniform(jax.random.PRNGKey(0), (2, 4, 4, 1), minval=-1, maxval=1)
     v = jax.jit(m.init)(jax.random.PRNGKey(1), x)
     v = {"params": {**v["params"], "encoder": {**v["params"]["encoder"], "conv_out": jax.tree.map(
         lambda p: p * 100.0, v["params"]["encoder"]["conv_out"])}}}
