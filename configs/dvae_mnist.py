@@ -17,8 +17,8 @@ App. A.2's schedule shape, compressed to the run). AdamW lr 1e-3, batch 64, 5k s
 the weights (the frozen dVAE of dalle_mnist is the trained one).
 
 Hardware: one accelerator for the full setting (an estimate: minutes on a GPU, not measured).
-`cpu=True`: block_out_channels (16, 32, 32), batch 32, 600 steps; measured in
-experiments/dalle_mnist/README.md. Smoke (`smoke=True`): 16 x 16 digits, f = 2, 16 codes, batch 8,
+`cpu=True`: block_out_channels (16, 32, 32), batch 32, 600 steps: 488 s on the shared 2-core CPU
+(load 5-7), held-out PSNR 19.4 dB, SSIM 0.80, 106 of 128 codes used (experiments/dalle_mnist). Smoke (`smoke=True`): 16 x 16 digits, f = 2, 16 codes, batch 8,
 4 steps, evaluation on 8 test digits (tests/train/test_dalle_task.py); its reconstructions are blurs.
 """
 
