@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from genjax.errors import check
-from genjax.models.ldm_autoencoder import Decoder, Encoder, check_image
+from genjax.models.ldm_autoencoder import Decoder, Encoder, check_image, coder_kwargs
 from genjax.parallel.axes import EMBED, VOCAB
 
 Dtype = Any
@@ -93,10 +93,7 @@ class DiscreteVAE(nn.Module):
         return 2 ** (len(self.block_out_channels) - 1)
 
     def setup(self):
-        kw = dict(block_out_channels=tuple(self.block_out_channels),
-                  layers_per_block=self.layers_per_block, norm_num_groups=self.norm_num_groups,
-                  mid_block_attention=self.mid_block_attention, attention_impl=self.attention_impl,
-                  dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = coder_kwargs(self)
         self.encoder = Encoder(self.num_codes, double_z=False, **kw)
         self.decoder = Decoder(self.out_channels, **kw)
         # DALL·E's codebook is the decoder's first layer on the one-hot; unit-variance init
