@@ -74,7 +74,7 @@ def test_dvae_then_dalle_train_and_sample_from_a_prompt(tmp_path, capsys):
     assert "top_p" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # ~2 min on the loaded 2-core CPU: three trainings with evaluation compiled
+@pytest.mark.slow  # 50 s on the shared 2-core CPU: three trainings with their evaluation compiled
 def test_evaluations_log_psnr_and_digit_accuracy_and_clip_reranking_keeps_the_best(tmp_path):
     """The smoke configs with their periodic evaluation: the dVAE logs held-out PSNR / SSIM and
     code usage, DALL·E the digit classifier's accuracy on prompted samples; with a CLIP workdir
