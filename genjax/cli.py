@@ -49,12 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "prompts to FILE.npz, and FILE.gif / FILE.mp4 beside it. "
                                    "Images: genjax sample --workdir W [--vae V] --class-label Y "
                                    "--out FILE.npz writes images uint8 (N, H, W, C) and class_labels, "
-                                   "and FILE.png beside it.")
+                                   "and FILE.png beside it. Text-to-image (dalle): --prompt TEXT "
+                                   "[--temperature T --top-k K --top-p P] writes images and prompts.")
     p.add_argument("--workdir", required=True,
                    help="a `genjax demo` workdir (or its dit/ stage), a `genjax train` run "
-                        "(video_dit, dit, unet) or a `genjax convert` DiT / U-Net / Wan folder")
+                        "(video_dit, dit, unet, dalle) or a `genjax convert` DiT / U-Net / Wan folder")
     p.add_argument("--prompt", action="append", default=[],
-                   help="text prompt, e.g. 'digit 3' (repeat for several); text-to-video models")
+                   help="text prompt, e.g. 'digit 3' (repeat for several); text-to-video and text-to-image models")
     p.add_argument("--class-label", action="append", type=int, default=[],
                    help="class id, e.g. 3 or ImageNet 207 (repeat for several; default the first "
                         "ten classes); class-conditional image models")
@@ -73,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=None, help="ddpm | ddim | dpmpp_2m | euler | heun | unipc (flow) "
                    "(`genjax.diffusion.samplers`; default: the run's eval.sampler, ddim for a converted DiT / U-Net, "
                    "the pipeline scheduler's for a converted Wan)")
+    p.add_argument("--temperature", type=float, default=None, help="text-to-image (dalle): softmax temperature "
+                   "of each token (default: the run's eval.temperature)")
+    p.add_argument("--top-k", type=int, default=None, help="dalle: keep the k most likely tokens (0: all; "
+                   "default eval.top_k)")
+    p.add_argument("--top-p", type=float, default=None, help="dalle: nucleus mass in (0, 1] (default eval.top_p)")
     p.add_argument("--frames", type=int, default=None, help="frames (default: the training clips')")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)

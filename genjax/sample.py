@@ -5,6 +5,8 @@
         [--init-frame first.png]
     genjax sample --workdir runs/dit_mnist --class-label 3 --num 8 --out threes.npz
     genjax sample --workdir runs/mae_mnist --class-label 3 --num 4 --out mae3.npz  # reconstructions
+    genjax sample --workdir runs/dalle_mnist --prompt "digit 7" --num 8 [--temperature 1 --top-k 0 --top-p 1]
+        [--cfg-scale 1] --out sevens.npz        # text-to-image: images + prompts in the .npz, a PNG grid
     genjax convert --from diffusers --model dit DiT-XL-2-256/transformer --out runs/dit_xl2
     genjax convert --from diffusers --model vae DiT-XL-2-256/vae --out runs/sd_vae
     genjax sample --workdir runs/dit_xl2 --vae runs/sd_vae --class-label 207 --num 2 --out dit_xl2.npz
@@ -12,9 +14,9 @@
     genjax sample --workdir runs/wan --prompt "a cat on a skateboard" --num 1 --frames 33 --height 480 \
         --width 832 --steps 50 --cfg-scale 5 [--negative-prompt "blurry"] --out cat.mp4
 
-The workdir is a `genjax train` run (any task with samples: video_dit with --prompt; dit, mdt,
-unet, pixelcnn, var with --class-label; mae: [original | masked | reconstruction] of held-out examples
-of each --class-label, images or videos), a `genjax demo` workdir (its `dit/` stage is a
+The workdir is a `genjax train` run (any task with samples: video_dit or dalle with --prompt; dit,
+mdt, unet, pixelcnn, var with --class-label; mae: [original | masked | reconstruction] of held-out
+examples of each --class-label, images or videos), a `genjax demo` workdir (its `dit/` stage is a
 video_dit run), or a
 `genjax convert` folder of a diffusers `DiTTransformer2DModel` (with `--vae`: a converted
 `AutoencoderKL` or a trained VAE workdir), an unconditional `UNet2DModel`, or a diffusers Wan 2.1
@@ -39,6 +41,7 @@ from genjax.errors import check
 
 VIDEO_MODELS = ("video_dit", "wan")
 IMAGE_MODELS = ("dit", "unet", "mdt", "mae", "pixelcnn", "var")
+TEXT_IMAGE_MODELS = ("dalle",)  # images from --prompt, drawn token by token (--temperature/--top-k/--top-p)
 # Converted checkpoints carry no training config: the schedule both papers trained with.
 PAPER_DIFFUSION = dict(schedule="linear", num_timesteps=1000, prediction_type="epsilon", weighting="none")
 PAPER_EVAL = dict(sample_every_steps=0, num_samples=1, sampler="ddim", num_sampling_steps=50, cfg_scale=4.0)
@@ -217,10 +220,20 @@ def main(args) -> int:
     path = model_dir(args.workdir)
     converted = convert.read_converted_config(path)
     name = converted["family"] if converted else checkpoint.read_config(path).model.name
-    check(name in VIDEO_MODELS + IMAGE_MODELS, "--workdir", args.workdir,
+    sampled = VIDEO_MODELS + IMAGE_MODELS + TEXT_IMAGE_MODELS
+    check(name in sampled, "--workdir", args.workdir,
           f"is a converted {name!r} model, which cannot sample alone (pass it as --vae of a latent DiT)"
-          if converted else f"holds a {name!r} model, which draws no samples (sampling takes "
-          f"{VIDEO_MODELS + IMAGE_MODELS})")
+          if converted else f"holds a {name!r} model, which draws no samples (sampling takes {sampled})")
+    text_image = name in TEXT_IMAGE_MODELS
+    tokens = {k: getattr(args, k, None) for k in ("temperature", "top_k", "top_p")}
+    flags = {k: v for k, v in tokens.items() if v is not None}
+    check(text_image or not flags, "--" + "/--".join(k.replace("_", "-") for k in flags), list(flags.values()),
+          f"are for models that draw tokens ({TEXT_IMAGE_MODELS})")
+    if text_image:  # before the model is restored (top_k against the vocabulary: in sample_fn)
+        from genjax.models import token_sampling
+
+        t, k, p = tokens["temperature"], tokens["top_k"], tokens["top_p"]
+        token_sampling.check_settings(1.0 if t is None else t, 0 if k is None else k, 1.0 if p is None else p)
     video = name in VIDEO_MODELS
     check(video or args.out.endswith(".npz"), "--out", args.out, "must be a .npz file for an image model")
     negative, dtype = getattr(args, "negative_prompt", None), getattr(args, "dtype", None)
@@ -238,6 +251,13 @@ def main(args) -> int:
               "do not apply to a converted Wan text-to-video model")
         wan.check_request(path, args.prompt, negative, args.frames, args.height, args.width)  # before restoring
         first = None
+    elif text_image:
+        check(bool(args.prompt), "--prompt", None, "is required for a text-to-image model")
+        check_prompts(args.prompt, checkpoint.read_config(path))
+        check(not args.class_label and args.frames in (None, 1) and args.init_frame is None and args.vae is None,
+              "--class-label/--frames/--init-frame/--vae", args.class_label or args.frames or args.init_frame or args.vae,
+              "do not apply to a text-to-image model (its dVAE is the run's task.dvae)")
+        first = None
     elif video:
         check(bool(args.prompt), "--prompt", None, "is required for a text-to-video model")
         run_config = checkpoint.read_config(path)
@@ -253,9 +273,14 @@ def main(args) -> int:
               "class-conditional image model: use --class-label N")
         check(args.frames in (None, 1) and args.init_frame is None, "--frames/--init-frame",
               args.frames if args.init_frame is None else args.init_frame, "are for video models")
-    config, task, params = restore(path, vae=args.vae, image_size=None if video else args.height, dtype=dtype)
+    config, task, params = restore(path, vae=args.vae, image_size=None if video or text_image else args.height,
+                                   dtype=dtype)
     kw = dict(sampler=args.sampler, num_steps=args.steps, cfg_scale=args.cfg_scale)
-    if video:
+    if text_image:
+        captions = [p for p in args.prompt for _ in range(args.num)]
+        samples = task.sample_fn(params, jax.random.PRNGKey(args.seed), captions, height=args.height,
+                                 width=args.width, **kw, **tokens)
+    elif video:
         captions = [p for p in args.prompt for _ in range(args.num)]
         if name == "wan":
             kw["negative_prompt"] = negative

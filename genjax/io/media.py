@@ -352,7 +352,8 @@ def output_paths(out: str, video: bool) -> list[str]:
 def write_outputs(out: str, samples: np.ndarray, captions: Sequence, *, fps: float = 8) -> list[str]:
     """`genjax sample`'s files. Videos uint8 (N, T, H, W, C): `out` (.npz with `videos` and
     `prompts`) plus a GIF and an MP4 beside it (same stem); images uint8 (N, H, W, C): `out`
-    (.npz with `images` and `class_labels` int32) plus a PNG grid (`output_paths`). All files are
+    (.npz with `images` and `class_labels` int32, or `prompts` when the captions are str, a
+    text-to-image model's) plus a PNG grid (`output_paths`). All files are
     written to temporary names first and renamed into place only once every one is complete: a
     failure leaves none of them changed. Returns the paths.
 
@@ -366,7 +367,9 @@ def write_outputs(out: str, samples: np.ndarray, captions: Sequence, *, fps: flo
     check(len(captions) == len(samples), "captions", len(captions), f"must be one per sample ({len(samples)})")
     video = samples.ndim == 5
     paths = output_paths(out, video)
+    prompted = any(isinstance(c, str) for c in captions)  # text-to-image (DALL·E): prompts, not labels
     arrays = ({"videos": samples, "prompts": np.asarray([str(c) for c in captions])} if video else
+              {"images": samples, "prompts": np.asarray([str(c) for c in captions])} if prompted else
               {"images": samples, "class_labels": np.asarray(captions, np.int32)})
     with contextlib.ExitStack() as stack:  # renames happen on leaving, after every file is written
         tmps = [stack.enter_context(fs.atomic_path(p, "--out" if p == paths[0] else "path")) for p in paths]
@@ -381,7 +384,7 @@ def write_outputs(out: str, samples: np.ndarray, captions: Sequence, *, fps: flo
                 write_gif(tmps[1], samples, fps=fps, captions=captions)
                 write_mp4(tmps[2], samples, fps=fps, captions=captions)
             else:
-                write_png_grid(tmps[1], samples, captions=[f"class {int(y)}" for y in captions])
+                write_png_grid(tmps[1], samples, captions=[str(c) if prompted else f"class {int(c)}" for c in captions])
         except UserError as e:  # name the final file, not its temporary name
             message = str(e)
             for tmp, path in zip(tmps, paths):

@@ -126,6 +126,14 @@ class Decoder(nn.Module):
         return conv2d(self.out_channels, 3, padding=1, name="conv_out", **kw)(h)
 
 
+def coder_kwargs(m) -> dict[str, Any]:
+    """The `Encoder` / `Decoder` keyword arguments of an LDM-style autoencoder module `m`
+    (`vae.AutoencoderKL`, `vqvae.VQVAE`, `dvae.DiscreteVAE`), from its attributes of the same names."""
+    return dict(block_out_channels=tuple(m.block_out_channels), layers_per_block=m.layers_per_block,
+                norm_num_groups=m.norm_num_groups, mid_block_attention=m.mid_block_attention,
+                attention_impl=m.attention_impl, dtype=m.dtype, param_dtype=m.param_dtype)
+
+
 def check_image(x: jax.Array, channels: int, factor: int, field: str = "x") -> None:
     """Raise UserError unless `x` is `(B, H, W, channels)` with H and W divisible by `factor`."""
     check(x.ndim == 4, f"{field}.shape", tuple(x.shape), "must be (B, H, W, C)")

@@ -27,7 +27,7 @@ import numpy as np
 from genjax.errors import check
 from genjax.io.weights import StateDictReader, check_overrides, check_params_match, load_state_dict
 from genjax.models.conv import conv2d
-from genjax.models.ldm_autoencoder import (Decoder, Encoder, autoencoder_config, check_image,
+from genjax.models.ldm_autoencoder import (Decoder, Encoder, autoencoder_config, check_image, coder_kwargs,
                                            load_decoder, load_encoder)
 
 Dtype = Any
@@ -165,10 +165,7 @@ class AutoencoderKL(nn.Module):
         return 2 ** (len(self.block_out_channels) - 1)
 
     def setup(self):
-        kw = dict(block_out_channels=tuple(self.block_out_channels),
-                  layers_per_block=self.layers_per_block, norm_num_groups=self.norm_num_groups,
-                  mid_block_attention=self.mid_block_attention, attention_impl=self.attention_impl,
-                  dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = coder_kwargs(self)
         self.encoder = Encoder(self.latent_channels, double_z=True, **kw)
         self.decoder = Decoder(self.out_channels, **kw)
         ckw = dict(padding=0, dtype=self.dtype, param_dtype=self.param_dtype)

@@ -69,7 +69,8 @@ class EncoderBlock(nn.Module):
     Submodules `norm1`, `attn` (`attention.Attention`), `norm2`, `mlp` (`layers.Mlp`, GELU tanh
     approximation as flax / Scenic ViViT). LayerNorm eps 1e-6, float32.
     Call `(x, segment_ids=None, kv_mask=None)`: `segment_ids (B, L)` restricts attention to equal
-    nonzero ids; `kv_mask (B, L)` bool, False = key not attended.
+    nonzero ids; `kv_mask (B, L)` bool, False = key not attended. `causal`: token l attends to
+    tokens <= l only (a decoder-only block, as DALL·E's transformer; `Attention(causal=True)`).
 
     Source: ViT (Dosovitskiy et al. 2021) eqs. 2-3; ViViT eqs. 4-5; matches transformers
       `VivitLayer` (tested).
@@ -78,6 +79,7 @@ class EncoderBlock(nn.Module):
     num_heads: int
     mlp_dim: int
     attention_impl: str = "auto"
+    causal: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -86,7 +88,7 @@ class EncoderBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = LayerNorm(epsilon=1e-6, **kw, name="norm1")(x)
         x = x + Attention(self.num_heads, attention_impl=self.attention_impl, **kw, name="attn")(
-            h, segment_ids=segment_ids, context_mask=kv_mask)
+            h, segment_ids=segment_ids, context_mask=kv_mask, causal=self.causal)
         h = LayerNorm(epsilon=1e-6, **kw, name="norm2")(x)
         x = x + Mlp(self.mlp_dim, **kw, name="mlp")(h)
         return nn.with_logical_constraint(x, (BATCH, LENGTH, None))

@@ -13,7 +13,9 @@ returning a `Task`, and `make_module(config)` returning its Flax module.
     mdt        Masked Diffusion Transformer: task "dit" + a masked branch        tasks/mdt.py
     mae        MAE / VideoMAE masked-autoencoder pre-training, linear probe      tasks/mae.py
     pixelcnn   class-conditional gated PixelCNN on binarised images              tasks/pixelcnn.py
-    var        VAR next-scale prediction on a frozen multi-scale VQ-VAE's tokens  tasks/var.py
+    var        VAR next-scale prediction on a frozen multi-scale VQ-VAE's tokens tasks/var.py
+    dvae       DALL·E discrete VAE (Gumbel-softmax, KL to a uniform prior)      tasks/dvae.py
+    dalle      DALL·E text-to-image transformer on a frozen dVAE's tokens       tasks/dalle.py
 
 `build` picks the module by name (`importlib.import_module(f"genjax.tasks.{name}")`, as
 big_vision picks models). The model section goes to the module verbatim (`model_kwargs`):
@@ -41,13 +43,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from genjax.errors import check
 
 MODEL_NAMES = ("dit", "unet", "vae", "video_vae", "clip", "video_dit", "vivit", "wan", "vqvae", "mdt", "mae",
-               "pixelcnn", "var")
+               "pixelcnn", "var", "dvae", "dalle")
 # The Linen class in genjax.models.<name> that each family's build passes to make_model: its
 # attributes are the model section's allowed keys (checked early by check_keys).
 MODEL_CLASSES = {"dit": "DiT", "unet": "UNet", "vae": "AutoencoderKL", "video_vae": "VideoAutoencoderKL",
                  "clip": "CLIP", "video_dit": "VideoDiT", "vivit": "ViViTClassifier",
                  "wan": "WanTransformer", "vqvae": "VQVAE", "mdt": "MDT", "mae": "MAE",
-                 "pixelcnn": "GatedPixelCNN", "var": "VAR"}
+                 "pixelcnn": "GatedPixelCNN", "var": "VAR", "dvae": "DiscreteVAE", "dalle": "DalleTransformer"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -189,7 +191,7 @@ POSITIVE_FIELDS = frozenset((
     "text_layers", "text_heads", "text_width", "vision_layers", "vision_heads", "vision_width",
     "video_layers", "video_patch_size", "layers_per_block", "latent_channels", "norm_num_groups",
     "block_out_channels", "attention_head_dim", "context_length", "vocab_size", "in_channels",
-    "out_channels", "frequency_embedding_size", "num_codes"))
+    "out_channels", "frequency_embedding_size", "num_codes", "code_dim"))
 PROBABILITY_FIELDS = frozenset(("class_dropout_prob", "text_dropout_prob", "dropout"))
 NON_NEGATIVE_FIELDS = frozenset(("num_classes", "num_temporal_layers", "video_temporal_layers"))
 

@@ -31,6 +31,19 @@ def eval_batch_size(n: int, most: int = 256) -> int:
     return -(-n // -(-n // most))
 
 
+def code_usage(codes_fn: Callable[[Any, jax.Array], jax.Array], params, examples, num_codes: int) -> dict:
+    """`{"eval_perplexity", "eval_codes_used"}` of a discrete autoencoder ("vqvae", "dvae"): the
+    code-usage perplexity (`vqvae.perplexity`) and the fraction of the `num_codes` codes picked, over
+    all the codes of `examples` (float32 `(N, ...)` in [-1, 1]) taken together; `codes_fn(params, x)
+    -> int codes` is jitted, run in batches of `eval_batch_size(N)`."""
+    from genjax.models import vqvae
+
+    b = eval_batch_size(len(examples))
+    indices = jnp.concatenate([codes_fn(params, jnp.asarray(examples[i:i + b])) for i in range(0, len(examples), b)])
+    used = jnp.mean((jnp.bincount(indices.reshape(-1), length=num_codes) > 0).astype(jnp.float32))
+    return {"eval_perplexity": float(vqvae.perplexity(indices, num_codes)), "eval_codes_used": float(used)}
+
+
 def reconstruction_fns(recon_fn: Callable[[Any, jax.Array], jax.Array], examples, eval_examples=None):
     """`(sample_fn, evaluate)` of an autoencoder task.
 

@@ -115,7 +115,7 @@ def build(config, *, mesh=None) -> Task:
     del mesh
     from genjax.data import recipes
     from genjax.models import vqvae
-    from genjax.tasks.autoencoder import eval_batch_size, reconstruction_fns
+    from genjax.tasks.autoencoder import code_usage, reconstruction_fns
 
     size, channels = config.data.image_size, config.data.channels
     module = make_module(config)
@@ -168,12 +168,7 @@ def build(config, *, mesh=None) -> Task:
     sample_fn, reconstruction_metrics = reconstruction_fns(reconstruct, examples, held_out)
 
     def evaluate(params):
-        b = eval_batch_size(len(held_out))
-        indices = jnp.concatenate([codes(params, jnp.asarray(held_out[i:i + b]))
-                                   for i in range(0, len(held_out), b)])
-        used = jnp.mean((jnp.bincount(indices.reshape(-1), length=K) > 0).astype(jnp.float32))
-        return {**reconstruction_metrics(params), "eval_perplexity": float(vqvae.perplexity(indices, K)),
-                "eval_codes_used": float(used)}
+        return {**reconstruction_metrics(params), **code_usage(codes, params, held_out, K)}
 
     return Task(module, lambda rng: init(rng)["params"], loss_fn, sample_fn, recipes.pixel_data(config),
                 evaluate=evaluate, init_state=(lambda rng: {STATS: init(rng)[STATS]}) if ema else None)
