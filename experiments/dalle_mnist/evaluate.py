@@ -35,7 +35,6 @@ def main(argv=None) -> int:
     from genjax import tasks
     from genjax.eval import digit_classifier
     from genjax.io import checkpoint, media
-    from genjax.tasks import dalle as dalle_task
 
     p = argparse.ArgumentParser()
     p.add_argument("--dalle", required=True)
@@ -62,7 +61,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         images = np.asarray(task.sample_fn(params, jax.random.PRNGKey(0), prompts, **s))
         seconds = time.perf_counter() - start
-        pred = digit_classifier.logits_and_features(classifier, dalle_task.to_digit_size(images))[0].argmax(-1)
+        pred = digit_classifier.read_digits(classifier, images)
         per_digit = [float(np.mean(pred[labels == d] == d)) for d in range(10)]
         results.append({**s, "digit_accuracy": float(np.mean(pred == labels)), "per_digit": per_digit,
                         "samples": len(images), "seconds": round(seconds, 1)})

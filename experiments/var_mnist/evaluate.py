@@ -30,7 +30,6 @@ from genjax import tasks
 from genjax.config import load_config
 from genjax.eval import digit_classifier
 from genjax.io import media
-from genjax.tasks import var as var_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -67,7 +66,7 @@ def main():
         start = time.perf_counter()
         images = np.asarray(task.sample_fn(params, jax.random.PRNGKey(1), labels, cfg_scale=w, top_k=top_k,
                                            top_p=top_p))
-        pred = var_task.read_digits(classifier, images)
+        pred = digit_classifier.read_digits(classifier, images)
         per_class = [float(np.mean(pred[labels == c] == c)) for c in range(10)]
         accuracy[setting] = {"cfg_scale": w, "top_k": top_k, "top_p": top_p, "accuracy": float(np.mean(pred == labels)),
                              "per_class": per_class, "seconds": time.perf_counter() - start}

@@ -104,6 +104,25 @@ def logits_and_features(params, images, *, batch_size: int = 2048) -> tuple[np.n
     return np.concatenate(out_l), np.concatenate(out_f)
 
 
+def to_digit_size(images) -> np.ndarray:
+    """uint8 `(N, S, S, 1)` -> uint8 `(N, 28, 28, 1)`, the classifier's input: unchanged at S = 28,
+    else resized bilinearly (`jax.image.resize`, no antialiasing) and rounded."""
+    images = np.asarray(images)
+    if images.shape[1:3] == (DIGIT_SIZE, DIGIT_SIZE):
+        return images
+    x = jax.image.resize(jnp.asarray(images, jnp.float32), (len(images), DIGIT_SIZE, DIGIT_SIZE, images.shape[-1]),
+                         "bilinear")
+    return np.asarray(jnp.clip(jnp.round(x), 0, 255)).astype(np.uint8)
+
+
+def read_digits(params, images) -> np.ndarray:
+    """The digit (int `(N,)`, argmax of the logits) the classifier reads in each of the uint8 images
+    `(N, S, S, 1)` of any side S (`to_digit_size`): how the generators' samples are judged against
+    the requested class (tasks pixelcnn, var, dalle and the experiments). Raises `UserError` for
+    another dtype / shape (`logits_and_features`)."""
+    return np.argmax(logits_and_features(params, to_digit_size(images))[0], -1)
+
+
 # ----------------------------------------------------------------------------- training
 
 

@@ -185,9 +185,9 @@ def build(config, *, mesh=None) -> Task:
 
         prompts = [p for p in DIGIT_PROMPTS for _ in range(t["eval_per_digit"])]
         images = sample_fn(params, jax.random.PRNGKey(config.seed), prompts)
-        logits, _ = digit_classifier.logits_and_features(digit_classifier.load_or_train(), to_digit_size(images))
+        read = digit_classifier.read_digits(digit_classifier.load_or_train(), images)
         labels = np.repeat(np.arange(10), t["eval_per_digit"])
-        return {"digit_accuracy": float(np.mean(logits.argmax(-1) == labels))}
+        return {"digit_accuracy": float(np.mean(read == labels))}
 
     make_data = recipes.pixel_data(config, tokenize_fn(tok, lt, "image"))
     return Task(module, init_params, loss_fn, sample_fn, make_data, evaluate=evaluate, frozen=frozen)
@@ -197,18 +197,6 @@ def _cross_entropy(logits, targets):
     """Mean over all positions of `-log softmax(logits)[target]` (nats), float32 scalar."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
-
-
-def to_digit_size(images: np.ndarray) -> np.ndarray:
-    """uint8 `(N, S, S, 1)` -> uint8 `(N, 28, 28, 1)` (bilinear `jax.image.resize` when S != 28), the
-    digit classifier's input."""
-    from genjax.eval.digit_classifier import DIGIT_SIZE
-
-    if images.shape[1:3] == (DIGIT_SIZE, DIGIT_SIZE):
-        return images
-    x = jax.image.resize(jnp.asarray(images, jnp.float32), (len(images), DIGIT_SIZE, DIGIT_SIZE, images.shape[-1]),
-                         "bilinear")
-    return np.asarray(jnp.clip(jnp.round(x), 0, 255)).astype(np.uint8)
 
 
 def _clip_scorer(path: str, mesh):

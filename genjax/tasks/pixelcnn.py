@@ -190,8 +190,8 @@ def build(config, *, mesh=None) -> Task:
 
             labels = np.arange(t["eval_samples"]) % 10
             images = np.asarray(sample_fn(params, jax.random.PRNGKey(0), labels))
-            logits, _ = digit_classifier.logits_and_features(digit_classifier.load_or_train(), images)
-            out["digit_accuracy"] = float(np.mean(np.argmax(logits, -1) == labels))
+            read = digit_classifier.read_digits(digit_classifier.load_or_train(), images)
+            out["digit_accuracy"] = float(np.mean(read == labels))
         return out
 
     return Task(module, init, loss_fn, sample_fn, recipes.pixel_data(config), evaluate=evaluate)

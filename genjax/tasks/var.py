@@ -121,18 +121,6 @@ def generate(module, params, vq, vq_vars, rng, labels, cfg_scale, *, guided: boo
     return jnp.concatenate(tokens, axis=1), f_hat, all_logits
 
 
-def read_digits(classifier, images) -> np.ndarray:
-    """The digit classifier's reading (int `(N,)`) of uint8 `(N, H, W, 1)` images, resized to
-    28 x 28 (`transforms.resize`) when they are another size."""
-    from genjax.data import transforms
-    from genjax.eval import digit_classifier
-
-    images = np.asarray(images)
-    if images.shape[1:3] != (digit_classifier.DIGIT_SIZE,) * 2:
-        images = transforms.resize(images, (digit_classifier.DIGIT_SIZE,) * 2)
-    return np.argmax(digit_classifier.logits_and_features(classifier, images)[0], -1)
-
-
 def make_module(config, vq=None):
     """The `VAR` of `config` (scales, vocab_size, code_dim from the tokenizer task.vqvae)."""
     from genjax.models import var
@@ -203,9 +191,11 @@ def build(config, *, mesh=None) -> Task:
 
         classifier = digit_classifier.load_or_train()
         labels = np.arange(n) % num_classes
-        return {name: float(np.mean(read_digits(classifier, sample_fn(params, jax.random.PRNGKey(0), labels,
-                                                                      cfg_scale=w)) == labels))
-                for name, w in (("digit_accuracy", None), ("digit_accuracy_nocfg", 1.0))}
+        def accuracy(w):
+            images = sample_fn(params, jax.random.PRNGKey(0), labels, cfg_scale=w)
+            return float(np.mean(digit_classifier.read_digits(classifier, images) == labels))
+
+        return {"digit_accuracy": accuracy(None), "digit_accuracy_nocfg": accuracy(1.0)}
 
     return Task(module, init_params, loss_fn, sample_fn, recipes.pixel_data(config), evaluate=evaluate,
                 frozen={"vqvae": vq_vars})

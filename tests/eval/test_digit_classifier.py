@@ -4,6 +4,7 @@ import os
 
 import jax
 import numpy as np
+from PIL import Image
 import pytest
 
 from genjax.data.sources import MnistEmbeddedSource
@@ -18,6 +19,11 @@ def test_accuracy_on_held_out_test_digits():
     accuracy = float(np.mean(logits.argmax(-1) == test.labels))
     assert accuracy >= 0.97, accuracy  # measured 0.983
     assert feats.shape == (1000, dc.FEATURE_DIM) and feats.min() >= 0
+    # read_digits: the argmax at 28 x 28; other sides (the generators' 32 x 32) are resized first
+    np.testing.assert_array_equal(dc.read_digits(classifier_params(), test.images), logits.argmax(-1))
+    big = np.asarray(Image.fromarray(np.concatenate(test.images[:200, ..., 0], 0)).resize((32, 32 * 200)))
+    read = dc.read_digits(classifier_params(), big.reshape(200, 32, 32, 1))
+    assert np.mean(read == test.labels[:200]) >= 0.95
 
 
 def test_frame_accuracy_on_real_moving_mnist_test_videos():
