@@ -45,6 +45,7 @@ def _train(name, workdir, arg="", *overrides):
     return _records(workdir)
 
 
+@pytest.mark.slow  # ~43 s under make test (two trainer runs + genjax sample); fast: tests/models/test_dalle.py
 def test_dvae_then_dalle_train_and_sample_from_a_prompt(tmp_path, capsys):
     """The fast chain (no periodic evaluation: `test_evaluations_...` below, slow, has it)."""
     dvae_dir, dalle_dir = str(tmp_path / "dvae"), str(tmp_path / "dalle")

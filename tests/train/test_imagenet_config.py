@@ -126,6 +126,7 @@ def test_bad_crop_is_one_user_error_before_compiling(tmp_path, sd_like_vae):
     assert not os.path.exists(tmp_path / "w" / "metrics.jsonl")
 
 
+@pytest.mark.slow  # ~40 s under make test; the latent DiT path is covered by test_tasks.py's latent DiT tests
 def test_smoke_config_trains_on_mock_imagenet_with_a_converted_vae(tmp_path, sd_like_vae):
     workdir = str(tmp_path / "dit_xl2_smoke")
     config = config_of(f"smoke=True,vae={sd_like_vae}")

