@@ -34,6 +34,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from genjax import tasks
 from genjax.errors import check
@@ -193,12 +194,6 @@ def build(config, *, mesh=None) -> Task:
     return Task(module, init_params, loss_fn, sample_fn, make_data, evaluate=evaluate, frozen=frozen)
 
 
-def _cross_entropy(logits, targets):
-    """Mean over all positions of `-log softmax(logits)[target]` (nats), float32 scalar."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
-
-
 def _clip_scorer(path: str, mesh):
     """`(images uint8 (N, S, S, C), prompts list of N str) -> float32 (N,)`: the cosine similarity
     of each image with its prompt under the frozen CLIP of workdir `path` (`tasks.load_frozen`;
@@ -223,3 +218,8 @@ def _clip_scorer(path: str, mesh):
         return np.asarray(similarity(images, ids, mask))
 
     return score
+
+
+def _cross_entropy(logits, targets):
+    """Mean over all positions of `-log softmax(logits)[target]` (nats), float32 scalar."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()

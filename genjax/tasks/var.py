@@ -35,6 +35,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from genjax.errors import check
 from genjax.tasks import Task, is_model_dir, load_frozen, make_model
@@ -154,7 +155,7 @@ def build(config, *, mesh=None) -> Task:
         vq_vars = params.pop("vqvae")
         idx, x_in = tokens_of(vq_vars, batch["image"])
         logits = module.apply({"params": params}, batch["label"], x_in, train=True, rngs={"dropout": rng})
-        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), idx[..., None], -1)[..., 0]  # (B, L)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), idx)  # (B, L)
         metrics = {"accuracy": jnp.mean((jnp.argmax(logits, -1) == idx).astype(jnp.float32))}
         metrics.update({f"loss_{k + 1}": jnp.mean(nll[:, bounds[k]:bounds[k + 1]]) for k in range(K)})
         return jnp.mean(nll), metrics
