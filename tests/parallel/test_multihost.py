@@ -37,7 +37,9 @@ def launch_pair(args, launcher_env) -> list[tuple[int, str, str]]:
     out = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=300)
-        stdout = "".join(line for line in stdout.splitlines(True) if not line.startswith("[Gloo]"))
+        # gloo's "[Gloo] Rank i is connected to n peer ranks" lines, sometimes split from their prefix
+        stdout = "".join(line for line in stdout.splitlines(True)
+                         if not line.startswith("[Gloo]") and "peer ranks" not in line)
         out.append((p.returncode, stdout, stderr))
     return out
 
